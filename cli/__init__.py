@@ -1,0 +1,1 @@
+"""The click front end (installed as ``surgery_cli``): parse, call the library, print."""

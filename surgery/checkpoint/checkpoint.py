@@ -1,0 +1,238 @@
+"""A lazy view of a model: config.json, tokenizer files and the tensor table from headers.
+
+Opening a checkpoint reads headers only; tensor bytes are read one tensor at a time with
+positional reads (``os.preadv``), straight into the buffer the tensor will use.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from surgery.checkpoint.header import Header, TensorInfo, read_header
+from surgery.errors import CheckpointError
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+PICKLE_NAMES = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.txt",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+
+
+@dataclass
+class Checkpoint:
+    """Tensor table and side files of one model. ``source`` is what the user named
+    (a path or ``org/name@rev``); ``revision`` is the resolved commit for Hub inputs."""
+
+    source: str
+    root: Path
+    tensors: dict[str, TensorInfo]
+    config: dict
+    headers: list[Header]
+    revision: str | None = None
+    tokenizer_files: list[Path] = field(default_factory=list)
+    _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    @property
+    def files(self) -> list[Path]:
+        return [h.path for h in self.headers]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self.tensors[name]
+        except KeyError:
+            raise CheckpointError(f"{self.source}: no tensor named {name!r}") from None
+
+    def _fd(self, path: Path) -> int:
+        with self._lock:
+            fd = self._fds.get(path)
+            if fd is None:
+                fd = os.open(path, os.O_RDONLY)
+                self._fds[path] = fd
+            return fd
+
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor from disk into a fresh CPU tensor of its stored dtype."""
+        info = self.info(name)
+        buf = bytearray(info.nbytes)
+        view = memoryview(buf)
+        fd = self._fd(info.file)
+        done = 0
+        while done < info.nbytes:
+            got = os.preadv(fd, [view[done:]], info.start + done)
+            if got <= 0:
+                raise CheckpointError(f"{info.file}: tensor {name!r} is truncated on disk")
+            done += got
+        if info.nbytes == 0:
+            return torch.empty(info.shape, dtype=info.dtype)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+
+    def __post_init__(self) -> None:
+        # Closes the descriptors when the checkpoint is collected or at interpreter exit.
+        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+
+    def close(self) -> None:
+        with self._lock:
+            _close_fds(self._fds)
+
+    def __hash__(self) -> int:
+        return id(self)
+
+    def __eq__(self, other: object) -> bool:
+        return self is other
+
+
+def _close_fds(fds: dict[Path, int]) -> None:
+    for fd in fds.values():
+        os.close(fd)
+    fds.clear()
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: cannot parse JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return data
+
+
+def _weight_files(root: Path) -> list[Path]:
+    index = root / INDEX_NAME
+    if index.is_file():
+        weight_map = _read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise CheckpointError(f"{index}: missing or empty weight_map")
+        files = sorted(set(weight_map.values()))
+        for name in files:
+            if not (root / name).is_file():
+                raise CheckpointError(f"{index}: shard {name!r} is listed but missing")
+        return [root / name for name in files]
+    if (root / SINGLE_NAME).is_file():
+        return [root / SINGLE_NAME]
+    found = sorted(root.glob("*.safetensors"))
+    if len(found) == 1:
+        return found
+    if found:
+        raise CheckpointError(
+            f"{root}: several .safetensors files and no {INDEX_NAME}; "
+            "say which one to use by passing its path"
+        )
+    pickles = [n for n in PICKLE_NAMES if (root / n).exists()]
+    if pickles:
+        raise CheckpointError(
+            f"{root}: only pickle weights ({pickles[0]}); pickles are never unpickled by default. "
+            "Convert to safetensors, or pass allow_pickle=True / --allow-pickle to load them with "
+            "torch.load(weights_only=True)"
+        )
+    raise CheckpointError(f"{root}: no model.safetensors or {INDEX_NAME} found")
+
+
+def open_local(path: Path, source: str | None = None, revision: str | None = None) -> Checkpoint:
+    """Open a local model directory or a single .safetensors file, reading headers only."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file or directory")
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise CheckpointError(f"{path}: not a .safetensors file or a model directory")
+        root, files = path.parent, [path]
+        config: dict = {}
+    else:
+        root, files = path, _weight_files(path)
+        config = _read_json(path / "config.json") if (path / "config.json").is_file() else {}
+    headers = [read_header(f) for f in files]
+    tensors: dict[str, TensorInfo] = {}
+    for header in headers:
+        for name, info in sorted(header.tensors.items(), key=lambda kv: kv[1].start):
+            if name in tensors:
+                raise CheckpointError(
+                    f"{path}: tensor {name!r} appears in both {tensors[name].file.name} "
+                    f"and {header.path.name}"
+                )
+            tensors[name] = info
+    if not tensors:
+        raise CheckpointError(f"{path}: holds no tensors")
+    tokenizer = [root / n for n in TOKENIZER_FILES if path.is_dir() and (root / n).is_file()]
+    return Checkpoint(
+        source=source or str(path),
+        root=root,
+        tensors=tensors,
+        config=config,
+        headers=headers,
+        revision=revision,
+        tokenizer_files=tokenizer,
+    )
+
+
+@dataclass(eq=False)
+class PickleCheckpoint(Checkpoint):
+    """Weights from a PyTorch pickle, loaded with ``torch.load(weights_only=True, mmap=True)``.
+
+    Only built when the user asks for it explicitly; the restricted unpickler refuses code.
+    """
+
+    state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def read(self, name: str) -> torch.Tensor:
+        self.info(name)
+        return self.state[name].clone()
+
+
+def open_pickle(root: Path, source: str | None = None) -> PickleCheckpoint:
+    """Open ``pytorch_model.bin`` (or its sharded index) with the weights-only unpickler."""
+    index = root / "pytorch_model.bin.index.json"
+    if index.is_file():
+        files = sorted({root / f for f in _read_json(index).get("weight_map", {}).values()})
+    else:
+        files = [f for f in (root / n for n in PICKLE_NAMES) if f.is_file() and f.suffix != ".json"]
+    if not files:
+        raise CheckpointError(f"{root}: no pickle weights found")
+    state: dict[str, torch.Tensor] = {}
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        try:
+            loaded = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # the unpickler raises many types for hostile input
+            raise CheckpointError(f"{file}: refused by the weights-only unpickler ({e})") from e
+        if not isinstance(loaded, dict):
+            raise CheckpointError(f"{file}: does not hold a state dict")
+        for name, t in loaded.items():
+            if not isinstance(t, torch.Tensor):
+                continue
+            state[name] = t
+            nbytes = t.numel() * t.element_size()
+            tensors[name] = TensorInfo(name, file, t.dtype, tuple(t.shape), 0, nbytes)
+    config = _read_json(root / "config.json") if (root / "config.json").is_file() else {}
+    tokenizer = [root / n for n in TOKENIZER_FILES if (root / n).is_file()]
+    return PickleCheckpoint(
+        source=source or str(root), root=root, tensors=tensors, config=config, headers=[],
+        tokenizer_files=tokenizer, state=state,
+    )

@@ -1,0 +1,248 @@
+"""Evaluating a graph into an output directory: plan, stream, shard, record provenance."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+from dataclasses import dataclass
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.checkpoint import Checkpoint
+from surgery.checkpoint.hashing import cached_sha256
+from surgery.engine.stream import (
+    DEFAULT_PREFETCH_BYTES,
+    Profile,
+    ProgressFn,
+    StreamOptions,
+    resolve_device,
+    stream_tensors,
+)
+from surgery.errors import RunError, UsageError
+from surgery.expr.node import Node
+from surgery.writer import (
+    OutputDir,
+    PlannedTensor,
+    ShardWriter,
+    parse_size,
+    plan_shards,
+    render_card,
+    shard_names,
+    write_index,
+)
+
+DTYPE_ALIASES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float64": torch.float64, "fp64": torch.float64,
+}
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    if value is None or isinstance(value, torch.dtype):
+        return value
+    try:
+        return DTYPE_ALIASES[value.lower()]
+    except KeyError:
+        raise UsageError(
+            f"dtype {value!r} is not one of {', '.join(sorted(DTYPE_ALIASES))}"
+        ) from None
+
+
+def version_of(package: str) -> str | None:
+    try:
+        return importlib_metadata.version(package)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+@dataclass
+class SaveResult:
+    path: Path
+    shards: list[str]
+    reused_shards: list[str]
+    profile: Profile
+    provenance: dict[str, Any]
+
+
+def plan_output(root: Node, dtype: torch.dtype | None, shard_size: int
+                ) -> list[list[PlannedTensor]]:
+    """The output tensors, with their final dtypes, split into shards."""
+    planned = []
+    for name in root.names():
+        spec = root.spec(name)
+        out = dtype if dtype is not None and spec.dtype.is_floating_point else spec.dtype
+        planned.append(PlannedTensor(name, spec.shape, out))
+    return plan_shards(planned, shard_size)
+
+
+def _input_record(ck: Checkpoint) -> dict[str, Any]:
+    files = [{"name": h.path.name, "header_sha256": hashlib.sha256(h.header_bytes).hexdigest()}
+             for h in ck.headers] or [{"name": f.name, "header_sha256": ""}
+                                      for f in sorted({t.file for t in ck.tensors.values()})]
+    return {"source": ck.source, "revision": ck.revision, "files": files}
+
+
+def provenance_record(root: Node, seed: int, dtype: torch.dtype | None,
+                      recipe_text: str | None) -> dict[str, Any]:
+    """What made this output, without absolute machine state (no times, no host names), so
+    that the record, and therefore the shards, are the same on every rerun."""
+    return {
+        "toolkit": {"name": "weight-surgery", "version": version_of("weight-surgery")},
+        "versions": {p: version_of(p) for p in ("torch", "safetensors", "transformers")},
+        "seed": seed,
+        "dtype": str(dtype).removeprefix("torch.") if dtype else None,
+        "inputs": [_input_record(ck) for ck in dict.fromkeys(root.checkpoints())],
+        "operations": [n.op for n in root.walk()],
+        "expression": root.describe(),
+        "recipe_sha256": hashlib.sha256(recipe_text.encode()).hexdigest() if recipe_text else None,
+    }
+
+
+class _InputHasher:
+    """Hashes every input file on a thread while the merge runs (cached across runs)."""
+
+    def __init__(self, checkpoints: list[Checkpoint]) -> None:
+        self.files = sorted({f for ck in checkpoints for f in ck.files})
+        self.digests: dict[Path, str] = {}
+        self.error: OSError | None = None
+        self.thread = threading.Thread(target=self._run, name="surgery-hash", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for f in self.files:
+                self.digests[f] = cached_sha256(f)
+        except OSError as e:
+            self.error = e
+
+    def fill(self, provenance: dict[str, Any], checkpoints: list[Checkpoint]) -> None:
+        self.thread.join()
+        for item, ck in zip(provenance["inputs"], dict.fromkeys(checkpoints), strict=True):
+            for rec, path in zip(item["files"], ck.files, strict=False):
+                if path in self.digests:
+                    rec["sha256"] = self.digests[path]
+
+
+def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None,
+         shard_size: int | str = "5GB", device: str | torch.device | None = "auto",
+         seed: int = 0, force: bool = False, progress: ProgressFn | None = None,
+         recipe_text: str | None = None, tokenizer_from: Checkpoint | None = None,
+         prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, hash_inputs: bool = True,
+         extra_sections: dict[str, str] | None = None,
+         extra_provenance: dict[str, Any] | None = None) -> SaveResult:
+    """Evaluate ``root`` tensor by tensor into the model directory ``path``."""
+    started = time.perf_counter()
+    out_dtype = parse_dtype(dtype)
+    try:
+        shard_bytes = parse_size(shard_size)
+    except ValueError as e:
+        raise UsageError(f"shard_size: {e}") from None
+    dev = resolve_device(device)
+    checkpoints = list(dict.fromkeys(root.checkpoints()))
+    out = OutputDir(Path(path), force=force, inputs=[ck.root for ck in checkpoints])
+    shards = plan_output(root, out_dtype, shard_bytes)
+    fnames = shard_names(len(shards))
+    provenance = provenance_record(root, seed, out_dtype, recipe_text)
+    if extra_provenance:
+        provenance.update(extra_provenance)
+    shard_meta = {"format": "pt",
+                  "weight_surgery": json.dumps({k: provenance[k] for k in (
+                      "toolkit", "seed", "dtype", "inputs", "recipe_sha256")}, sort_keys=True)}
+    plan_doc = [[(t.name, t.shape, str(t.dtype)) for t in s] for s in shards]
+    fingerprint = hashlib.sha256(json.dumps(
+        [plan_doc, shard_meta, provenance["expression"]], sort_keys=True, default=str
+    ).encode()).hexdigest()
+
+    reused = out.start(fingerprint)
+    hasher = _InputHasher(checkpoints) if hash_inputs else None
+    opts = StreamOptions(device=dev, seed=seed, prefetch_bytes=prefetch_bytes, progress=progress)
+    todo = [(fname, shard) for fname, shard in zip(fnames, shards, strict=True)
+            if fname not in reused]
+    dtypes = {t.name: t.dtype for s in shards for t in s}
+    names = [t.name for _, shard in todo for t in shard]
+    try:
+        stream = stream_tensors(root, names, opts, dtypes.__getitem__)
+        for fname, shard in todo:
+            writer = ShardWriter(out.path(fname), shard, shard_meta)
+            try:
+                for planned in shard:
+                    name, tensor = next(stream)
+                    t0 = time.perf_counter()
+                    writer.add(name, tensor)
+                    opts.profile.write_s += time.perf_counter() - t0
+                    opts.profile.bytes_written += planned.nbytes
+                t0 = time.perf_counter()
+                out.record_shard(fname, writer.finish())
+                opts.profile.write_s += time.perf_counter() - t0
+            except BaseException:
+                writer.abort()
+                raise
+        stream.close()
+        _write_side_files(out, root, shards, fnames, out_dtype, recipe_text,
+                          tokenizer_from or next((c for c in checkpoints if c.tokenizer_files),
+                                                 None))
+        if hasher:
+            hasher.fill(provenance, checkpoints)
+        if extra_sections:
+            provenance["sections"] = extra_sections
+        out.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+        refs = {n.op: n.reference for n in root.walk() if n.reference}
+        out.write_text("README.md", render_card(provenance, root.config(), recipe_text, refs,
+                                                Path(path).name))
+        final = out.commit()
+    except OSError as e:
+        raise RunError(
+            f"{e.filename or out.partial}: write failed ({e.strerror}); nothing was replaced, "
+            f"the partial output in {out.partial} is resumed by rerunning the same command"
+        ) from e
+    opts.profile.wall_s = time.perf_counter() - started
+    return SaveResult(final, fnames, sorted(reused), opts.profile, provenance)
+
+
+def _write_side_files(out: OutputDir, root: Node, shards: list[list[PlannedTensor]],
+                      fnames: list[str], dtype: torch.dtype | None, recipe_text: str | None,
+                      tokenizer_from: Checkpoint | None) -> None:
+    if len(shards) > 1:
+        write_index(out.path("model.safetensors.index.json"), zip(fnames, shards, strict=True))
+    config = root.config()
+    if config:
+        if dtype is not None:
+            name = str(dtype).removeprefix("torch.")
+            for key in ("torch_dtype", "dtype"):
+                if key in config:
+                    config[key] = name
+            if "torch_dtype" not in config and "dtype" not in config:
+                config["dtype"] = name
+        out.write_text("config.json", json.dumps(config, indent=2) + "\n")
+    if tokenizer_from is not None:
+        for f in tokenizer_from.tokenizer_files:
+            out.copy_in(f)
+    if recipe_text is not None:
+        out.write_text("recipe.yaml", recipe_text)
+
+
+RUNTIME_BASE_BYTES = 400 * 1024 * 1024  # the Python interpreter with torch imported
+
+
+def estimate_peak_bytes(root: Node, dtype: torch.dtype | None = None,
+                        prefetch_bytes: int = DEFAULT_PREFETCH_BYTES) -> int:
+    """Upper estimate of peak resident memory of a run: the runtime, the prefetch budget, and
+    for the worst tensor its reads plus one float32 value per graph node plus queued outputs."""
+    nodes = [n for n in root.walk() if n.inputs]
+    worst = 0
+    largest_read = 0
+    for name in root.names():
+        spec = root.spec(name)
+        read = sum(ck.info(n).nbytes for ck, n in root.reads(name))
+        largest_read = max(largest_read, read)
+        out_size = spec.numel * (dtype.itemsize if dtype and spec.dtype.is_floating_point
+                                 else spec.dtype.itemsize)
+        worst = max(worst, read + len(nodes) * spec.numel * 4 + 2 * out_size)
+    return RUNTIME_BASE_BYTES + max(prefetch_bytes, largest_read) + worst

@@ -1,0 +1,269 @@
+"""Streaming evaluation: one output tensor at a time, reads prefetched on a thread.
+
+The reader thread walks ahead of the computation, reading the leaf tensors the next outputs need
+into memory, bounded by a byte budget, so reading overlaps computing. Peak memory is the budget
+plus the few tensors being computed, whatever the model size.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+
+from surgery.checkpoint import Checkpoint
+from surgery.errors import UsageError
+from surgery.expr.node import EvalContext, Node, Reduction
+
+DEFAULT_PREFETCH_BYTES = 512 * 1024 * 1024
+
+
+@dataclass
+class ProgressEvent:
+    """Where a run stands: ``phase`` is "reduce" (statistics pass) or "write"."""
+
+    phase: str
+    done: int
+    total: int
+    bytes_done: int
+    bytes_total: int
+    name: str
+
+
+ProgressFn = Callable[[ProgressEvent], None]
+
+
+@dataclass
+class Profile:
+    """Seconds spent reading (waiting on the reader), computing and writing."""
+
+    read_s: float = 0.0
+    compute_s: float = 0.0
+    write_s: float = 0.0
+    wall_s: float = 0.0
+    bytes_read: int = 0
+    bytes_written: int = 0
+    passes: list[str] = field(default_factory=list)
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``auto`` (or None) picks CUDA when present, else the CPU."""
+    if device is None or str(device) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"device {device!r} asked for, but torch sees no CUDA device")
+    return dev
+
+
+Fetched = dict[tuple[int, str], torch.Tensor]
+
+
+class Prefetcher:
+    """Reads the leaf tensors of each planned item on a thread, ahead of use."""
+
+    _END = object()
+
+    def __init__(self, plan: list[list[tuple[Checkpoint, str]]], budget: int, pin: bool) -> None:
+        self.plan = plan
+        self.budget = budget
+        self.pin = pin
+        self.in_flight = 0
+        self.cond = threading.Condition()
+        self.out: queue.Queue[object] = queue.Queue()
+        self.stop = False
+        self.thread = threading.Thread(target=self._run, name="surgery-prefetch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            for reads in self.plan:
+                size = sum(ck.info(n).nbytes for ck, n in reads)
+                with self.cond:
+                    # Always admit one item, even one larger than the budget.
+                    while self.in_flight and self.in_flight + size > self.budget and not self.stop:
+                        self.cond.wait()
+                    if self.stop:
+                        return
+                    self.in_flight += size
+                fetched: Fetched = {}
+                for ck, n in reads:
+                    t = ck.read(n)
+                    fetched[(id(ck), n)] = t.pin_memory() if self.pin else t
+                self.out.put((size, fetched))
+            self.out.put(self._END)
+        except BaseException as e:  # handed to the consumer, which re-raises it
+            self.out.put(e)
+
+    def __iter__(self) -> Iterator[Fetched]:
+        while True:
+            item = self.out.get()
+            if item is self._END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            size, fetched = item  # type: ignore[misc]
+            yield fetched
+            with self.cond:
+                self.in_flight -= size
+                self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.stop = True
+            self.cond.notify_all()
+        while self.thread.is_alive():
+            try:
+                self.out.get(timeout=0.05)
+            except queue.Empty:
+                pass
+            with self.cond:
+                self.cond.notify_all()
+
+
+@dataclass
+class StreamOptions:
+    device: torch.device
+    seed: int = 0
+    compute_dtype: torch.dtype = torch.float32
+    prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
+    progress: ProgressFn | None = None
+    profile: Profile = field(default_factory=Profile)
+
+
+def _stream(jobs: list[tuple[str, list[tuple[Checkpoint, str]]]], opts: StreamOptions,
+            phase: str, work: Callable[[str, EvalContext], None]) -> None:
+    """Run ``work`` for each job name with its reads prefetched; report progress."""
+    total_bytes = sum(ck.info(n).nbytes for _, reads in jobs for ck, n in reads)
+    prefetch = Prefetcher([reads for _, reads in jobs], opts.prefetch_bytes,
+                          pin=opts.device.type == "cuda")
+    done_bytes = 0
+    prof = opts.profile
+    prof.passes.append(phase)
+    try:
+        it = iter(prefetch)
+        for i, (name, reads) in enumerate(jobs):
+            t0 = time.perf_counter()
+            fetched = next(it)
+            t1 = time.perf_counter()
+            prof.read_s += t1 - t0
+            ctx = EvalContext(name, opts.device, fetched, opts.seed, opts.compute_dtype)
+            work(name, ctx)
+            prof.compute_s += time.perf_counter() - t1
+            size = sum(ck.info(n).nbytes for ck, n in reads)
+            done_bytes += size
+            prof.bytes_read += size
+            if opts.progress:
+                opts.progress(ProgressEvent(phase, i + 1, len(jobs), done_bytes, total_bytes, name))
+        for _ in it:  # drain the end marker so the thread finishes
+            pass
+    finally:
+        prefetch.close()
+
+
+def pending_reductions(root: Node) -> list[Reduction]:
+    return [r for node in root.walk() for r in node.reductions() if not r.resolved]
+
+
+def resolve_reductions(root: Node, opts: StreamOptions) -> None:
+    """Compute every whole-model statistic the graph needs, in as few passes as the
+    dependencies allow: all reductions whose inputs need nothing unresolved share one pass."""
+    while True:
+        pending = pending_reductions(root)
+        if not pending:
+            return
+        ready = [r for r in pending
+                 if not any(pending_reductions(n) for n in r.inputs)]
+        if not ready:
+            raise RuntimeError("reductions depend on each other in a cycle")
+        wanted = {id(r): set(r.names()) for r in ready}
+        order: list[str] = []
+        seen: set[str] = set()
+        for r in ready:
+            for n in r.names():
+                if n not in seen:
+                    seen.add(n)
+                    order.append(n)
+        jobs = []
+        for name in order:
+            reads: dict[tuple[int, str], tuple[Checkpoint, str]] = {}
+            for r in ready:
+                if name in wanted[id(r)]:
+                    for node in r.inputs:
+                        for ck, n in node.reads(name):
+                            reads.setdefault((id(ck), n), (ck, n))
+            jobs.append((name, list(reads.values())))
+
+        def work(name: str, ctx: EvalContext, ready: list[Reduction] = ready,
+                 wanted: dict[int, set[str]] = wanted) -> None:
+            for r in ready:
+                if name in wanted[id(r)]:
+                    r.update(name, [ctx.to_compute(ctx.value(n, name)) for n in r.inputs])
+
+        _stream(jobs, opts, "reduce", work)
+        for r in ready:
+            r.resolve()
+
+
+def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
+                   out_dtype: Callable[[str], torch.dtype]) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yield (name, CPU tensor in its output dtype) for each of ``names``, in order.
+
+    Runs the reduction passes first. The computation of tensor i+1 overlaps the consumer's
+    handling of tensor i only through the prefetch thread; writers overlap by their own thread.
+    """
+    resolve_reductions(root, opts)
+    results: queue.Queue[object] = queue.Queue(maxsize=2)
+    end = object()
+    stop = threading.Event()
+
+    def work(name: str, ctx: EvalContext) -> None:
+        t = ctx.value(root, name)
+        spec = root.spec(name)
+        if tuple(t.shape) != spec.shape:
+            raise RuntimeError(f"{name}: computed shape {list(t.shape)} != planned {spec.shape}")
+        item = (name, t.to(out_dtype(name)).to("cpu").contiguous())
+        while not stop.is_set():
+            try:
+                results.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+        raise _Stopped
+
+    jobs = [(n, root.reads(n)) for n in names]
+    error: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            _stream(jobs, opts, "write", work)
+        except _Stopped:
+            pass
+        except BaseException as e:
+            error.append(e)
+        finally:
+            results.put(end)
+
+    producer = threading.Thread(target=produce, name="surgery-compute", daemon=True)
+    producer.start()
+    try:
+        while (item := results.get()) is not end:
+            yield item  # type: ignore[misc]
+    finally:
+        stop.set()
+        while producer.is_alive():
+            try:
+                results.get(timeout=0.05)
+            except queue.Empty:
+                pass
+        producer.join()
+    if error:
+        raise error[0]
+
+
+class _Stopped(Exception):
+    """The consumer of a stream went away; the producer winds down quietly."""

@@ -1,0 +1,300 @@
+"""The expression graph: nodes that compute one output tensor at a time.
+
+A node knows its output tensor names (it may rename), the shape and dtype of each, how to
+transform config.json, and how to compute one tensor from its inputs' tensors. Evaluation of one
+output tensor goes through an :class:`EvalContext`, which memoises each node's value for that
+tensor, so a base used by several task vectors is read and converted once.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from surgery.checkpoint import Checkpoint
+from surgery.errors import ShapeMismatchError, UsageError
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """Shape and natural storage dtype of one output tensor (before the output cast)."""
+
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n
+
+
+def is_mergeable(dtype: torch.dtype) -> bool:
+    """Floating tensors are merged; integer and bool buffers are copied from the first input."""
+    return dtype.is_floating_point
+
+
+def seeded_generator(seed: int, name: str, salt: str = "", device: str = "cpu") -> torch.Generator:
+    """A generator seeded by (seed, tensor name, salt): the same draws on every run and machine,
+    whatever order the tensors are computed in."""
+    digest = hashlib.sha256(f"{seed}\0{salt}\0{name}".encode()).digest()
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    return gen
+
+
+@dataclass
+class EvalContext:
+    """State for computing one output tensor: fetched leaf tensors, memoised node values."""
+
+    name: str
+    device: torch.device
+    fetched: dict[tuple[int, str], torch.Tensor]
+    seed: int = 0
+    compute_dtype: torch.dtype = torch.float32
+    cache: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+
+    def value(self, node: Node, name: str) -> torch.Tensor:
+        key = (id(node), name)
+        if key not in self.cache:
+            self.cache[key] = node.compute(name, self)
+        return self.cache[key]
+
+    def read(self, ckpt: Checkpoint, name: str) -> torch.Tensor:
+        t = self.fetched.pop((id(ckpt), name), None)
+        if t is None:
+            t = ckpt.read(name)
+        return t.to(self.device, non_blocking=True)
+
+    def to_compute(self, t: torch.Tensor) -> torch.Tensor:
+        """Float tensors in the compute dtype (float32 by default); others unchanged."""
+        return t.to(self.compute_dtype) if t.dtype.is_floating_point else t
+
+    def generator(self, name: str, salt: str) -> torch.Generator:
+        return seeded_generator(self.seed, name, salt, device=str(self.device))
+
+
+class Node(ABC):
+    """A lazy computation over tensors. Subclasses set ``op`` and ``params`` for provenance."""
+
+    op: str = "node"
+    reference: str | None = None
+    inputs: tuple[Node, ...] = ()
+
+    def __init__(self) -> None:
+        self._names: list[str] | None = None
+
+    @abstractmethod
+    def _list_names(self) -> list[str]: ...
+
+    @abstractmethod
+    def spec(self, name: str) -> TensorSpec: ...
+
+    @abstractmethod
+    def compute(self, name: str, ctx: EvalContext) -> torch.Tensor: ...
+
+    def names(self) -> list[str]:
+        if self._names is None:
+            self._names = self._list_names()
+        return self._names
+
+    def params(self) -> dict[str, Any]:
+        """JSON-able parameters, for plans, provenance and model cards."""
+        return {}
+
+    def config(self) -> dict:
+        """The config.json of this node's output (a copy the caller may change)."""
+        return self.inputs[0].config() if self.inputs else {}
+
+    def input_names(self, name: str) -> list[tuple[Node, str]]:
+        """Which (input node, tensor name) pairs output tensor ``name`` depends on."""
+        return [(node, name) for node in self.inputs]
+
+    def reductions(self) -> list[Reduction]:
+        """Whole-model statistics this node needs before the write pass."""
+        return []
+
+    def reads(self, name: str) -> list[tuple[Checkpoint, str]]:
+        """The leaf tensors computing ``name`` reads, in order, without duplicates."""
+        seen: dict[tuple[int, str], tuple[Checkpoint, str]] = {}
+        for node, sub in self.input_names(name):
+            for ckpt, tname in node.reads(sub):
+                seen.setdefault((id(ckpt), tname), (ckpt, tname))
+        return list(seen.values())
+
+    def walk(self) -> Iterator[Node]:
+        """Every node of the graph below and including this one, each once, inputs first."""
+        seen: set[int] = set()
+
+        def visit(node: Node) -> Iterator[Node]:
+            if id(node) in seen:
+                return
+            seen.add(id(node))
+            for child in node.inputs:
+                yield from visit(child)
+            yield node
+
+        yield from visit(self)
+
+    def checkpoints(self) -> list[Checkpoint]:
+        """Input checkpoints of the graph, in first-use order."""
+        return [n.checkpoint for n in self.walk() if isinstance(n, LoadNode)]
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able tree of the expression, for provenance."""
+        if isinstance(self, LoadNode):
+            return {"load": self.checkpoint.source}
+        out: dict[str, Any] = {"op": self.op}
+        out.update(self.params())
+        out["inputs"] = [n.describe() for n in self.inputs]
+        return out
+
+
+class LoadNode(Node):
+    """A leaf: the tensors of one checkpoint, as stored."""
+
+    op = "load"
+
+    def __init__(self, checkpoint: Checkpoint) -> None:
+        super().__init__()
+        self.checkpoint = checkpoint
+
+    def _list_names(self) -> list[str]:
+        return self.checkpoint.names
+
+    def spec(self, name: str) -> TensorSpec:
+        info = self.checkpoint.info(name)
+        return TensorSpec(info.shape, info.dtype)
+
+    def compute(self, name: str, ctx: EvalContext) -> torch.Tensor:
+        return ctx.read(self.checkpoint, name)
+
+    def config(self) -> dict:
+        return copy.deepcopy(self.checkpoint.config)
+
+    def reads(self, name: str) -> list[tuple[Checkpoint, str]]:
+        return [(self.checkpoint, name)]
+
+
+TensorFn = Callable[[str, list[torch.Tensor], EvalContext], torch.Tensor]
+
+
+class ElementwiseNode(Node):
+    """Combines same-named tensors of its inputs with ``fn`` (name, float tensors, ctx).
+
+    All inputs must hold the same tensor names and shapes; this is checked from headers when the
+    node is built. Integer and bool buffers are copied from the first input, never combined.
+    """
+
+    def __init__(self, inputs: list[Node], fn: TensorFn, op: str,
+                 params: dict[str, Any] | None = None, reference: str | None = None) -> None:
+        super().__init__()
+        self.reference = reference
+        if not inputs:
+            raise UsageError(f"{op}: needs at least one model")
+        self.inputs = tuple(inputs)
+        self.fn = fn
+        self.op = op
+        self._params = params or {}
+        check_compatible(self.inputs, op)
+
+    def params(self) -> dict[str, Any]:
+        return dict(self._params)
+
+    def _list_names(self) -> list[str]:
+        return self.inputs[0].names()
+
+    def spec(self, name: str) -> TensorSpec:
+        return self.inputs[0].spec(name)
+
+    def input_names(self, name: str) -> list[tuple[Node, str]]:
+        if not is_mergeable(self.inputs[0].spec(name).dtype):
+            return [(self.inputs[0], name)]
+        return [(node, name) for node in self.inputs]
+
+    def compute(self, name: str, ctx: EvalContext) -> torch.Tensor:
+        first = ctx.value(self.inputs[0], name)
+        if not is_mergeable(first.dtype):
+            return first
+        tensors = [ctx.to_compute(first)]
+        tensors += [ctx.to_compute(ctx.value(n, name)) for n in self.inputs[1:]]
+        return self.fn(name, tensors, ctx)
+
+
+def check_compatible(inputs: tuple[Node, ...], op: str) -> None:
+    """Fail, naming the tensor, unless every input has the same names and shapes."""
+    first = inputs[0]
+    names = first.names()
+    reference = set(names)
+    for i, other in enumerate(inputs[1:], start=2):
+        other_names = other.names()
+        if len(other_names) != len(names) or set(other_names) != reference:
+            missing = sorted(reference - set(other_names))
+            extra = sorted(set(other_names) - reference)
+            what = (f"lacks tensor {missing[0]!r}" if missing
+                    else f"has extra tensor {extra[0]!r}")
+            raise ShapeMismatchError(
+                f"{op}: model {i} ({_label(other)}) {what} that model 1 ({_label(first)}) "
+                f"{'has' if missing else 'lacks'}"
+                + (f" (+{len(missing) + len(extra) - 1} more)" if len(missing) + len(extra) > 1
+                   else "")
+            )
+        for name in names:
+            a, b = first.spec(name), other.spec(name)
+            if a.shape != b.shape:
+                raise ShapeMismatchError(
+                    f"{op}: tensor {name!r} has shape {list(b.shape)} in model {i} "
+                    f"({_label(other)}) but {list(a.shape)} in model 1 ({_label(first)})"
+                )
+            if is_mergeable(a.dtype) != is_mergeable(b.dtype):
+                raise ShapeMismatchError(
+                    f"{op}: tensor {name!r} is {b.dtype} in model {i} but {a.dtype} in model 1"
+                )
+
+
+def _label(node: Node) -> str:
+    if isinstance(node, LoadNode):
+        return node.checkpoint.source
+    return f"result of {node.op}"
+
+
+class Reduction(ABC):
+    """A whole-model statistic computed by a streaming pass before the write pass.
+
+    The engine calls :meth:`update` once per name in :meth:`names` with the values of
+    ``inputs`` for that tensor, then :meth:`finalize`; nodes read :attr:`value` afterwards.
+    """
+
+    inputs: tuple[Node, ...] = ()
+    _value: Any = None
+    _done: bool = False
+
+    def names(self) -> list[str]:
+        return self.inputs[0].names()
+
+    @abstractmethod
+    def update(self, name: str, tensors: list[torch.Tensor]) -> None: ...
+
+    @abstractmethod
+    def finalize(self) -> Any: ...
+
+    def resolve(self) -> None:
+        self._value = self.finalize()
+        self._done = True
+
+    @property
+    def resolved(self) -> bool:
+        return self._done
+
+    @property
+    def value(self) -> Any:
+        if not self._done:
+            raise RuntimeError("reduction read before the engine resolved it")
+        return self._value

@@ -1,0 +1,219 @@
+"""From YAML text to a validated graph, before any weights are read.
+
+Order of checks: YAML syntax; the recipe's own structure (unknown keys with a did-you-mean,
+types); each step's operation and parameters; references between names and cycles; then the
+inputs' headers (missing files, corrupt headers); then building the graph, which checks
+tensor names and shapes. Every error names its YAML location.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.engine import parse_dtype
+from surgery.errors import RecipeError, UsageError
+from surgery.expr import LoadNode, Weights
+from surgery.methods.registry import OPERATIONS, Operation
+from surgery.recipe.schema import OutputSpec, RecipeDoc
+from surgery.recipe.yamlloc import Loc, Located, load_located
+from surgery.writer import parse_size
+
+
+@dataclass
+class Recipe:
+    """A validated recipe: its text, the opened inputs and the lazy result of every name."""
+
+    text: str
+    source: str
+    doc: RecipeDoc
+    checkpoints: dict[str, Checkpoint]
+    values: dict[str, Weights]
+    steps: dict[str, tuple[Operation, BaseModel]] = field(default_factory=dict)
+
+    def outputs(self) -> list[tuple[OutputSpec, Weights]]:
+        return [(o, self.values[o.from_]) for o in self.doc.outputs()]
+
+
+def suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]!r}?" if close else ""
+
+
+def _allowed_keys(model: type[BaseModel]) -> list[str]:
+    return [f.alias or name for name, f in model.model_fields.items()]
+
+
+def _validation_error(doc: Located, err: ValidationError, prefix: Loc,
+                      model: type[BaseModel]) -> RecipeError:
+    first = err.errors()[0]
+    loc: Loc = (*prefix, *first["loc"])
+    if first["type"] == "extra_forbidden":
+        key = str(first["loc"][-1])
+        sub = _model_at(model, first["loc"][:-1])
+        allowed = _allowed_keys(sub) if sub else []
+        extra = f" (allowed: {', '.join(allowed)})" if allowed else ""
+        return doc.error(loc, f"unknown key{suggest(key, allowed) or extra}")
+    if first["type"] == "missing":
+        return doc.error(loc, "required key is missing")
+    return doc.error(loc, f"{first['msg']} (got {first.get('input')!r})")
+
+
+def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
+    """The pydantic model that validates the mapping at ``loc`` (for key suggestions)."""
+    current: Any = model
+    for part in loc:
+        if isinstance(part, int) or not (isinstance(current, type)
+                                         and issubclass(current, BaseModel)):
+            continue
+        fields = {f.alias or n: f for n, f in current.model_fields.items()}
+        f = fields.get(str(part))
+        if f is None:
+            return None
+        current = _first_model(f.annotation)
+    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+
+
+def _first_model(annotation: Any) -> Any:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    for arg in getattr(annotation, "__args__", ()):
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def parse_recipe(text: str, source: str = "recipe.yaml") -> tuple[Located, RecipeDoc,
+                                                                  dict[str, tuple[Operation,
+                                                                                  BaseModel]]]:
+    """Check everything that needs no file: structure, operations, parameters, references."""
+    located = load_located(text, source)
+    if not isinstance(located.data, dict):
+        raise RecipeError(f"{source}: a recipe is a mapping with inputs, steps and output")
+    try:
+        doc = RecipeDoc.model_validate(located.data)
+    except ValidationError as e:
+        raise _validation_error(located, e, (), RecipeDoc) from None
+    clash = set(doc.inputs) & set(doc.steps)
+    if clash:
+        name = sorted(clash)[0]
+        raise located.error(("steps", name), "a step cannot have the name of an input")
+    steps = {name: _parse_step(located, name, raw) for name, raw in doc.steps.items()}
+    names = [*doc.inputs, *doc.steps]
+    for name, (op, params) in steps.items():
+        for fname in op.model_fields:
+            value = getattr(params, fname)
+            refs = value if isinstance(value, list) else [value]
+            for i, ref in enumerate(refs):
+                if ref is None:
+                    continue
+                if ref not in names:
+                    key = op.params.model_fields[fname].alias or fname
+                    loc: Loc = ("steps", name, key, i) if isinstance(value, list) else \
+                        ("steps", name, key)
+                    raise located.error(loc, f"no input or step named {ref!r}"
+                                        f"{suggest(ref, names)}")
+    _check_cycles(located, steps)
+    for i, out in enumerate(doc.outputs()):
+        at: Loc = ("output", i) if isinstance(doc.output, list) else ("output",)
+        if out.from_ not in names:
+            raise located.error((*at, "from"), f"no input or step named {out.from_!r}"
+                                f"{suggest(out.from_, names)}")
+        if out.tokenizer_from is not None and out.tokenizer_from not in doc.inputs:
+            raise located.error((*at, "tokenizer_from"), f"no input named {out.tokenizer_from!r}"
+                                f"{suggest(out.tokenizer_from, list(doc.inputs))}")
+        try:
+            parse_dtype(out.dtype)
+        except UsageError as e:
+            raise located.error((*at, "dtype"), str(e)) from None
+        try:
+            parse_size(out.shard_size)
+        except ValueError as e:
+            raise located.error((*at, "shard_size"), str(e)) from None
+        if out.device not in ("auto", "cpu") and not out.device.startswith("cuda"):
+            raise located.error((*at, "device"), "device must be auto, cpu or cuda[:N]")
+    return located, doc, steps
+
+
+def _parse_step(located: Located, name: str, raw: dict[str, Any]) -> tuple[Operation, BaseModel]:
+    op_name = raw.get("op")
+    if not isinstance(op_name, str):
+        raise located.error(("steps", name), "each step needs op: <operation name>")
+    op = OPERATIONS.get(op_name)
+    if op is None:
+        raise located.error(("steps", name, "op"), f"unknown operation {op_name!r}"
+                            f"{suggest(op_name, list(OPERATIONS)) or ''}"
+                            " (`surgery methods` lists them)")
+    params = {k: v for k, v in raw.items() if k != "op"}
+    try:
+        return op, op.params.model_validate(params)
+    except ValidationError as e:
+        raise _validation_error(located, e, ("steps", name), op.params) from None
+
+
+def _check_cycles(located: Located, steps: dict[str, tuple[Operation, BaseModel]]) -> None:
+    state: dict[str, int] = {}
+
+    def deps(name: str) -> list[str]:
+        op, params = steps[name]
+        out: list[str] = []
+        for fname in op.model_fields:
+            value = getattr(params, fname)
+            out += [v for v in (value if isinstance(value, list) else [value]) if v]
+        return [d for d in out if d in steps]
+
+    def visit(name: str) -> None:
+        if state.get(name) == 2:
+            return
+        if state.get(name) == 1:
+            raise located.error(("steps", name), "steps refer to each other in a cycle")
+        state[name] = 1
+        for d in deps(name):
+            visit(d)
+        state[name] = 2
+
+    for name in steps:
+        visit(name)
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and fully validate a recipe file: structure, then input headers, then shapes."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{p}: cannot read recipe ({e.strerror})") from None
+    return build_recipe(text, str(p))
+
+
+def build_recipe(text: str, source: str = "recipe.yaml") -> Recipe:
+    located, doc, steps = parse_recipe(text, source)
+    checkpoints: dict[str, Checkpoint] = {}
+    for name in doc.inputs:
+        spec = doc.input_spec(name)
+        try:
+            checkpoints[name] = open_checkpoint(spec.path, allow_pickle=spec.allow_pickle)
+        except UsageError as e:
+            raise located.error(("inputs", name), str(e)) from None
+    values: dict[str, Weights] = {n: Weights(LoadNode(c)) for n, c in checkpoints.items()}
+
+    def get(name: str) -> Weights:
+        if name not in values:
+            op, params = steps[name]
+            try:
+                values[name] = op.build(params, get)
+            except RecipeError:
+                raise
+            except UsageError as e:
+                raise located.error(("steps", name), str(e)) from None
+        return values[name]
+
+    for name in steps:
+        get(name)
+    return Recipe(text, source, doc, checkpoints, values, steps)

@@ -1,0 +1,71 @@
+"""Planning and running a validated recipe."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from surgery.engine import (
+    ProgressEvent,
+    SaveResult,
+    estimate_peak_bytes,
+    parse_dtype,
+    plan_output,
+    save,
+)
+from surgery.engine.stream import ProgressFn
+from surgery.recipe.build import Recipe
+from surgery.writer import parse_size
+
+
+@dataclass
+class OutputPlan:
+    path: str
+    source: str
+    tensors: int
+    bytes: int
+    shards: int
+    peak_bytes: int
+    dtype: str | None
+
+
+@dataclass
+class PlanReport:
+    inputs: list[tuple[str, str, int, int]] = field(default_factory=list)
+    steps: list[tuple[str, str, dict]] = field(default_factory=list)
+    outputs: list[OutputPlan] = field(default_factory=list)
+    reduction_passes: int = 0
+
+
+def plan_recipe(recipe: Recipe) -> PlanReport:
+    """What a run would do, computed from headers only."""
+    report = PlanReport()
+    for name, ck in recipe.checkpoints.items():
+        report.inputs.append((name, ck.source, len(ck.tensors), ck.total_bytes))
+    for name, (op, params) in recipe.steps.items():
+        report.steps.append((name, op.name, params.model_dump(by_alias=True, exclude_none=True)))
+    for out, weights in recipe.outputs():
+        dtype = parse_dtype(out.dtype)
+        shards = plan_output(weights.node, dtype, parse_size(out.shard_size))
+        total = sum(t.nbytes for shard in shards for t in shard)
+        report.outputs.append(OutputPlan(
+            out.path, out.from_, len(weights), total, len(shards),
+            estimate_peak_bytes(weights.node, dtype), out.dtype))
+        report.reduction_passes += sum(len(n.reductions()) > 0 for n in weights.node.walk())
+    return report
+
+
+def run_recipe(recipe: Recipe, *, force: bool = False,
+               progress: ProgressFn | None = None,
+               on_output: ProgressFn | None = None) -> list[SaveResult]:
+    """Run every output of the recipe; each writes its own model directory."""
+    results = []
+    for out, weights in recipe.outputs():
+        tokenizer = recipe.checkpoints[out.tokenizer_from] if out.tokenizer_from else None
+        if on_output:
+            on_output(ProgressEvent("output", 0, 0, 0, 0, out.path))
+        results.append(save(
+            weights.node, out.path, dtype=out.dtype, shard_size=out.shard_size,
+            device=out.device, seed=recipe.doc.seed, force=force, progress=progress,
+            recipe_text=recipe.text, tokenizer_from=tokenizer,
+        ))
+    return results

@@ -1,0 +1,50 @@
+"""The recipe format, as pydantic models. Unknown keys are errors, never ignored.
+
+```yaml
+seed: 0
+inputs:
+  base: fixtures/tiny-llama/base          # a path or org/name@revision
+  math: {path: fixtures/tiny-llama/math}
+steps:
+  merged: {op: task_arithmetic, base: base, models: [math], lambda: 0.5}
+output: {from: merged, path: out/merged, dtype: bfloat16, shard_size: 2GB}
+```
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class InputSpec(Strict):
+    path: str = Field(description="local directory, .safetensors file, or org/name[@revision]")
+    allow_pickle: bool = Field(False, description="load .bin pickles with weights_only=True")
+
+
+class OutputSpec(Strict):
+    from_: str = Field(alias="from", description="the input or step to write")
+    path: str
+    dtype: str | None = Field(None, description="float32, bfloat16, float16 (default: as input)")
+    shard_size: int | str = "5GB"
+    device: str = "auto"
+    tokenizer_from: str | None = Field(None, description="input whose tokenizer files to copy")
+
+
+class RecipeDoc(Strict):
+    seed: int = 0
+    inputs: dict[str, str | InputSpec] = Field(min_length=1)
+    steps: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    output: OutputSpec | list[OutputSpec]
+
+    def outputs(self) -> list[OutputSpec]:
+        return self.output if isinstance(self.output, list) else [self.output]
+
+    def input_spec(self, name: str) -> InputSpec:
+        spec = self.inputs[name]
+        return spec if isinstance(spec, InputSpec) else InputSpec(path=spec)

@@ -1,0 +1,48 @@
+"""Shared helpers: real safetensors checkpoints written to tmp_path, fixture paths."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "fixtures"
+
+
+def write_checkpoint(path: Path, tensors: dict[str, torch.Tensor],
+                     config: dict | None = None) -> Path:
+    """A model directory with model.safetensors and config.json."""
+    path.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(config or {"num_hidden_layers": 2}))
+    return path
+
+
+def small_tensors(seed: int, extra: float = 0.0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "model.embed_tokens.weight": torch.randn(8, 4, generator=g) + extra,
+        "model.layers.0.self_attn.q_proj.weight": torch.randn(4, 4, generator=g),
+        "model.layers.0.mlp.up_proj.weight": torch.randn(6, 4, generator=g),
+        "model.layers.1.self_attn.q_proj.weight": torch.randn(4, 4, generator=g),
+        "model.layers.1.input_layernorm.weight": torch.randn(4, generator=g),
+        "model.norm.weight": torch.randn(4, generator=g),
+        "buffer.position_ids": torch.arange(6),
+    }
+
+
+@pytest.fixture
+def three_models(tmp_path: Path) -> list[Path]:
+    return [write_checkpoint(tmp_path / f"m{i}", small_tensors(i)) for i in range(3)]
+
+
+def fixture_dir(family: str, name: str) -> Path:
+    path = FIXTURES / family / name
+    if not path.is_dir():
+        pytest.fail(f"missing committed fixture {path}; run python fixtures/make_fixtures.py")
+    return path

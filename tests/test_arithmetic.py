@@ -1,0 +1,79 @@
+"""Weight arithmetic, linear soups and task arithmetic against hand-computed values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from surgery import linear, load, task_arithmetic
+from surgery.errors import ShapeMismatchError, UsageError
+from tests.conftest import small_tensors, write_checkpoint
+
+Q = "model.layers.0.self_attn.q_proj.weight"
+
+
+def test_expression_values(three_models: list[Path]) -> None:
+    a, b, _ = (load(p) for p in three_models)
+    ta, tb = small_tensors(0), small_tensors(1)
+    merged = a + 0.5 * (b - a)
+    assert torch.equal(merged[Q], ta[Q] + 0.5 * (tb[Q] - ta[Q]))
+    assert torch.equal((a / 4)[Q], ta[Q] / 4)
+    assert torch.equal((-a)[Q], -ta[Q])
+    assert torch.equal((a - a)[Q], torch.zeros(4, 4))
+    # integer buffers are copied from the first input, never combined
+    assert torch.equal((a + b)["buffer.position_ids"], torch.arange(6))
+
+
+def test_hand_computed_two_by_two(tmp_path: Path) -> None:
+    base = write_checkpoint(tmp_path / "base", {"w": torch.tensor([[1.0, 2.0], [3.0, 4.0]])})
+    ft1 = write_checkpoint(tmp_path / "ft1", {"w": torch.tensor([[2.0, 2.0], [3.0, 0.0]])})
+    ft2 = write_checkpoint(tmp_path / "ft2", {"w": torch.tensor([[1.0, 5.0], [3.0, 8.0]])})
+    b, m1, m2 = load(base), load(ft1), load(ft2)
+    # τ1 = [[1,0],[0,-4]], τ2 = [[0,3],[0,4]]
+    ta = task_arithmetic(b, [m1, m2], weights=[1.0, 0.5], lambda_=2.0)
+    assert ta["w"].tolist() == [[3.0, 5.0], [3.0, 0.0]]
+    ta_norm = task_arithmetic(b, [m1, m2], weights=[1.0, 1.0], normalize=True)
+    assert ta_norm["w"].tolist() == [[1.5, 3.5], [3.0, 4.0]]
+    soup = linear([b, m1, m2], weights=[2.0, 1.0, 1.0])
+    assert soup["w"].tolist() == [[1.25, 2.75], [3.0, 4.0]]
+    raw = linear([m1, m2], weights=[1.0, 1.0], normalize=False)
+    assert raw["w"].tolist() == [[3.0, 7.0], [6.0, 8.0]]
+    assert linear([m1])["w"].tolist() == [[2.0, 2.0], [3.0, 0.0]]
+
+
+def test_low_precision_inputs_compute_in_float32(tmp_path: Path) -> None:
+    x = torch.tensor([1.0, 1.0 + 2**-7], dtype=torch.bfloat16)
+    y = torch.tensor([1.0 + 2**-7, 1.0], dtype=torch.bfloat16)
+    a = load(write_checkpoint(tmp_path / "a", {"w": x}))
+    b = load(write_checkpoint(tmp_path / "b", {"w": y}))
+    # The mean 1 + 2^-8 is not representable in bfloat16; float32 compute keeps it.
+    assert linear([a, b])["w"].tolist() == [1.0 + 2**-8, 1.0 + 2**-8]
+
+
+def test_mismatches_name_the_tensor(tmp_path: Path) -> None:
+    a = load(write_checkpoint(tmp_path / "a", small_tensors(0)))
+    other = small_tensors(1)
+    other[Q] = torch.zeros(4, 5)
+    b = load(write_checkpoint(tmp_path / "b", other))
+    with pytest.raises(ShapeMismatchError, match=r"tensor '.*q_proj.weight' has shape \[4, 5\]"):
+        a + b
+    fewer = small_tensors(2)
+    del fewer["model.norm.weight"]
+    c = load(write_checkpoint(tmp_path / "c", fewer))
+    with pytest.raises(ShapeMismatchError, match=r"lacks tensor 'model\.norm\.weight'"):
+        linear([a, c])
+
+
+def test_bad_parameters() -> None:
+    with pytest.raises(UsageError, match="weights sum to 0"):
+        linear([], weights=[])
+    with pytest.raises(UsageError, match="needs at least one"):
+        task_arithmetic(None, [])  # type: ignore[arg-type]
+
+
+def test_weight_count_must_match(three_models: list[Path]) -> None:
+    a, b, _ = (load(p) for p in three_models)
+    with pytest.raises(UsageError, match="weights has 3 values for 2 models"):
+        linear([a, b], weights=[1, 2, 3])
