@@ -8,7 +8,27 @@
 from surgery.engine import ProgressEvent, SaveResult
 from surgery.errors import SurgeryError, UsageError
 from surgery.expr import Weights, load
-from surgery.methods import linear, task_arithmetic
+from surgery.methods import (
+    Mask,
+    SparseDelta,
+    apply_sparse_deltas,
+    drop_layers,
+    extract_sparse_delta,
+    hft_reset,
+    hft_selection,
+    keep_first_layers,
+    linear,
+    load_mask,
+    load_sparse_delta,
+    overlap_by_layer,
+    revert_sparse_deltas,
+    sparsify,
+    stack_layers,
+    task_arithmetic,
+)
 
-__all__ = ["ProgressEvent", "SaveResult", "SurgeryError", "UsageError", "Weights", "linear",
-           "load", "task_arithmetic"]
+__all__ = ["Mask", "ProgressEvent", "SaveResult", "SparseDelta", "SurgeryError", "UsageError",
+           "Weights", "apply_sparse_deltas", "drop_layers", "extract_sparse_delta", "hft_reset",
+           "hft_selection", "keep_first_layers", "linear", "load", "load_mask",
+           "load_sparse_delta", "overlap_by_layer", "revert_sparse_deltas", "sparsify",
+           "stack_layers", "task_arithmetic"]

@@ -1,5 +1,21 @@
 """Floor 3: the methods, one module per family; ``registry`` lists them for recipes."""
 
+from surgery.methods.hft import hft_reset, hft_selection
+from surgery.methods.layers import drop_layers, keep_first_layers, stack_layers
 from surgery.methods.soup import linear, task_arithmetic
+from surgery.methods.sparse import (
+    Mask,
+    SparseDelta,
+    apply_sparse_deltas,
+    extract_sparse_delta,
+    load_mask,
+    load_sparse_delta,
+    overlap_by_layer,
+    revert_sparse_deltas,
+    sparsify,
+)
 
-__all__ = ["linear", "task_arithmetic"]
+__all__ = ["Mask", "SparseDelta", "apply_sparse_deltas", "drop_layers", "extract_sparse_delta",
+           "hft_reset", "hft_selection", "keep_first_layers", "linear", "load_mask",
+           "load_sparse_delta", "overlap_by_layer", "revert_sparse_deltas", "sparsify",
+           "stack_layers", "task_arithmetic"]

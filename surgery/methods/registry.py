@@ -12,8 +12,9 @@ from typing import Any
 
 from pydantic import BaseModel
 
+from surgery.errors import UsageError
 from surgery.expr import Weights
-from surgery.methods import soup
+from surgery.methods import hft, layers, soup, sparse
 
 Resolve = Callable[[str], Weights]
 
@@ -37,6 +38,41 @@ def _build_task_arithmetic(p: soup.TaskArithmeticParams, get: Resolve) -> Weight
                                    p.lambda_, p.normalize)
 
 
+def _build_sparse_apply(p: sparse.SparseApplyParams, get: Resolve) -> Weights:
+    return sparse.apply_sparse_deltas(get(p.base), [sparse.SparseDeltaFile(d) for d in p.deltas])
+
+
+def _build_sparse_revert(p: sparse.SparseApplyParams, get: Resolve) -> Weights:
+    return sparse.revert_sparse_deltas(get(p.base),
+                                       [sparse.SparseDeltaFile(d) for d in p.deltas])
+
+
+def _build_sparsify(p: sparse.SparsifyParams, get: Resolve) -> Weights:
+    return sparse.sparsify(get(p.base), get(p.model), p.density, per_tensor=p.per_tensor,
+                           maskable=p.maskable)
+
+
+def _build_hft_reset(p: hft.HftResetParams, get: Resolve) -> Weights:
+    return hft.hft_reset(get(p.base), get(p.model), p.seed, reset_embeddings=p.reset_embeddings,
+                         reset_head=p.reset_head)
+
+
+def _build_drop_layers(p: layers.DropLayersParams, get: Resolve) -> Weights:
+    return layers.drop_layers(get(p.model), p.blocks())
+
+
+def _build_keep_first_layers(p: layers.KeepFirstLayersParams, get: Resolve) -> Weights:
+    return layers.keep_first_layers(get(p.model), p.n)
+
+
+def _build_stack_layers(p: layers.StackLayersParams, get: Resolve) -> Weights:
+    if len(p.models) != len(p.ranges):
+        raise UsageError(f"stack_layers: ranges has {len(p.ranges)} entries for "
+                         f"{len(p.models)} models")
+    return layers.stack_layers([(get(m), s, e) for m, (s, e) in zip(p.models, p.ranges,
+                                                                     strict=True)])
+
+
 OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in (
@@ -45,5 +81,22 @@ OPERATIONS: dict[str, Operation] = {
         Operation("task_arithmetic", "Base plus the weighted sum of task vectors",
                   soup.TASK_ARITHMETIC_REF, soup.TaskArithmeticParams,
                   ("base", "models"), _build_task_arithmetic),
+        Operation("sparse_apply", "Base plus sparse deltas (files), composed by addition",
+                  sparse.SPARSE_REF, sparse.SparseApplyParams, ("base",), _build_sparse_apply),
+        Operation("sparse_revert", "Model minus sparse deltas (files): undoes sparse_apply",
+                  sparse.SPARSE_REF, sparse.SparseApplyParams, ("base",), _build_sparse_revert),
+        Operation("sparsify", "Base plus the top-K magnitude entries of a fine-tune's update",
+                  sparse.SPARSE_REF, sparse.SparsifyParams, ("base", "model"), _build_sparsify),
+        Operation("hft_reset", "Reset a seeded half of each block's modules to the base",
+                  hft.HFT_REF, hft.HftResetParams, ("base", "model"), _build_hft_reset),
+        Operation("drop_layers", "Remove blocks (list or range) and renumber the rest",
+                  layers.LAYER_SURGERY_REF, layers.DropLayersParams, ("model",),
+                  _build_drop_layers),
+        Operation("keep_first_layers", "Sub-model of the first n blocks with embeddings and head",
+                  layers.LAYER_SURGERY_REF, layers.KeepFirstLayersParams, ("model",),
+                  _build_keep_first_layers),
+        Operation("stack_layers", "Concatenate or interleave block ranges of several models",
+                  layers.LAYER_SURGERY_REF, layers.StackLayersParams, ("models",),
+                  _build_stack_layers),
     )
 }

@@ -104,7 +104,7 @@ def parse_recipe(text: str, source: str = "recipe.yaml") -> tuple[Located, Recip
     if clash:
         name = sorted(clash)[0]
         raise located.error(("steps", name), "a step cannot have the name of an input")
-    steps = {name: _parse_step(located, name, raw) for name, raw in doc.steps.items()}
+    steps = {name: _parse_step(located, name, raw, doc.seed) for name, raw in doc.steps.items()}
     names = [*doc.inputs, *doc.steps]
     for name, (op, params) in steps.items():
         for fname in op.model_fields:
@@ -141,7 +141,8 @@ def parse_recipe(text: str, source: str = "recipe.yaml") -> tuple[Located, Recip
     return located, doc, steps
 
 
-def _parse_step(located: Located, name: str, raw: dict[str, Any]) -> tuple[Operation, BaseModel]:
+def _parse_step(located: Located, name: str, raw: dict[str, Any],
+                seed: int) -> tuple[Operation, BaseModel]:
     op_name = raw.get("op")
     if not isinstance(op_name, str):
         raise located.error(("steps", name), "each step needs op: <operation name>")
@@ -151,6 +152,8 @@ def _parse_step(located: Located, name: str, raw: dict[str, Any]) -> tuple[Opera
                             f"{suggest(op_name, list(OPERATIONS)) or ''}"
                             " (`surgery methods` lists them)")
     params = {k: v for k, v in raw.items() if k != "op"}
+    if "seed" in op.params.model_fields and "seed" not in params:
+        params["seed"] = seed  # an operation's seed defaults to the recipe's
     try:
         return op, op.params.model_validate(params)
     except ValidationError as e:
