@@ -132,7 +132,7 @@ def test_stacking_blocks_of_another_shape_is_refused(tmp_path: Path) -> None:
     other = LlamaForCausalLM(LlamaConfig(vocab_size=32, hidden_size=8, intermediate_size=24,
                                          num_hidden_layers=2, num_attention_heads=2))
     other.save_pretrained(tmp_path / "other")
-    with pytest.raises(ShapeMismatchError, match="block 0 of .*other differs"):
+    with pytest.raises(ShapeMismatchError, match=r"block 0 of .*other differs"):
         stack_layers([(load(tmp_path / "m"), 0, 2), (load(tmp_path / "other"), 0, 1)])
 
 

@@ -43,7 +43,7 @@ def _category(module: str, names: list[str]) -> TensorKind | None:
 
 
 def hft_selection(names: list[str], seed: int = 0) -> Selection:
-    """Per block index, the modules (name prefixes) reset to θ0, in tensor order."""
+    """Per block index, the modules (name prefixes) reset to θ0, by category, in name order."""
     blocks: dict[int, dict[TensorKind, list[str]]] = {}
     for name in names:
         idx = layer_index(name)
@@ -66,7 +66,7 @@ def hft_selection(names: list[str], seed: int = 0) -> Selection:
     for idx in order:
         chosen: list[str] = []
         for cat in CATEGORIES:
-            mods = blocks[idx].get(cat, [])
+            mods = sorted(blocks[idx].get(cat, []))  # the same draw whatever the tensor order
             count = (len(mods) + 1) // 2 if idx in larger[cat] else len(mods) // 2
             perm = torch.randperm(len(mods), generator=seeded_generator(
                 seed, f"block {idx}", f"hft-{cat.value}"))
