@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
-
 from surgery_cli.main import main
-from tests.conftest import ROOT, small_tensors, write_checkpoint
 
+from tests.conftest import ROOT, small_tensors, write_checkpoint
 
 
 def surgery(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
