@@ -224,3 +224,28 @@ output:
     bad = text.replace("density: 0.2", "density: 2")
     with pytest.raises(UsageError, match=r"steps\.top.*density: 2.0 is outside"):
         build_recipe(bad)
+
+
+def test_cli_extract_apply_revert_stats(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+    from surgery_cli.main import main
+
+    t0, _, base, ft = _pair(tmp_path)
+    _, _, _, ft2 = _pair(tmp_path, 2)
+    run = CliRunner().invoke
+    d1, d2 = str(tmp_path / "d1.safetensors"), str(tmp_path / "d2.safetensors")
+    res = run(main, ["sparse", "extract", str(base), str(ft), d1, "--density", "0.2"])
+    assert res.exit_code == 0, res.output
+    assert run(main, ["sparse", "extract", str(base), str(ft2), d2, "--k", "17"]).exit_code == 0
+    assert load_sparse_delta(d2).k == 17
+    res = run(main, ["sparse", "apply", str(base), d1, "-o", str(tmp_path / "on")])
+    assert res.exit_code == 0, res.output
+    assert torch.equal(load(tmp_path / "on")[Q0], t0[Q0] + load_sparse_delta(d1).dense(Q0))
+    res = run(main, ["sparse", "apply", str(tmp_path / "on"), d1, "--revert", "-o",
+                     str(tmp_path / "off")])
+    assert res.exit_code == 0, res.output
+    res = run(main, ["sparse", "stats", d1, d2])
+    assert res.exit_code == 0 and "layer 0" in res.output and "jaccard" in res.output
+    res = run(main, ["sparse", "extract", str(base), str(ft), d1, "--density", "2"])
+    assert res.exit_code == 2 and res.output.strip().splitlines()[-1] == \
+        "error: density: 2.0 is outside (0, 1]"
