@@ -79,7 +79,7 @@ def plot_summary(summary: CheckpointSummary, path: str | Path) -> Path:
     ax.set_xlabel("block")
     ax.set_title(f"{summary.source}: {summary.architecture or 'unknown architecture'}, "
                  f"{summary.total_params:,} parameters", fontsize=10)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _save(fig, plt, path)
 
 
