@@ -11,6 +11,7 @@ from surgery_cli.main import main
 
 from surgery.analysis import diff_checkpoints
 from surgery.checkpoint import open_checkpoint
+from surgery.names import block_label
 from tests.conftest import small_tensors, write_checkpoint
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -38,8 +39,7 @@ def test_equals_direct_computation(tmp_path: Path) -> None:
     floats = [n for n in a if a[n].is_floating_point()]
     assert r.skipped == ["buffer.position_ids"]
     for g in r.groups:
-        names = [n for n in floats if (f"layers.{g.label.split()[-1]}." in n)
-                 == (g.label != "non-block")]
+        names = [n for n in floats if block_label(n) == g.label]
         da = torch.cat([(a[n].double() - b[n].double()).flatten() for n in names])
         ta = torch.cat([(a[n].double() - base[n].double()).flatten() for n in names])
         tb = torch.cat([(b[n].double() - base[n].double()).flatten() for n in names])
@@ -58,7 +58,8 @@ def test_cli_table_and_png(tmp_path: Path) -> None:
     res = CliRunner().invoke(main, ["diff", paths[0], paths[1], "--base", paths[2],
                                     "--plot", str(png)])
     assert res.exit_code == 0, res.output
-    assert "cos(tA,tB)" in res.output and sum(ln.startswith("block ") for ln in res.output.splitlines()) == 2
+    rows = [ln for ln in res.output.splitlines() if ln.startswith("block ")]
+    assert "cos(tA,tB)" in res.output and len(rows) == 2
     assert png.read_bytes()[:8] == PNG_MAGIC and png.stat().st_size > 10_000
     inspect_png = tmp_path / "inspect.png"
     res = CliRunner().invoke(main, ["inspect", paths[0], "--plot", str(inspect_png)])
