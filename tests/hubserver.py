@@ -15,6 +15,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import unquote, urlparse
 
+import yaml
+
 REPO = r"(?P<repo>[\w.-]+/[\w.-]+)"
 REV = r"(?P<rev>[^/]+)"
 
@@ -36,6 +38,7 @@ class HubState:
         self.repos: dict[str, Repo] = {}
         self.lock = threading.Lock()
         self.reject_commits: str | None = None  # a reason to refuse every commit with
+        self.messages: dict[str, str] = {}  # commit -> summary
         self.log: list[str] = []  # "METHOD path Range" of each request, for assertions
 
     def files(self, repo_id: str, rev: str = "main") -> dict[str, bytes]:
@@ -79,12 +82,14 @@ class Handler(BaseHTTPRequestHandler):
         self._json(status, {"error": message}, {"X-Error-Message": message})
 
     def _body(self) -> bytes:
-        return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        return self.body
 
     def _authorized(self) -> bool:
         return self.headers.get("Authorization") == f"Bearer {self.state.token}"
 
     def _dispatch(self) -> None:
+        # Always consume the body, so that the kept-alive connection stays in step.
+        self.body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
         path = urlparse(self.path).path
         self.state.log.append(f"{self.command} {unquote(path)} {self.headers.get('Range') or ''}"
                               .strip())
@@ -116,7 +121,7 @@ class Handler(BaseHTTPRequestHandler):
         if repo_id in self.state.repos:
             return self._json(409, {"error": "You already created this model repo",
                                     "url": f"{self.server.url}/{repo_id}"})
-        repo = Repo(private=bool(doc.get("private")))
+        repo = Repo(private=bool(doc.get("private")) or doc.get("visibility") == "private")
         sha = _commit_sha(None, {}, "initial commit")
         repo.commits[sha] = {}
         repo.branches["main"] = sha
@@ -136,6 +141,19 @@ class Handler(BaseHTTPRequestHandler):
             self._json(404, {"error": f"Invalid rev id: {rev}"},
                        {"X-Error-Code": "RevisionNotFound"})
         return sha
+
+    def validate_yaml(self) -> None:
+        """The model card's front matter must parse and be a mapping."""
+        text = json.loads(self._body())["content"]
+        errors = []
+        if text.startswith("---"):
+            try:
+                meta = yaml.safe_load(text.split("---")[1])
+                if not isinstance(meta, dict):
+                    errors.append({"message": "metadata must be a YAML mapping"})
+            except yaml.YAMLError as e:
+                errors.append({"message": f"invalid YAML: {e}"})
+        self._json(400 if errors else 200, {"errors": errors, "warnings": []})
 
     def create_branch(self, repo: str, rev: str) -> None:
         found = self._repo(repo)
@@ -226,6 +244,7 @@ class Handler(BaseHTTPRequestHandler):
             files[path] = self.state.store(data)
         new = _commit_sha(sha, files, summary)
         found.commits[new] = files
+        self.state.messages[new] = summary
         found.branches[rev] = new
         self._json(200, {"commitOid": new, "commitUrl": f"{self.server.url}/{repo}/commit/{new}",
                          "success": True})
@@ -260,6 +279,7 @@ class Handler(BaseHTTPRequestHandler):
 ROUTES = [
     ("GET", r"/api/whoami-v2", Handler.whoami),
     ("POST", r"/api/repos/create", Handler.create_repo),
+    ("POST", r"/api/validate-yaml", Handler.validate_yaml),
     ("POST", rf"/api/models/{REPO}/branch/{REV}", Handler.create_branch),
     ("GET", rf"/api/models/{REPO}/revision/{REV}", Handler.model_info),
     ("GET", rf"/api/models/{REPO}", Handler.model_info),

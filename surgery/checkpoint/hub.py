@@ -78,6 +78,19 @@ class RemoteCheckpoint(Checkpoint):
         return dict(self.sha256)
 
 
+def network_errors() -> tuple[type[BaseException], ...]:
+    """What huggingface_hub's calls raise when the Hub is unreachable or says no: its HTTP
+    errors, OS errors, and the transport errors of the HTTP client it uses."""
+    import importlib
+
+    from huggingface_hub import get_session
+    from huggingface_hub.errors import HfHubHTTPError
+
+    client = importlib.import_module(type(get_session()).__module__.split(".")[0])
+    transport = getattr(client, "TransportError", OSError)
+    return (HfHubHTTPError, OSError, ValueError, transport)
+
+
 def _hub_error(ref: HubRef, what: str, e: BaseException) -> HubError:
     text = str(e).strip()
     first_line = text.splitlines()[0] if text else type(e).__name__
@@ -89,11 +102,10 @@ def _hub_error(ref: HubRef, what: str, e: BaseException) -> HubError:
 
 def _download(ref: HubRef, filename: str) -> Path:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import HfHubHTTPError
 
     try:
         return Path(hf_hub_download(ref.repo_id, filename, revision=ref.revision))
-    except (HfHubHTTPError, OSError, ValueError) as e:
+    except network_errors() as e:
         raise _hub_error(ref, f"cannot download {filename}", e) from e
 
 
@@ -124,7 +136,6 @@ def open_remote(spec: str, ref: HubRef) -> Checkpoint:
     """Open ``ref`` from the Hub reading headers only; fall back to the local cache offline."""
     from huggingface_hub import HfApi, constants
     from huggingface_hub.errors import (
-        HfHubHTTPError,
         RepositoryNotFoundError,
         RevisionNotFoundError,
     )
@@ -135,7 +146,7 @@ def open_remote(spec: str, ref: HubRef) -> Checkpoint:
         info = HfApi().model_info(ref.repo_id, revision=ref.revision, files_metadata=True)
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise _hub_error(ref, "not found", e) from e
-    except (HfHubHTTPError, OSError) as e:
+    except network_errors() as e:
         return _open_cached(spec, ref, e)
     commit = info.sha
     if not commit:
@@ -173,7 +184,7 @@ def open_remote(spec: str, ref: HubRef) -> Checkpoint:
             raise HubError(f"Hub repo {ref}: the server did not give the size of {name}")
         try:
             headers.append(_read_remote_header(pinned, name, size, root / name))
-        except HfHubHTTPError as e:
+        except network_errors() as e:
             raise _hub_error(ref, f"cannot read the header of {name}", e) from e
         if sib.lfs:
             sha256[root / name] = sib.lfs.sha256

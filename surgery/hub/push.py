@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.checkpoint.checkpoint import INDEX_NAME
+from surgery.checkpoint.hub import network_errors
 from surgery.errors import HubError, OutputExistsError, UsageError
 from surgery.writer.output import MARKER
 
@@ -79,10 +80,11 @@ def push_folder(folder: str | Path, repo_id: str, *, private: bool = False,
         info = api.upload_folder(folder_path=path, repo_id=repo_id, revision=branch,
                                  commit_message=message or commit_message(path))
     except HfHubHTTPError as e:
-        raise HubError(f"push to {repo_id}@{branch} failed; the repository is unchanged "
+        raise HubError(f"push to {repo_id}@{branch} failed; no files were committed "
                        f"({_reason(e)})") from e
-    except (OSError, ValueError) as e:
-        raise HubError(f"push to {repo_id}@{branch} failed ({e})") from e
+    except network_errors() as e:
+        raise HubError(f"push to {repo_id}@{branch} failed; no files were committed "
+                       f"({_reason(e)})") from e
     return PushResult(repo_id, branch, info.oid, info.commit_url, files)
 
 
