@@ -128,12 +128,23 @@ class Handler(BaseHTTPRequestHandler):
         self.state.repos[repo_id] = repo
         self._json(200, {"url": f"{self.server.url}/{repo_id}", "name": repo_id})
 
-    def _repo(self, repo: str) -> Repo | None:
+    def _repo(self, repo: str, write: bool = False) -> Repo | None:
+        """The repo, or None after answering 404 (unknown or private) or 401 (a write
+        without the token)."""
         found = self.state.repos.get(repo)
         if found is None or (found.private and not self._authorized()):
             self._error(404, f"Repository Not Found for url: {self.path}")
             return None
+        if write and not self._authorized():
+            self._error(401, "Invalid credentials in Authorization header")
+            return None
         return found
+
+    def _snapshot(self, repo: str, rev: str) -> tuple[Repo, str] | None:
+        """The repo and the commit ``rev`` names, or None after answering 404."""
+        found = self._repo(repo)
+        sha = self._resolve(found, rev) if found is not None else None
+        return (found, sha) if found is not None and sha is not None else None
 
     def _resolve(self, repo: Repo, rev: str) -> str | None:
         sha = repo.branches.get(rev, rev if rev in repo.commits else None)
@@ -156,23 +167,19 @@ class Handler(BaseHTTPRequestHandler):
         self._json(400 if errors else 200, {"errors": errors, "warnings": []})
 
     def create_branch(self, repo: str, rev: str) -> None:
-        found = self._repo(repo)
+        found = self._repo(repo, write=True)
         if found is None:
             return None
-        if not self._authorized():
-            return self._error(401, "Invalid credentials in Authorization header")
         if rev in found.branches:
             return self._error(409, f"Reference already exists: refs/heads/{rev}")
         found.branches[rev] = found.branches["main"]
         self._json(200, {})
 
     def model_info(self, repo: str, rev: str = "main") -> None:
-        found = self._repo(repo)
-        if found is None:
+        at = self._snapshot(repo, rev)
+        if at is None:
             return None
-        sha = self._resolve(found, rev)
-        if sha is None:
-            return None
+        found, sha = at
         siblings = []
         for path, blob in sorted(found.commits[sha].items()):
             size = (self.state.blobs / blob).stat().st_size
@@ -212,11 +219,9 @@ class Handler(BaseHTTPRequestHandler):
         self._send(200)
 
     def commit(self, repo: str, rev: str) -> None:
-        found = self._repo(repo)
+        found = self._repo(repo, write=True)
         if found is None:
             return None
-        if not self._authorized():
-            return self._error(401, "Invalid credentials in Authorization header")
         if self.state.reject_commits:
             return self._error(422, self.state.reject_commits)
         sha = self._resolve(found, rev)
@@ -250,12 +255,10 @@ class Handler(BaseHTTPRequestHandler):
                          "success": True})
 
     def resolve(self, repo: str, rev: str, path: str) -> None:
-        found = self._repo(repo)
-        if found is None:
+        at = self._snapshot(repo, rev)
+        if at is None:
             return None
-        sha = self._resolve(found, rev)
-        if sha is None:
-            return None
+        found, sha = at
         blob = found.commits[sha].get(path)
         if blob is None:
             return self._json(404, {"error": "Entry not found"}, {"X-Error-Code": "EntryNotFound"})
