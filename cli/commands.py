@@ -18,7 +18,8 @@ def plan(recipe: str) -> None:
     report = plan_recipe(load_recipe(recipe))
     click.echo("inputs:")
     for name, source, count, size in report.inputs:
-        click.echo(f"  {name}: {source} ({count} tensors, {human_bytes(size)})")
+        pin = f", pinned to {report.pins[name]}" if name in report.pins else ""
+        click.echo(f"  {name}: {source} ({count} tensors, {human_bytes(size)}{pin})")
     click.echo("steps:")
     for name, op, params in report.steps:
         shown = ", ".join(f"{k}={v}" for k, v in params.items())
@@ -28,6 +29,11 @@ def plan(recipe: str) -> None:
                    f"{human_bytes(out.bytes)} in {out.shards} shard(s), dtype "
                    f"{out.dtype or 'as input'}; estimated peak memory "
                    f"{human_bytes(out.peak_bytes)}")
+        if report.pins:
+            click.echo(f"  downloads {human_bytes(out.download_bytes)} of weights from the Hub "
+                       "(files already in the cache are not counted)")
+        if out.push_to:
+            click.echo(f"  then pushes to {out.push_to}")
     if report.reduction_passes:
         click.echo(f"whole-model statistics: {report.reduction_passes} reduction(s) computed "
                    "in a streaming pass before writing")
@@ -46,7 +52,9 @@ def apply(recipe: str, force: bool, quiet: bool, profile: bool) -> None:
     loaded = load_recipe(recipe)
     bar = ProgressBar(enabled=not quiet)
     try:
-        results = run_recipe(loaded, force=force, progress=bar, on_output=bar)
+        results = run_recipe(loaded, force=force, progress=bar, on_output=bar,
+                             on_push=lambda p: click.echo(f"pushed {len(p.files)} files to "
+                                                          f"{p.repo_id}@{p.revision}: {p.url}"))
     finally:
         bar.close()
     for res in results:
@@ -64,8 +72,10 @@ def apply(recipe: str, force: bool, quiet: bool, profile: bool) -> None:
 @click.command()
 @click.argument("model")
 @click.option("--allow-pickle", is_flag=True, help="Load .bin pickles (weights only).")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Draw parameters per block "
+              "and kind into this PNG.")
 @handle_errors
-def inspect(model: str, allow_pickle: bool) -> None:
+def inspect(model: str, allow_pickle: bool, plot: str | None) -> None:
     """Print MODEL's tensor table summarised by block."""
     from surgery.checkpoint import open_checkpoint
     from surgery.summary import summarize
@@ -82,6 +92,62 @@ def inspect(model: str, allow_pickle: bool) -> None:
         kinds = ",".join(f"{k}:{human_count(v)}" for k, v in sorted(g.kinds.items()))
         click.echo(f"{g.label:<12} {g.tensors:>8} {human_count(g.params):>10} "
                    f"{human_bytes(g.bytes):>11}  {dtypes} / {kinds}")
+    if plot:
+        from surgery.analysis.plots import plot_summary
+
+        click.echo(f"plot: {plot_summary(s, plot)}")
 
 
-COMMANDS = [plan, apply, inspect, sparse]
+@click.command()
+@click.argument("folder", type=click.Path(file_okay=False))
+@click.argument("repo")
+@click.option("--private", is_flag=True, help="Create the repository as private.")
+@click.option("--revision", help="Branch to commit to (created if needed; default main).")
+@handle_errors
+def push(folder: str, repo: str, private: bool, revision: str | None) -> None:
+    """Upload the finished output FOLDER to the Hub repository REPO (org/name) in one commit.
+
+    The token comes from HF_TOKEN or `hf auth login`."""
+    from surgery.hub import push_folder
+
+    res = push_folder(folder, repo, private=private, revision=revision)
+    click.echo(f"pushed {len(res.files)} files to {res.repo_id}@{res.revision} "
+               f"(commit {res.commit}): {res.url}")
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+@click.command()
+@click.argument("a")
+@click.argument("b")
+@click.option("--base", help="Base model: compare the task vectors A-BASE and B-BASE.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Also draw the figures to a PNG.")
+@handle_errors
+def diff(a: str, b: str, base: str | None, plot: str | None) -> None:
+    """Per-block differences between models A and B, read one tensor at a time."""
+    from surgery.analysis import diff_checkpoints
+    from surgery.checkpoint import open_checkpoint
+
+    report = diff_checkpoints(open_checkpoint(a), open_checkpoint(b),
+                              open_checkpoint(base) if base else None)
+    head = f"{'group':<12} {'|A-B|':>11} {'|A-B|/|A|':>10} {'changed':>8}"
+    if base:
+        head += f" {'cos(tA,tB)':>10} {'sign agree':>10}"
+    click.echo(head)
+    for g in [*report.groups, report.total]:
+        line = (f"{g.label:<12} {g.diff_norm:>11.4g} {g.relative_diff:>10.3%} "
+                f"{g.changed_fraction:>8.1%}")
+        if base:
+            line += f" {_fmt(g.cosine, '>10.4f')} {_fmt(g.sign_agreement, '>10.1%')}"
+        click.echo(line)
+    if report.skipped:
+        click.echo(f"not compared (integer or bool buffers): {len(report.skipped)} tensor(s)")
+    if plot:
+        from surgery.analysis.plots import plot_diff
+
+        click.echo(f"plot: {plot_diff(report, plot)}")
+
+
+COMMANDS = [plan, apply, inspect, sparse, push, diff]

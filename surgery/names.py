@@ -70,3 +70,14 @@ def count_layers(names: Iterable[str], config: dict | None = None,
             return int(config[key])
     indices = [i for i in (layer_index(n, pattern) for n in names) if i is not None]
     return max(indices) + 1 if indices else 0
+
+
+def block_label(name: str) -> str:
+    """``block N`` for a tensor of block N, else ``non-block`` (the grouping of summaries)."""
+    idx = layer_index(name)
+    return f"block {idx}" if idx is not None else "non-block"
+
+
+def label_order(label: str) -> tuple[bool, int]:
+    """Sort key for :func:`block_label` labels: blocks by index, then the non-block group."""
+    return (label == "non-block", int(label.split()[-1]) if label != "non-block" else 0)

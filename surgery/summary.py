@@ -6,7 +6,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from surgery.checkpoint import Checkpoint
-from surgery.names import BLOCK_PATTERN, count_layers, layer_index, tensor_kind
+from surgery.names import BLOCK_PATTERN, block_label, count_layers, label_order, tensor_kind
 
 
 @dataclass
@@ -45,17 +45,14 @@ def summarize(ck: Checkpoint) -> CheckpointSummary:
     groups: dict[str, GroupSummary] = {}
     for name in names:
         info = ck.info(name)
-        idx = layer_index(name)
-        label = f"block {idx}" if idx is not None else "non-block"
+        label = block_label(name)
         g = groups.setdefault(label, GroupSummary(label))
         g.tensors += 1
         g.params += info.numel
         g.bytes += info.nbytes
         g.dtypes[str(info.dtype).removeprefix("torch.")] += info.numel
         g.kinds[tensor_kind(name).value] += info.numel
-    order = sorted(groups.values(), key=lambda g: (g.label == "non-block",
-                                                   int(g.label.split()[-1])
-                                                   if g.label != "non-block" else 0))
+    order = sorted(groups.values(), key=lambda g: label_order(g.label))
     has_head = any(n.endswith("lm_head.weight") for n in names)
     tied = bool(ck.config.get("tie_word_embeddings", not has_head)) and not has_head
     archs = ck.config.get("architectures") or [None]

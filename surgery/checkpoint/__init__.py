@@ -6,7 +6,7 @@ from pathlib import Path
 
 from surgery.checkpoint.checkpoint import Checkpoint, open_local, open_pickle
 from surgery.checkpoint.header import DTYPE_NAMES, DTYPES, TensorInfo, dtype_size, read_header
-from surgery.checkpoint.hub import HubRef, parse_hub_id
+from surgery.checkpoint.hub import HubRef, RemoteCheckpoint, open_remote, parse_hub_id
 from surgery.errors import CheckpointError
 
 __all__ = [
@@ -14,6 +14,7 @@ __all__ = [
     "DTYPE_NAMES",
     "Checkpoint",
     "HubRef",
+    "RemoteCheckpoint",
     "TensorInfo",
     "dtype_size",
     "open_checkpoint",
@@ -33,8 +34,5 @@ def open_checkpoint(spec: str | Path, *, allow_pickle: bool = False) -> Checkpoi
     ref = parse_hub_id(text)
     if ref is None:
         raise CheckpointError(f"{text}: no such file or directory")
-    from surgery.checkpoint.hub import download
-
-    folder, commit = download(ref)
-    return open_local(folder, source=text, revision=commit)
+    return open_remote(text, ref)
 

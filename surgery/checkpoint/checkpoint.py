@@ -92,6 +92,21 @@ class Checkpoint:
             return torch.empty(info.shape, dtype=info.dtype)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
+    def missing(self, files: list[Path] | None = None) -> list[Path]:
+        """Weight files (all, or of ``files``) that must be downloaded before reading."""
+        return []
+
+    def fetch(self, files: list[Path] | None = None) -> None:
+        """Make the weight files (all, or ``files``) local; local checkpoints already are."""
+
+    def known_size(self, path: Path) -> int:
+        """Size in bytes of one weight file of this checkpoint."""
+        return next(h.file_size for h in self.headers if h.path == path)
+
+    def known_sha256(self) -> dict[Path, str]:
+        """SHA-256 of weight files known without hashing them (from the Hub's listing)."""
+        return {}
+
     def __post_init__(self) -> None:
         # Closes the descriptors when the checkpoint is collected or at interpreter exit.
         self._finalizer = weakref.finalize(self, _close_fds, self._fds)

@@ -90,17 +90,31 @@ def read_header(path: Path) -> Header:
     try:
         size = os.path.getsize(path)
         with open(path, "rb") as f:
-            if size < 8:
-                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise CheckpointError(
-                    f"{path}: corrupt safetensors header (declares {n} header bytes, "
-                    f"file has {size}); the file is truncated or not safetensors"
-                )
+            prefix = f.read(8)
+            n = header_length(path, prefix, size)
             raw = f.read(n)
     except OSError as e:
         raise CheckpointError(f"{path}: cannot read ({e.strerror})") from e
+    return parse_header(path, raw, size)
+
+
+def header_length(path: Path | str, prefix: bytes, size: int) -> int:
+    """The JSON header length declared by the first 8 bytes of a file of ``size`` bytes."""
+    if size < 8 or len(prefix) < 8:
+        raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes)")
+    (n,) = struct.unpack("<Q", prefix[:8])
+    if n > MAX_HEADER_BYTES or 8 + n > size:
+        raise CheckpointError(
+            f"{path}: corrupt safetensors header (declares {n} header bytes, "
+            f"file has {size}); the file is truncated or not safetensors"
+        )
+    return n
+
+
+def parse_header(path: Path, raw: bytes, size: int) -> Header:
+    """Validate the JSON header ``raw`` of a file of ``size`` bytes that will live at ``path``
+    (local, or where a remote file will be downloaded to)."""
+    n = len(raw)
     try:
         table = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
     except (UnicodeDecodeError, ValueError) as e:

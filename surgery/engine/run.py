@@ -109,8 +109,11 @@ class _InputHasher:
     """Hashes every input file on a thread while the merge runs (cached across runs)."""
 
     def __init__(self, checkpoints: list[Checkpoint]) -> None:
-        self.files = sorted({f for ck in checkpoints for f in ck.files})
-        self.digests: dict[Path, str] = {}
+        self.digests: dict[Path, str] = {p: d for ck in checkpoints
+                                         for p, d in ck.known_sha256().items()}
+        # Remote files the graph does not read are never downloaded, so never hashed here.
+        self.files = sorted({f for ck in checkpoints for f in ck.files
+                             if f not in self.digests and f.is_file()})
         self.error: OSError | None = None
         self.thread = threading.Thread(target=self._run, name="surgery-hash", daemon=True)
         self.thread.start()
@@ -128,6 +131,29 @@ class _InputHasher:
             for rec, path in zip(item["files"], ck.files, strict=False):
                 if path in self.digests:
                     rec["sha256"] = self.digests[path]
+
+
+def needed_files(root: Node) -> dict[Checkpoint, list[Path]]:
+    """The weight files of each input that evaluating ``root`` reads (statistics passes too)."""
+    files: dict[Checkpoint, set[Path]] = {}
+
+    def add(node: Node, name: str) -> None:
+        for ck, n in node.reads(name):
+            files.setdefault(ck, set()).add(ck.info(n).file)
+
+    for name in root.names():
+        add(root, name)
+    for node in root.walk():
+        for r in node.reductions():
+            for name in r.names():
+                for inp in r.inputs:
+                    add(inp, name)
+    return {ck: sorted(fs) for ck, fs in files.items()}
+
+
+def download_bytes(root: Node) -> int:
+    """Bytes of remote weight files a run of ``root`` will download (not already cached)."""
+    return sum(ck.known_size(f) for ck, fs in needed_files(root).items() for f in ck.missing(fs))
 
 
 def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None,
@@ -161,6 +187,8 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
     ).encode()).hexdigest()
 
     reused = out.start(fingerprint)
+    for ck, files in needed_files(root).items():
+        ck.fetch(files)
     hasher = _InputHasher(checkpoints) if hash_inputs else None
     opts = StreamOptions(device=dev, seed=seed, prefetch_bytes=prefetch_bytes, progress=progress)
     todo = [(fname, shard) for fname, shard in zip(fnames, shards, strict=True)

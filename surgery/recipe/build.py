@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
-from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.checkpoint import Checkpoint, open_checkpoint, parse_hub_id
 from surgery.engine import parse_dtype
 from surgery.errors import RecipeError, UsageError
 from surgery.expr import LoadNode, Weights
@@ -136,6 +136,11 @@ def parse_recipe(text: str, source: str = "recipe.yaml") -> tuple[Located, Recip
             parse_size(out.shard_size)
         except ValueError as e:
             raise located.error((*at, "shard_size"), str(e)) from None
+        push = out.push_to_hub
+        if push is not None and (parse_hub_id(push.repo) is None or "@" in push.repo):
+            raise located.error((*at, "push_to_hub", "repo"),
+                                f"{push.repo!r} is not a Hub repo id (org/name); give the "
+                                "branch as revision")
         if out.device not in ("auto", "cpu") and not out.device.startswith("cuda"):
             raise located.error((*at, "device"), "device must be auto, cpu or cuda[:N]")
     return located, doc, steps

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from surgery.engine import (
     ProgressEvent,
     SaveResult,
+    download_bytes,
     estimate_peak_bytes,
     parse_dtype,
     plan_output,
     save,
 )
 from surgery.engine.stream import ProgressFn
+from surgery.hub import PushResult, push_folder
 from surgery.recipe.build import Recipe
+from surgery.recipe.schema import PushSpec
 from surgery.writer import parse_size
 
 
@@ -26,6 +31,8 @@ class OutputPlan:
     shards: int
     peak_bytes: int
     dtype: str | None
+    download_bytes: int = 0
+    push_to: str | None = None
 
 
 @dataclass
@@ -34,6 +41,7 @@ class PlanReport:
     steps: list[tuple[str, str, dict]] = field(default_factory=list)
     outputs: list[OutputPlan] = field(default_factory=list)
     reduction_passes: int = 0
+    pins: dict[str, str] = field(default_factory=dict)  # Hub input name -> commit hash
 
 
 def plan_recipe(recipe: Recipe) -> PlanReport:
@@ -41,6 +49,8 @@ def plan_recipe(recipe: Recipe) -> PlanReport:
     report = PlanReport()
     for name, ck in recipe.checkpoints.items():
         report.inputs.append((name, ck.source, len(ck.tensors), ck.total_bytes))
+        if ck.revision:
+            report.pins[name] = ck.revision
     for name, (op, params) in recipe.steps.items():
         report.steps.append((name, op.name, params.model_dump(by_alias=True, exclude_none=True)))
     for out, weights in recipe.outputs():
@@ -49,15 +59,22 @@ def plan_recipe(recipe: Recipe) -> PlanReport:
         total = sum(t.nbytes for shard in shards for t in shard)
         report.outputs.append(OutputPlan(
             out.path, out.from_, len(weights), total, len(shards),
-            estimate_peak_bytes(weights.node, dtype), out.dtype))
+            estimate_peak_bytes(weights.node, dtype), out.dtype, download_bytes(weights.node),
+            _push_target(out.push_to_hub)))
         report.reduction_passes += sum(len(n.reductions()) > 0 for n in weights.node.walk())
     return report
 
 
+def _push_target(push: PushSpec | None) -> str | None:
+    return f"{push.repo}@{push.revision or 'main'}" if push else None
+
+
 def run_recipe(recipe: Recipe, *, force: bool = False,
                progress: ProgressFn | None = None,
-               on_output: ProgressFn | None = None) -> list[SaveResult]:
-    """Run every output of the recipe; each writes its own model directory."""
+               on_output: ProgressFn | None = None,
+               on_push: Callable[[PushResult], None] | None = None) -> list[SaveResult]:
+    """Run every output of the recipe; each writes its own model directory, then is pushed
+    to the Hub when the output says ``push_to_hub``."""
     results = []
     for out, weights in recipe.outputs():
         tokenizer = recipe.checkpoints[out.tokenizer_from] if out.tokenizer_from else None
@@ -67,5 +84,12 @@ def run_recipe(recipe: Recipe, *, force: bool = False,
             weights.node, out.path, dtype=out.dtype, shard_size=out.shard_size,
             device=out.device, seed=recipe.doc.seed, force=force, progress=progress,
             recipe_text=recipe.text, tokenizer_from=tokenizer,
+            extra_provenance={"recipe_name": Path(recipe.source).name},
         ))
+        push = out.push_to_hub
+        if push is not None:
+            pushed = push_folder(results[-1].path, push.repo, private=push.private,
+                                 revision=push.revision)
+            if on_push:
+                on_push(pushed)
     return results

@@ -7,7 +7,8 @@ inputs:
   math: {path: fixtures/tiny-llama/math}
 steps:
   merged: {op: task_arithmetic, base: base, models: [math], lambda: 0.5}
-output: {from: merged, path: out/merged, dtype: bfloat16, shard_size: 2GB}
+output: {from: merged, path: out/merged, dtype: bfloat16, shard_size: 2GB,
+         push_to_hub: {repo: me/merged, private: true}}
 ```
 """
 
@@ -27,6 +28,12 @@ class InputSpec(Strict):
     allow_pickle: bool = Field(False, description="load .bin pickles with weights_only=True")
 
 
+class PushSpec(Strict):
+    repo: str = Field(description="org/name of the Hub repository (created if needed)")
+    private: bool = False
+    revision: str | None = Field(None, description="branch to commit to (default main)")
+
+
 class OutputSpec(Strict):
     from_: str = Field(alias="from", description="the input or step to write")
     path: str
@@ -34,6 +41,7 @@ class OutputSpec(Strict):
     shard_size: int | str = "5GB"
     device: str = "auto"
     tokenizer_from: str | None = Field(None, description="input whose tokenizer files to copy")
+    push_to_hub: PushSpec | None = Field(None, description="upload the output when written")
 
 
 class RecipeDoc(Strict):

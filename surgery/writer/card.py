@@ -28,23 +28,36 @@ def pipeline_tag(config: dict) -> str | None:
     return None
 
 
-def front_matter(provenance: dict[str, Any], config: dict) -> dict[str, Any]:
-    bases = []
+def hub_inputs(provenance: dict[str, Any]) -> list[tuple[str, str]]:
+    """(repo id, commit) of each input read from the Hub; local inputs have no revision."""
+    out = []
     for item in provenance["inputs"]:
         ref = parse_hub_id(item["source"])
-        if ref is not None and not item.get("local"):
-            bases.append(ref.repo_id)
+        if ref is not None and item.get("revision"):
+            out.append((ref.repo_id, item["revision"]))
+    return list(dict.fromkeys(out))
+
+
+def is_merge(provenance: dict[str, Any]) -> bool:
+    ops = set(provenance.get("operations", []))
+    return len(provenance["inputs"]) > 1 or bool(ops & MERGE_OPS)
+
+
+def front_matter(provenance: dict[str, Any], config: dict) -> dict[str, Any]:
+    """Hub metadata. ``base_model`` takes repo ids only, so the pinned revisions are given in
+    the card's body (and in provenance.json)."""
+    bases = list(dict.fromkeys(repo for repo, _ in hub_inputs(provenance)))
     ops = sorted({op for op in provenance.get("operations", []) if op != "load"})
     meta: dict[str, Any] = {}
     if bases:
-        meta["base_model"] = list(dict.fromkeys(bases))
-        if len(meta["base_model"]) > 1 or any(op in MERGE_OPS for op in ops):
+        meta["base_model"] = bases
+        if is_merge(provenance):
             meta["base_model_relation"] = "merge"
     meta["library_name"] = "transformers"
     tag = pipeline_tag(config)
     if tag:
         meta["pipeline_tag"] = tag
-    meta["tags"] = ["weight-surgery", *ops]
+    meta["tags"] = ["weight-surgery", *(["merge"] if is_merge(provenance) else []), *ops]
     return meta
 
 
@@ -56,15 +69,18 @@ def render_card(provenance: dict[str, Any], config: dict, recipe_text: str | Non
                 references: dict[str, str], title: str) -> str:
     meta = front_matter(provenance, config)
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", "", f"# {title}", ""]
-    lines += ["Made with [weight-surgery](https://pypi.org/project/weight-surgery/) from the "
-              "inputs below.", "", "## Inputs", ""]
+    ops = [op for op in provenance.get("operations", []) if op != "load"]
+    what = "A merge" if is_merge(provenance) else "A transformation"
+    lines += [f"{what} of {len(provenance['inputs'])} model(s) made with "
+              "[weight-surgery](https://pypi.org/project/weight-surgery/)"
+              + (f" using {', '.join(f'`{op}`' for op in dict.fromkeys(ops))}." if ops else "."),
+              "", "## Inputs", ""]
     for item in provenance["inputs"]:
-        rev = f" @ `{item['revision']}`" if item.get("revision") else ""
+        rev = f" at commit `{item['revision']}`" if item.get("revision") else " (local files)"
         lines.append(f"- `{item['source']}`{rev}")
         for f in item["files"]:
             digest = f.get("sha256") or f"header {f['header_sha256']}"
             lines.append(f"  - `{f['name']}`: sha256 `{digest}`")
-    ops = [op for op in provenance.get("operations", []) if op != "load"]
     if ops:
         lines += ["", "## Methods", ""]
         for op in dict.fromkeys(ops):
