@@ -190,8 +190,10 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
                                                  None))
         if hasher:
             hasher.fill(provenance, checkpoints)
-        if extra_sections:
-            provenance["sections"] = extra_sections
+        sections = {k: v for n in root.walk() for k, v in n.card_sections().items()}
+        sections.update(extra_sections or {})
+        if sections:
+            provenance["sections"] = sections
         out.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
         refs = {n.op: n.reference for n in root.walk() if n.reference}
         out.write_text("README.md", render_card(provenance, root.config(), recipe_text, refs,

@@ -121,6 +121,10 @@ class Node(ABC):
         """Whole-model statistics this node needs before the write pass."""
         return []
 
+    def card_sections(self) -> dict[str, str]:
+        """Model-card sections this node adds (title to markdown), e.g. a decision log."""
+        return {}
+
     def reads(self, name: str) -> list[tuple[Checkpoint, str]]:
         """The leaf tensors computing ``name`` reads, in order, without duplicates."""
         seen: dict[tuple[int, str], tuple[Checkpoint, str]] = {}
