@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from surgery_cli.evaluation import evaluate, prune
 from surgery_cli.main import handle_errors, human_bytes, human_count
 from surgery_cli.progress import ProgressBar
 
@@ -83,4 +84,4 @@ def inspect(model: str, allow_pickle: bool) -> None:
                    f"{human_bytes(g.bytes):>11}  {dtypes} / {kinds}")
 
 
-COMMANDS = [plan, apply, inspect]
+COMMANDS = [plan, apply, inspect, evaluate, prune]

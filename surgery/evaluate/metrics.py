@@ -50,7 +50,9 @@ def load_model(path: str | Path, metric: str, device: str | torch.device | None 
         AutoModelForSequenceClassification,
         AutoTokenizer,
     )
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # the library reports progress only through callbacks
     _check_metric(metric)
     auto = AutoModelForSequenceClassification if metric == "accuracy" else AutoModelForCausalLM
     try:
