@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -17,7 +18,7 @@ def corpus(count: int, seed: int = 0) -> list[str]:
             for n in torch.randint(6, 14, (count,), generator=g)]
 
 
-def tokenizer():  # noqa: ANN201
+def tokenizer() -> Any:
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -53,4 +54,22 @@ def tiny_llama(path: Path, seed: int = 0, layers: int = 6, noise: float = 0.0,
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def trained_llama(path: Path, texts: list[str], steps: int = 40, seed: int = 0) -> Path:
+    """A tiny llama fitted for a few Adam steps on ``texts``: a real 'fine-tune'."""
+    from transformers import LlamaForCausalLM
+
+    tiny_llama(path, seed=seed)
+    tok = tokenizer()
+    model = LlamaForCausalLM.from_pretrained(path)
+    batch = tok(texts, padding=True, return_tensors="pt")
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        opt.zero_grad()
+        model(**batch, labels=labels).loss.backward()
+        opt.step()
+    model.save_pretrained(path)
     return path
