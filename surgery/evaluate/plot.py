@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from surgery.errors import UsageError
 
 
-def _figure(title: str):
+def _figure(title: str) -> tuple[Any, Any, Any]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +21,7 @@ def _figure(title: str):
     return plt, fig, ax
 
 
-def _save(plt, fig, path: str | Path) -> Path:
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
     p = Path(path)
     try:
         fig.tight_layout()
