@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import click
+from surgery_cli.evaluation import evaluate, prune
 from surgery_cli.main import handle_errors, human_bytes, human_count
 from surgery_cli.progress import ProgressBar
 from surgery_cli.sparse import sparse
@@ -150,4 +151,4 @@ def diff(a: str, b: str, base: str | None, plot: str | None) -> None:
         click.echo(f"plot: {plot_diff(report, plot)}")
 
 
-COMMANDS = [plan, apply, inspect, sparse, push, diff]
+COMMANDS = [plan, apply, inspect, evaluate, prune, sparse, push, diff]

@@ -36,6 +36,10 @@ class OutputExistsError(UsageError):
     """The output path exists and overwriting was not asked for, or it is an input."""
 
 
+class DataError(UsageError):
+    """A data file is missing or malformed; the message names the file and line."""
+
+
 class HubError(UsageError):
     """A Hub repository cannot be reached or resolved."""
 

@@ -18,8 +18,10 @@ from pydantic import BaseModel, ValidationError
 from surgery.checkpoint import Checkpoint, open_checkpoint, parse_hub_id
 from surgery.engine import parse_dtype
 from surgery.errors import RecipeError, UsageError
+from surgery.evaluate.operations import DATA_OPERATIONS
 from surgery.expr import LoadNode, Weights
-from surgery.methods.registry import OPERATIONS, Operation
+from surgery.methods.registry import OPERATIONS as STREAMING_OPERATIONS
+from surgery.methods.registry import Operation
 from surgery.recipe.schema import OutputSpec, RecipeDoc
 from surgery.recipe.yamlloc import Loc, Located, load_located
 from surgery.writer import parse_size
@@ -38,6 +40,9 @@ class Recipe:
 
     def outputs(self) -> list[tuple[OutputSpec, Weights]]:
         return [(o, self.values[o.from_]) for o in self.doc.outputs()]
+
+
+OPERATIONS = {**STREAMING_OPERATIONS, **DATA_OPERATIONS}
 
 
 def suggest(word: str, choices: list[str]) -> str:

@@ -1,0 +1,41 @@
+"""Recipe operations that need held-out data. They live on this floor, not in
+``surgery.methods.registry``, because building their scorer needs the evaluator."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from surgery.evaluate.scoring import CheckpointScorer
+from surgery.expr import Weights
+from surgery.methods.greedy_soup import GreedySoupNode
+from surgery.methods.registry import Operation, Resolve
+from surgery.methods.soup import SOUP_REF, Params
+
+
+class GreedySoupParams(Params):
+    models: list[str] = Field(min_length=1)
+    data: str = Field(description="held-out JSONL file")
+    metric: Literal["perplexity", "exact_match", "accuracy"] = "perplexity"
+    accept: Literal[">", ">="] = ">"
+    max_samples: int | None = Field(None, ge=1)
+    seed: int = 0
+    batch_size: int = Field(8, ge=1)
+    device: str = "auto"
+
+
+def _build_greedy_soup(p: GreedySoupParams, get: Resolve) -> Weights:
+    scorer = CheckpointScorer(p.data, p.metric, max_samples=p.max_samples, seed=p.seed,
+                              batch_size=p.batch_size, device=p.device)
+    return Weights(GreedySoupNode({m: get(m) for m in p.models}, scorer, p.accept,
+                                  scorer.higher_is_better))
+
+
+DATA_OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in (
+        Operation("greedy_soup", "Greedy soup: add ingredients while the held-out score improves",
+                  SOUP_REF, GreedySoupParams, ("models",), _build_greedy_soup),
+    )
+}

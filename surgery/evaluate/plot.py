@@ -1,0 +1,62 @@
+"""PNG plots (matplotlib, Agg backend): per-layer scores and a greedy-soup trajectory."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from surgery.errors import UsageError
+
+
+def _figure(title: str) -> tuple[Any, Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    return plt, fig, ax
+
+
+def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+    p = Path(path)
+    try:
+        fig.tight_layout()
+        fig.savefig(p)
+    except OSError as e:
+        raise UsageError(f"{p}: cannot write plot ({e.strerror})") from None
+    finally:
+        plt.close(fig)
+    return p
+
+
+def plot_layer_scores(angular: Sequence[float], block_influence: Sequence[float], n: int,
+                      dropped: Sequence[int], path: str | Path) -> Path:
+    """Angular distance d(l) for n-block runs and block influence BI(l), dropped blocks marked."""
+    plt, fig, ax = _figure(f"Per-block scores (n = {n}); dropped blocks {list(dropped)}")
+    ax.plot(range(len(angular)), angular, "o-", label=f"angular distance d(l, l+{n})")
+    ax.plot(range(len(block_influence)), block_influence, "s-", label="block influence BI(l)")
+    for b in dropped:
+        ax.axvspan(b - 0.4, b + 0.4, color="tab:red", alpha=0.15)
+    ax.set_xlabel("block l")
+    ax.set_ylabel("score (lower = more redundant)")
+    ax.legend()
+    return _save(plt, fig, path)
+
+
+def plot_soup_trajectory(names: Sequence[str], scores: Sequence[float],
+                         kept: Sequence[bool], metric: str, path: str | Path) -> Path:
+    """Held-out score of each candidate soup in order; kept candidates filled, rejected hollow."""
+    plt, fig, ax = _figure(f"Greedy soup: {metric} of each candidate soup")
+    x = list(range(len(scores)))
+    ax.plot(x, scores, "-", color="gray", alpha=0.6)
+    for i, (s, k) in enumerate(zip(scores, kept, strict=True)):
+        ax.plot(i, s, "o", markersize=9, color="tab:green" if k else "white",
+                markeredgecolor="tab:green" if k else "tab:red")
+    ax.set_xticks(x, list(names), rotation=20, ha="right")
+    ax.set_xlabel("candidate added (green: kept, red: rejected)")
+    ax.set_ylabel(metric)
+    return _save(plt, fig, path)
