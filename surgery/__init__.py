@@ -8,7 +8,17 @@
 from surgery.engine import ProgressEvent, SaveResult
 from surgery.errors import SurgeryError, UsageError
 from surgery.expr import Weights, load
-from surgery.methods import linear, task_arithmetic
+from surgery.methods import (
+    Rule,
+    dare_linear,
+    dare_ties,
+    linear,
+    lines,
+    slerp,
+    task_arithmetic,
+    ties,
+)
 
-__all__ = ["ProgressEvent", "SaveResult", "SurgeryError", "UsageError", "Weights", "linear",
-           "load", "task_arithmetic"]
+__all__ = ["ProgressEvent", "Rule", "SaveResult", "SurgeryError", "UsageError", "Weights",
+           "dare_linear", "dare_ties", "linear", "lines", "load", "slerp", "task_arithmetic",
+           "ties"]
