@@ -14,8 +14,8 @@ from typing import Any, Literal, Union, get_args, get_origin
 from pydantic import BaseModel
 
 from surgery.expr import Weights
-from surgery.methods.schedule import Scheduled
 from surgery.methods import layer_scaling, soup, spherical, ties_dare
+from surgery.methods.schedule import Scheduled
 
 Resolve = Callable[[str], Weights]
 
@@ -77,11 +77,13 @@ OPERATIONS: dict[str, Operation] = {
         Operation("dare_linear", "Drop and rescale task vectors, then add them", ties_dare.DARE_REF,
                   ties_dare.DareLinearParams, ("base", "models"), _build_dare_linear),
         Operation("dare_ties", "Drop and rescale task vectors, then TIES sign election",
-                  ties_dare.DARE_REF, ties_dare.DareTiesParams, ("base", "models"), _build_dare_ties),
+                  ties_dare.DARE_REF, ties_dare.DareTiesParams, ("base", "models"),
+                  _build_dare_ties),
         Operation("slerp", "Spherical interpolation between two models", spherical.SLERP_REF,
                   spherical.SlerpParams, ("a", "b"), _build_slerp),
         Operation("lines", "Scale a task vector by block depth (layer-increasing)",
-                  layer_scaling.LINES_REF, layer_scaling.LinesParams, ("base", "model", "tasks"), _build_lines),
+                  layer_scaling.LINES_REF, layer_scaling.LinesParams,
+                  ("base", "model", "tasks"), _build_lines),
     )
 }
 
