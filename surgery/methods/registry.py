@@ -55,7 +55,7 @@ def _build_dare_ties(p: ties_dare.DareTiesParams, get: Resolve) -> Weights:
 
 
 def _build_slerp(p: spherical.SlerpParams, get: Resolve) -> Weights:
-    return spherical.slerp(get(p.a), get(p.b), p.t, p.epsilon, p.granularity, p.layer_pattern)
+    return spherical.slerp(get(p.a), get(p.b), p.t, p.epsilon, p.layer_pattern)
 
 
 def _build_lines(p: layer_scaling.LinesParams, get: Resolve) -> Weights:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 from pydantic import Field
 
@@ -13,23 +11,19 @@ from surgery.methods.soup import Params
 
 SLERP_REF = "Shoemake, Animating rotation with quaternion curves (SIGGRAPH 1985)"
 
-Granularity = Literal["tensor", "row"]
-
-
-def slerp_tensors(a: torch.Tensor, b: torch.Tensor, t: float, epsilon: float = 1e-6,
-                  granularity: Granularity = "tensor") -> torch.Tensor:
+def slerp_tensors(a: torch.Tensor, b: torch.Tensor, t: float, epsilon: float = 1e-6
+                  ) -> torch.Tensor:
     """Spherical interpolation from ``a`` (t = 0) to ``b`` (t = 1).
 
     With u = a/‖a‖, v = b/‖b‖, cos Ω = u·v: result = sin((1−t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b,
-    and (1−t)·a + t·b where |cos Ω| > 1 − ``epsilon`` (nearly colinear). ``granularity="tensor"``
-    treats the flattened tensor as one vector; ``"row"`` interpolates each row (first axis)
-    separately, as mergekit 0.1.5 does (so 1-D tensors become linear interpolation there).
+    and (1−t)·a + t·b where |cos Ω| > 1 − ``epsilon`` (nearly colinear). The tensors are
+    flattened to one vector each. Norms below 1e-8 count as 1, and the steps are those of
+    mergekit's ``slerp``, so results agree with it bit for bit at the same threshold.
     """
-    rows = a.shape[0] if granularity == "row" and a.dim() > 0 else 1
-    x = a.reshape(rows, -1)
-    y = b.reshape(rows, -1)
-    if x.shape[1] == 0:
+    if a.numel() == 0:
         return a.clone()
+    x = a.reshape(1, -1)
+    y = b.reshape(1, -1)
     norm_x = torch.linalg.vector_norm(x, dim=1, keepdim=True)
     norm_y = torch.linalg.vector_norm(y, dim=1, keepdim=True)
     norm_x = torch.where(norm_x > 1e-8, norm_x, 1)
@@ -45,20 +39,21 @@ def slerp_tensors(a: torch.Tensor, b: torch.Tensor, t: float, epsilon: float = 1
 
 
 def slerp(a: Weights, b: Weights, t: Scheduled, epsilon: float = 1e-6,
-          granularity: Granularity = "tensor", layer_pattern: str | None = None) -> Weights:
+          layer_pattern: str | None = None) -> Weights:
     """SLERP between two models, per tensor (spherical interpolation of the flattened tensors,
     linear fallback when |cos| > 1 − 1e-6). ``t`` in [0, 1] may be a schedule (a depth gradient
     or name/kind rules, :mod:`surgery.methods.schedule`); t = 0 gives ``a``, t = 1 gives ``b``.
+    mergekit's ``slerp`` falls back to linear at |cos| > 0.9995, i.e. ``epsilon=5e-4``.
     """
     depth = Depth.of(a.node, layer_pattern)
     ts = Schedule("slerp: t", t, a.node, depth, check=in_closed_unit_interval)
 
     def fn(name: str, tensors: list[torch.Tensor], _: EvalContext) -> torch.Tensor:
-        return slerp_tensors(tensors[0], tensors[1], ts(name), epsilon, granularity)
+        return slerp_tensors(tensors[0], tensors[1], ts(name), epsilon)
 
     return Weights(ElementwiseNode(
         [a.node, b.node], fn, "slerp",
-        {"t": ts.describe(), "epsilon": epsilon, "granularity": granularity}, SLERP_REF))
+        {"t": ts.describe(), "epsilon": epsilon}, SLERP_REF))
 
 
 class SlerpParams(Params):
@@ -66,5 +61,4 @@ class SlerpParams(Params):
     b: str = Field(description="the model at t = 1")
     t: Scheduled = Field(description="interpolation factor in [0, 1]")
     epsilon: float = Field(1e-6, gt=0, lt=1, description="linear when |cos| > 1 - epsilon")
-    granularity: Granularity = Field("tensor", description="one vector per tensor, or per row")
     layer_pattern: str | None = Field(None, description="regex capturing the block index")
