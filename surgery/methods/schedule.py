@@ -12,7 +12,8 @@ A numeric method parameter (``density``, ``weight``, ``t``, ``lambda``, ...) may
   the whole tensor name (``*q_proj*``), or a regex searched in the name when written
   ``re:<pattern>``. The most specific matching rule wins, never the first: an exact tensor
   name beats any pattern; among globs and regexes the one with more literal (non-wildcard)
-  characters wins; a kind is the least specific. Two different rules equally specific for one
+  characters wins; then a kind; a pattern of wildcards alone (``*``) is the least specific,
+  a catch-all. Two different rules equally specific for one
   tensor are an error, as is a rule that matches no tensor. Tensors no rule matches get the
   parameter's default, or fail when it has none.
 
@@ -133,11 +134,16 @@ class _Matcher:
             except re.error as e:
                 raise UsageError(f"{param}: rule match {rule.match!r} is not a valid regex ({e})"
                                  ) from None
-            self.specificity = (2, _literal_length(rule.match[3:], _REGEX_META))
+            self.specificity = self._pattern(_literal_length(rule.match[3:], _REGEX_META))
             self.test = lambda name: regex.search(name) is not None
         else:
-            self.specificity = (2, _literal_length(rule.match, _GLOB_META))
+            self.specificity = self._pattern(_literal_length(rule.match, _GLOB_META))
             self.test = lambda name: fnmatch.fnmatchcase(name, rule.match)
+
+    @staticmethod
+    def _pattern(literals: int) -> tuple[int, int]:
+        # A pattern of wildcards alone ("*") is a catch-all, below the kinds.
+        return (2, literals) if literals else (0, 0)
 
 
 class Schedule:
@@ -195,9 +201,10 @@ class Schedule:
                                   if isinstance(value, list) else float(value))
         for i, ok in enumerate(used):
             if not ok:
-                hint = " (globs match the whole name: try '*...*')" \
-                    if matchers[i].specificity[0] == 2 and not rules[i].match.startswith("re:") \
-                    else ""
+                text = rules[i].match
+                plain = not (_GLOB_META & set(text)) and not text.startswith("re:") \
+                    and text not in _KINDS
+                hint = f" (globs match the whole name: try '*{text}*')" if plain else ""
                 raise UsageError(f"{param}: rule {rules[i].match!r} matches no tensor{hint}")
 
     @staticmethod
