@@ -26,9 +26,9 @@ def test_single_task_factors_by_depth(tmp_path: Path, family: str) -> None:
         theta0, theta1 = base[name], task[name]
         if not theta0.is_floating_point():
             continue
-        l = layer_index(name)
-        factor = c if l is None else c + (1 - c) * l / (LAYERS[family] - 1)
-        depths.add(l)
+        block = layer_index(name)
+        factor = c if block is None else c + (1 - c) * block / (LAYERS[family] - 1)
+        depths.add(block)
         assert torch.equal(out[name], theta0 + (theta1 - theta0) * factor), name
     assert depths == {None, *range(LAYERS[family])}  # every block and some non-block seen
 
