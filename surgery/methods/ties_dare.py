@@ -34,11 +34,12 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
         return torch.zeros_like(tau)
     mag = tau.abs().reshape(-1)
     threshold = torch.kthvalue(mag, n - k + 1).values
-    keep = mag > threshold
-    ties = mag == threshold
-    need = k - int(keep.sum())
-    keep |= ties & (torch.cumsum(ties, 0) <= need)
-    return tau * keep.reshape(tau.shape)
+    keep = mag >= threshold
+    surplus = int(keep.count_nonzero()) - k
+    if surplus:  # entries tied at the threshold beyond k: drop the highest flat indices
+        tied = torch.nonzero(mag == threshold).flatten()
+        keep[tied[len(tied) - surplus:]] = False
+    return torch.where(keep.reshape(tau.shape), tau, 0.0)
 
 
 def elect(contributions: torch.Tensor, consensus: Consensus) -> torch.Tensor:
