@@ -151,4 +151,26 @@ def diff(a: str, b: str, base: str | None, plot: str | None) -> None:
         click.echo(f"plot: {plot_diff(report, plot)}")
 
 
-COMMANDS = [plan, apply, inspect, evaluate, prune, sparse, push, diff]
+
+
+@click.command()
+@click.argument("name", required=False)
+@handle_errors
+def methods(name: str | None) -> None:
+    """List every operation a recipe can name, with its parameters (or only NAME's)."""
+    from surgery.errors import UsageError
+    from surgery.methods.registry import OPERATIONS, describe_params
+
+    if name is not None and name not in OPERATIONS:
+        raise UsageError(f"unknown operation {name!r}; one of {', '.join(OPERATIONS)}")
+    for op in OPERATIONS.values():
+        if name is not None and op.name != name:
+            continue
+        click.echo(f"{op.name}: {op.summary}" + (f" [{op.reference}]" if op.reference else ""))
+        for p in describe_params(op):
+            default = "required" if p.default is None else f"default {p.default}"
+            about = f" - {p.description}" if p.description else ""
+            click.echo(f"    {p.name}: {p.type}, {default}{about}")
+
+
+COMMANDS = [plan, apply, inspect, methods, evaluate, prune, sparse, push, diff]

@@ -1,7 +1,9 @@
 """Floor 3: the methods, one module per family; ``registry`` lists them for recipes."""
 
 from surgery.methods.hft import hft_reset, hft_selection
+from surgery.methods.layer_scaling import lines
 from surgery.methods.layers import drop_layers, keep_first_layers, stack_layers
+from surgery.methods.schedule import Rule
 from surgery.methods.soup import linear, task_arithmetic
 from surgery.methods.sparse import (
     Mask,
@@ -14,8 +16,11 @@ from surgery.methods.sparse import (
     revert_sparse_deltas,
     sparsify,
 )
+from surgery.methods.spherical import slerp
+from surgery.methods.ties_dare import dare_linear, dare_ties, ties
 
-__all__ = ["Mask", "SparseDelta", "apply_sparse_deltas", "drop_layers", "extract_sparse_delta",
-           "hft_reset", "hft_selection", "keep_first_layers", "linear", "load_mask",
-           "load_sparse_delta", "overlap_by_layer", "revert_sparse_deltas", "sparsify",
-           "stack_layers", "task_arithmetic"]
+__all__ = ["Mask", "Rule", "SparseDelta", "apply_sparse_deltas", "dare_linear", "dare_ties",
+           "drop_layers", "extract_sparse_delta", "hft_reset", "hft_selection",
+           "keep_first_layers", "linear", "lines", "load_mask", "load_sparse_delta",
+           "overlap_by_layer", "revert_sparse_deltas", "slerp", "sparsify", "stack_layers",
+           "task_arithmetic", "ties"]

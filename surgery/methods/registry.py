@@ -8,13 +8,15 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from types import UnionType
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
 from surgery.errors import UsageError
 from surgery.expr import Weights
-from surgery.methods import hft, layers, soup, sparse
+from surgery.methods import hft, layer_scaling, layers, soup, sparse, spherical, ties_dare
+from surgery.methods.schedule import Scheduled
 
 Resolve = Callable[[str], Weights]
 
@@ -71,6 +73,29 @@ def _build_stack_layers(p: layers.StackLayersParams, get: Resolve) -> Weights:
                          f"{len(p.models)} models")
     return layers.stack_layers([(get(m), s, e) for m, (s, e) in zip(p.models, p.ranges,
                                                                      strict=True)])
+def _build_ties(p: ties_dare.TiesParams, get: Resolve) -> Weights:
+    return ties_dare.ties(get(p.base), [get(m) for m in p.models], p.density, p.weights, p.lambda_,
+                     p.consensus, p.normalize, p.layer_pattern)
+
+
+def _build_dare_linear(p: ties_dare.DareLinearParams, get: Resolve) -> Weights:
+    return ties_dare.dare_linear(get(p.base), [get(m) for m in p.models], p.density, p.weights,
+                            p.lambda_, p.rescale, p.normalize, p.layer_pattern)
+
+
+def _build_dare_ties(p: ties_dare.DareTiesParams, get: Resolve) -> Weights:
+    return ties_dare.dare_ties(get(p.base), [get(m) for m in p.models], p.density, p.weights,
+                          p.lambda_, p.rescale, p.consensus, p.normalize, p.layer_pattern)
+
+
+def _build_slerp(p: spherical.SlerpParams, get: Resolve) -> Weights:
+    return spherical.slerp(get(p.a), get(p.b), p.t, p.epsilon, p.layer_pattern)
+
+
+def _build_lines(p: layer_scaling.LinesParams, get: Resolve) -> Weights:
+    return layer_scaling.lines(get(p.base), get(p.model), p.alpha, p.beta, c=p.c,
+                       tasks=None if p.tasks is None else [get(t) for t in p.tasks],
+                       layer_pattern=p.layer_pattern)
 
 
 OPERATIONS: dict[str, Operation] = {
@@ -98,5 +123,50 @@ OPERATIONS: dict[str, Operation] = {
         Operation("stack_layers", "Concatenate or interleave block ranges of several models",
                   layers.LAYER_SURGERY_REF, layers.StackLayersParams, ("models",),
                   _build_stack_layers),
+        Operation("ties", "Trim, elect sign, disjoint merge of task vectors", ties_dare.TIES_REF,
+                  ties_dare.TiesParams, ("base", "models"), _build_ties),
+        Operation("dare_linear", "Drop and rescale task vectors, then add them", ties_dare.DARE_REF,
+                  ties_dare.DareLinearParams, ("base", "models"), _build_dare_linear),
+        Operation("dare_ties", "Drop and rescale task vectors, then TIES sign election",
+                  ties_dare.DARE_REF, ties_dare.DareTiesParams, ("base", "models"),
+                  _build_dare_ties),
+        Operation("slerp", "Spherical interpolation between two models", spherical.SLERP_REF,
+                  spherical.SlerpParams, ("a", "b"), _build_slerp),
+        Operation("lines", "Scale a task vector by block depth (layer-increasing)",
+                  layer_scaling.LINES_REF, layer_scaling.LinesParams,
+                  ("base", "model", "tasks"), _build_lines),
     )
 }
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """One recipe parameter of an operation, for ``surgery methods``."""
+
+    name: str
+    type: str
+    default: str | None
+    description: str | None
+
+
+def describe_params(op: Operation) -> list[ParamInfo]:
+    """The recipe keys of ``op`` with their types and defaults (None: required)."""
+    out = []
+    for name, f in op.params.model_fields.items():
+        default = None if f.is_required() else repr(f.get_default(call_default_factory=True))
+        out.append(ParamInfo(f.alias or name, _type_name(f.annotation), default,
+                             f.description))
+    return out
+
+
+def _type_name(annotation: Any) -> str:
+    if annotation is Scheduled:
+        return "schedule"
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Literal:
+        return "|".join(str(a) for a in args)
+    if origin in (Union, UnionType):
+        return " or ".join(_type_name(a) for a in args if a is not type(None))
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    return getattr(annotation, "__name__", str(annotation))

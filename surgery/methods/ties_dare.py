@@ -1,0 +1,223 @@
+"""TIES merging and DARE (drop and rescale), with TIES-style or linear combination."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from surgery.errors import UsageError
+from surgery.expr import ElementwiseNode, EvalContext, Weights
+from surgery.methods.schedule import Depth, Schedule, Scheduled, in_unit_interval
+from surgery.methods.soup import Params
+
+TIES_REF = "TIES-merging, arXiv 2306.01708"
+DARE_REF = "DARE (Language models are Super Mario), arXiv 2311.03099"
+
+Consensus = Literal["sum", "count"]
+Rescale = Literal["inverse_density", "l1"]
+
+
+def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
+    """Keep the k = ⌊density·n⌋ entries of largest |τ|, zero the rest.
+
+    The threshold is the k-th largest |τ|, found by k-th value selection (no sort). Entries
+    equal to the threshold are kept in order of flat index, lowest first, until exactly k are.
+    """
+    n = tau.numel()
+    k = int(density * n)
+    if k >= n:
+        return tau
+    if k == 0:
+        return torch.zeros_like(tau)
+    mag = tau.abs().reshape(-1)
+    threshold = torch.kthvalue(mag, n - k + 1).values
+    keep = mag >= threshold
+    surplus = int(keep.count_nonzero()) - k
+    if surplus:  # entries tied at the threshold beyond k: drop the highest flat indices
+        tied = torch.nonzero(mag == threshold).flatten()
+        keep[tied[len(tied) - surplus:]] = False
+    return torch.where(keep.reshape(tau.shape), tau, 0.0)
+
+
+def elect(contributions: torch.Tensor, consensus: Consensus) -> torch.Tensor:
+    """The elected sign per entry, ±1, from stacked weighted task vectors [T, ...]:
+    sign of their sum (``sum``) or of their sign count (``count``); +1 where that is 0."""
+    score = contributions.sum(0) if consensus == "sum" else contributions.sign().sum(0)
+    return torch.where(score >= 0, 1.0, -1.0).to(contributions.dtype)
+
+
+def disjoint_merge(taus: torch.Tensor, weights: torch.Tensor, consensus: Consensus,
+                   normalize: bool) -> torch.Tensor:
+    """TIES steps 2 and 3 on stacked (already trimmed or dropped) task vectors [T, ...].
+
+    m_i = [sign(τ_i) = s], merged = Σ w_i m_i τ_i / Σ w_i m_i (0 where no input agrees), or the
+    numerator alone with ``normalize=False``.
+    """
+    w = weights.reshape(-1, *([1] * (taus.dim() - 1)))
+    weighted = taus * w
+    s = elect(weighted, consensus)
+    agree = (taus.sign() == s).to(taus.dtype)
+    merged = (weighted * agree).sum(0)
+    if normalize:
+        divisor = (w * agree).sum(0)
+        divisor[divisor == 0] = 1
+        merged /= divisor
+    return merged
+
+
+def _stack_weights(schedules: list[Schedule], name: str, like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor([s(name) for s in schedules], dtype=like.dtype, device=like.device)
+
+
+def _per_model(op: str, param: str, specs: Sequence[Scheduled] | None, count: int, node: Weights,
+               depth: Depth, default: float) -> list[Schedule]:
+    if specs is None:
+        specs = [default] * count
+    if len(specs) != count:
+        raise UsageError(f"{op}: {param} has {len(specs)} values for {count} models")
+    return [Schedule(f"{op}: {param}[{i}]", s, node.node, depth) for i, s in enumerate(specs)]
+
+
+def _prepare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
+             weights: Sequence[Scheduled] | None, lambda_: Scheduled,
+             layer_pattern: str | None) -> tuple[Schedule, list[Schedule], Schedule]:
+    if not models:
+        raise UsageError(f"{op}: needs at least one fine-tuned model")
+    depth = Depth.of(base.node, layer_pattern)
+    dens = Schedule(f"{op}: density", density, base.node, depth, check=in_unit_interval)
+    ws = _per_model(op, "weights", weights, len(models), base, depth, 1.0)
+    lam = Schedule(f"{op}: lambda", lambda_, base.node, depth)
+    return dens, ws, lam
+
+
+def _params(density: Schedule, ws: list[Schedule], lam: Schedule, **extra: object) -> dict:
+    return {"density": density.describe(), "weights": [w.describe() for w in ws],
+            "lambda": lam.describe(), **extra}
+
+
+def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
+         weights: Sequence[Scheduled] | None = None, lambda_: Scheduled = 1.0,
+         consensus: Consensus = "sum", normalize: bool = True,
+         layer_pattern: str | None = None) -> Weights:
+    """TIES merging (arXiv 2306.01708), per tensor:
+
+    1. trim: τ̂_i keeps the k = ⌊density·n⌋ entries of τ_i = θ_i − θ₀ of largest magnitude
+       (k-th value selection; ties at the threshold kept by lower flat index);
+    2. elect: s = sign(Σ w_i τ̂_i), +1 where the sum is 0 (``consensus="count"``: the sign
+       of Σ sign(w_i τ̂_i));
+    3. disjoint merge: m_i = [sign(τ̂_i) = s], merged = Σ w_i m_i τ̂_i / Σ w_i m_i (0 where no
+       input agrees; ``normalize=False`` keeps the weighted sum); θ = θ₀ + λ·merged.
+
+    With equal weights this is the paper's disjoint mean and mergekit's ``ties``. ``density``,
+    each weight and ``lambda_`` may be schedules (see :mod:`surgery.methods.schedule`).
+    """
+    dens, ws, lam = _prepare("ties", base, models, density, weights, lambda_, layer_pattern)
+
+    def fn(name: str, ts: list[torch.Tensor], _: EvalContext) -> torch.Tensor:
+        theta0 = ts[0]
+        d = dens(name)
+        taus = torch.stack([trim(t - theta0, d) for t in ts[1:]])
+        merged = disjoint_merge(taus, _stack_weights(ws, name, theta0), consensus, normalize)
+        return theta0 + merged * lam(name)
+
+    return Weights(ElementwiseNode(
+        [base.node, *(m.node for m in models)], fn, "ties",
+        _params(dens, ws, lam, consensus=consensus, normalize=normalize), TIES_REF))
+
+
+def drop_and_rescale(tau: torch.Tensor, density: float, rescale: Rescale,
+                     generator: torch.Generator) -> torch.Tensor:
+    """DARE on one task vector: keep each entry with probability ``density`` (drop with
+    p = 1 − density), then rescale survivors by 1/density (``inverse_density``) or so that
+    ‖τ‖₁ is unchanged (``l1``, as mergekit; no rescale when either norm is below 1e-7)."""
+    if density >= 1.0:
+        return tau
+    keep = torch.rand(tau.shape, generator=generator, device=tau.device) < density
+    dropped = tau * keep
+    if rescale == "inverse_density":
+        return dropped / density
+    before, after = tau.abs().sum(), dropped.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return dropped
+    return dropped * (before / after)
+
+
+def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
+          weights: Sequence[Scheduled] | None, lambda_: Scheduled, rescale: Rescale,
+          consensus: Consensus | None, normalize: bool, layer_pattern: str | None) -> Weights:
+    dens, ws, lam = _prepare(op, base, models, density, weights, lambda_, layer_pattern)
+
+    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        theta0 = ts[0]
+        d = dens(name)
+        taus = torch.stack([
+            drop_and_rescale(t - theta0, d, rescale, ctx.generator(name, f"dare:{i}"))
+            for i, t in enumerate(ts[1:])])
+        w = _stack_weights(ws, name, theta0)
+        if consensus is not None:
+            merged = disjoint_merge(taus, w, consensus, normalize)
+        else:
+            merged = (taus * w.reshape(-1, *([1] * theta0.dim()))).sum(0)
+            if normalize:
+                total = w.sum()
+                merged /= total if total.abs() >= 1e-8 else 1.0
+        return theta0 + merged * lam(name)
+
+    extra: dict[str, object] = {"rescale": rescale, "normalize": normalize}
+    if consensus is not None:
+        extra["consensus"] = consensus
+    return Weights(ElementwiseNode([base.node, *(m.node for m in models)], fn, op,
+                                   _params(dens, ws, lam, **extra), DARE_REF))
+
+
+def dare_linear(base: Weights, models: Sequence[Weights], density: Scheduled,
+                weights: Sequence[Scheduled] | None = None, lambda_: Scheduled = 1.0,
+                rescale: Rescale = "inverse_density", normalize: bool = False,
+                layer_pattern: str | None = None) -> Weights:
+    """DARE with task-arithmetic combination (arXiv 2311.03099):
+
+    τ̃_i = drop_and_rescale(θ_i − θ₀), each entry dropped with p = 1 − density and survivors
+    scaled by 1/(1 − p); θ = θ₀ + λ Σ w_i τ̃_i (divided by Σ w_i with ``normalize=True``).
+    Drops are drawn from a generator seeded by (recipe seed, tensor name, model index).
+    """
+    return _dare("dare_linear", base, models, density, weights, lambda_, rescale, None,
+                 normalize, layer_pattern)
+
+
+def dare_ties(base: Weights, models: Sequence[Weights], density: Scheduled,
+              weights: Sequence[Scheduled] | None = None, lambda_: Scheduled = 1.0,
+              rescale: Rescale = "inverse_density", consensus: Consensus = "sum",
+              normalize: bool = False, layer_pattern: str | None = None) -> Weights:
+    """DARE with TIES sign election (arXiv 2311.03099, 2306.01708): the dropped and rescaled
+    τ̃_i go through TIES's election and disjoint merge (no magnitude trim). The default is the
+    weighted sum of agreeing entries (``normalize=False``, as mergekit's ``dare_ties``), since
+    the rescale already keeps each τ̃_i unbiased.
+    """
+    return _dare("dare_ties", base, models, density, weights, lambda_, rescale, consensus,
+                 normalize, layer_pattern)
+
+
+class _TaskVectorMergeParams(Params):
+    base: str
+    models: list[str] = Field(min_length=1)
+    density: Scheduled = Field(description="fraction of each task vector kept, in (0, 1]")
+    weights: list[Scheduled] | None = Field(None, description="one per model (default 1)")
+    lambda_: Scheduled = Field(1.0, alias="lambda", description="scale of the merged vector")
+    layer_pattern: str | None = Field(None, description="regex capturing the block index")
+
+
+class TiesParams(_TaskVectorMergeParams):
+    consensus: Consensus = "sum"
+    normalize: bool = Field(True, description="weighted mean of agreeing entries (else sum)")
+
+
+class DareLinearParams(_TaskVectorMergeParams):
+    rescale: Rescale = "inverse_density"
+    normalize: bool = Field(False, description="divide by the sum of weights")
+
+
+class DareTiesParams(DareLinearParams):
+    consensus: Consensus = "sum"

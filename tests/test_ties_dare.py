@@ -1,0 +1,125 @@
+"""TIES and DARE against hand-computed values and their statistical contracts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from surgery import dare_linear, dare_ties, load, ties
+from surgery.errors import UsageError
+from surgery.methods.ties_dare import trim
+from surgery.recipe import build_recipe
+from tests.conftest import small_tensors, write_checkpoint
+
+
+def _models(tmp_path: Path, base: list[float], *taus: list[float]) -> list:
+    b = torch.tensor(base)
+    paths = [write_checkpoint(tmp_path / "base", {"w": b})]
+    for i, tau in enumerate(taus):
+        paths.append(write_checkpoint(tmp_path / f"m{i}", {"w": b + torch.tensor(tau)}))
+    return [load(p) for p in paths]
+
+
+def test_trim_keeps_exactly_k_and_breaks_ties_by_lower_index() -> None:
+    tau = torch.tensor([1.0, -1.0, 1.0, -1.0, 0.5])
+    assert trim(tau, 0.4).tolist() == [1.0, -1.0, 0.0, 0.0, 0.0]
+    assert trim(tau, 0.5).tolist() == [1.0, -1.0, 0.0, 0.0, 0.0]  # ⌊2.5⌋ = 2
+    assert trim(tau, 0.6).tolist() == [1.0, -1.0, 1.0, 0.0, 0.0]
+    assert trim(tau, 0.1).tolist() == [0.0] * 5  # ⌊0.5⌋ = 0
+    assert trim(tau, 1.0).tolist() == tau.tolist()
+    big = torch.randn(1000, generator=torch.Generator().manual_seed(0))
+    kept = trim(big, 0.37)
+    assert int((kept != 0).sum()) == 370
+    assert kept.abs()[kept != 0].min() >= big.abs()[kept == 0].max()
+
+
+def test_ties_hand_computed(tmp_path: Path) -> None:
+    base = [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]
+    b, m1, m2 = _models(tmp_path, base, [3, -2, 2, 2, -1, 0], [-1, 2, 2, -4, 1, 0])
+    # trim (k = 3): τ̂1 = [3,-2,2,0,0,0] (ties at |2| kept by lower index), τ̂2 = [0,2,2,-4,0,0]
+    # elect: Σ = [3,0,4,-4,0,0] -> s = [+,+,+,-,+,+] (zero sum elects +1)
+    # disjoint mean: [3/1, 2/1, 4/2, -4/1, 0, 0]
+    assert ties(b, [m1, m2], density=0.5)["w"].tolist() == [4, 3, 3, -3, 1, 1]
+    raw = ties(b, [m1, m2], density=0.5, normalize=False, lambda_=0.5)["w"]
+    assert raw.tolist() == [2.5, 2, 3, -1, 1, 1]
+    # weights [2, 1]: Σ w τ̂ = [6,-2,6,-4,0,0]; agreeing: 1 at 0,1,2; 2 at 2,3
+    weighted = ties(b, [m1, m2], density=0.5, weights=[2.0, 1.0])["w"]
+    assert weighted.tolist() == [1 + 3, 1 - 2, 1 + 6 / 3, 1 - 4, 1, 1]
+
+
+def test_ties_consensus_sum_versus_count(tmp_path: Path) -> None:
+    b, *ms = _models(tmp_path, [0.0], [5.0], [-1.0], [-1.0])
+    assert ties(b, ms, density=1.0)["w"].tolist() == [5.0]  # Σ = 3 > 0
+    assert ties(b, ms, density=1.0, consensus="count")["w"].tolist() == [-1.0]  # 2 of 3 negative
+
+
+def test_ties_no_agreeing_input_gives_base(tmp_path: Path) -> None:
+    b, m1, m2 = _models(tmp_path, [2.0, 2.0], [0.0, 1.0], [0.0, -1.0])
+    # entry 0: nobody moved; entry 1: Σ = 0, s = +1, only m1 agrees
+    assert ties(b, [m1, m2], density=1.0)["w"].tolist() == [2.0, 3.0]
+
+
+def _dare_pair(tmp_path: Path, n: int = 200_000, value: float = 0.5) -> list:
+    base = torch.zeros(n)
+    a = write_checkpoint(tmp_path / "base", {"w": base, "v": base.clone()})
+    tau = torch.full((n,), value)
+    f = write_checkpoint(tmp_path / "ft", {"w": base + tau, "v": base + tau})
+    return [load(a), load(f)]
+
+
+def test_dare_kept_fraction_and_expectation(tmp_path: Path) -> None:
+    b, f = _dare_pair(tmp_path)
+    out = dare_linear(b, [f], density=0.3)["w"]
+    kept = out != 0
+    frac = kept.double().mean().item()
+    sigma = (0.3 * 0.7 / out.numel()) ** 0.5
+    assert abs(frac - 0.3) < 5 * sigma
+    assert torch.equal(out[kept], torch.full((int(kept.sum()),), 0.5 / 0.3))  # 1/(1 - p)
+    assert abs(out.double().mean().item() - 0.5) < 5 * sigma * 0.5 / 0.3  # E[τ̃] = τ
+    l1 = dare_linear(b, [f], density=0.3, rescale="l1")["w"]
+    assert l1.double().abs().sum().item() == pytest.approx(0.5 * out.numel(), rel=1e-5)
+
+
+def test_dare_draws_seeded_per_tensor_name(tmp_path: Path) -> None:
+    b, f = _dare_pair(tmp_path, n=4096)
+    merged = dare_linear(b, [f], density=0.5)
+    again = dare_linear(b, [f], density=0.5)
+    assert torch.equal(merged["w"], again["w"])  # reproducible
+    assert not torch.equal(merged["w"], merged["v"])  # same values, other name: other draws
+    merged.save(tmp_path / "s0", seed=0)
+    merged.save(tmp_path / "s1", seed=1)
+    s0 = load_file(tmp_path / "s0" / "model.safetensors")
+    s1 = load_file(tmp_path / "s1" / "model.safetensors")
+    assert torch.equal(s0["w"], merged["w"])
+    assert not torch.equal(s0["w"], s1["w"])
+
+
+def test_dare_ties_elects_signs(tmp_path: Path) -> None:
+    b, m1, m2 = _models(tmp_path, [0.0, 0.0], [2.0, -1.0], [-1.0, 3.0])
+    # density 1 drops nothing: sum of agreeing entries (normalize false by default)
+    assert dare_ties(b, [m1, m2], density=1.0)["w"].tolist() == [2.0, 3.0]
+    assert dare_ties(b, [m1, m2], density=1.0, normalize=True)["w"].tolist() == [2.0, 3.0]
+    assert dare_linear(b, [m1, m2], density=1.0)["w"].tolist() == [1.0, 2.0]
+
+
+@pytest.mark.parametrize("density", [0.0, -0.1, 1.5])
+def test_density_outside_unit_interval(tmp_path: Path, density: float) -> None:
+    b, m1 = _models(tmp_path, [0.0], [1.0])
+    for fn in (ties, dare_linear, dare_ties):
+        with pytest.raises(UsageError, match=rf"^{fn.__name__}: density {density} is outside"):
+            fn(b, [m1], density=density)
+
+
+def test_density_error_in_recipe_names_the_step(tmp_path: Path) -> None:
+    base = write_checkpoint(tmp_path / "base", small_tensors(0))
+    ft = write_checkpoint(tmp_path / "ft", small_tensors(1))
+    text = (f"inputs: {{base: {base}, ft: {ft}}}\n"
+            "steps:\n  merged: {op: ties, base: base, models: [ft], density: 1.2}\n"
+            f"output: {{from: merged, path: {tmp_path / 'out'}}}\n")
+    with pytest.raises(UsageError) as err:
+        build_recipe(text)
+    assert str(err.value) == ("recipe.yaml:3:3: steps.merged: ties: density 1.2 is outside "
+                              "(0, 1]")
