@@ -159,7 +159,8 @@ def diff(a: str, b: str, base: str | None, plot: str | None) -> None:
 def methods(name: str | None) -> None:
     """List every operation a recipe can name, with its parameters (or only NAME's)."""
     from surgery.errors import UsageError
-    from surgery.methods.registry import OPERATIONS, describe_params
+    from surgery.methods.registry import describe_params
+    from surgery.recipe.build import OPERATIONS
 
     if name is not None and name not in OPERATIONS:
         raise UsageError(f"unknown operation {name!r}; one of {', '.join(OPERATIONS)}")
