@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from surgery import load
 from surgery.data import read_records
 from surgery.evaluate import evaluate, load_model, score_layers
-from surgery.prune import drop_blocks, prune
+from surgery.methods.layers import drop_layers
+from surgery.prune import prune
 
 DATA = Path(__file__).parent / "data" / "calibration.jsonl"
 
@@ -88,7 +89,7 @@ def test_smollm2_angular_pruning_beats_dropping_last_blocks(tmp_path: Path) -> N
     model_dir = smollm2_dir()
     res = prune(model_dir, 2, DATA, tmp_path / "angular", device="cpu", batch_size=4)
     L = len(res.scores.block_influence)
-    last = drop_blocks(load(model_dir), [L - 2, L - 1]).save(tmp_path / "last", device="cpu")
+    last = drop_layers(load(model_dir), [L - 2, L - 1]).save(tmp_path / "last", device="cpu")
     ppl_angular = evaluate(res.saved.path, DATA, "perplexity", device="cpu").value
     ppl_last = evaluate(last.path, DATA, "perplexity", device="cpu").value
     assert res.dropped != [L - 2, L - 1]

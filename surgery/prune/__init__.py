@@ -1,6 +1,6 @@
-"""Block pruning: choose blocks by hidden-state scores and write the model without them."""
+"""Block pruning: choose blocks by hidden-state scores and write the model without them
+(through the layer-surgery node, surgery.methods.layers.drop_layers)."""
 
-from surgery.prune.drop import DropBlocksNode, drop_blocks
 from surgery.prune.run import PruneResult, prune
 
-__all__ = ["DropBlocksNode", "PruneResult", "drop_blocks", "prune"]
+__all__ = ["PruneResult", "prune"]

@@ -12,7 +12,7 @@ from surgery.engine import SaveResult, save
 from surgery.evaluate.layers import LayerScores, score_layers
 from surgery.evaluate.metrics import Progress, load_model
 from surgery.expr import load
-from surgery.prune.drop import drop_blocks
+from surgery.methods.layers import drop_layers
 
 ANGULAR_REF = "The Unreasonable Ineffectiveness of the Deeper Layers, arXiv 2403.17887"
 BI_REF = "ShortGPT, arXiv 2403.03853"
@@ -47,7 +47,7 @@ def prune(model_dir: str | Path, n: int, data: str | Path, out: str | Path, *,
     section = (f"Dropped blocks {dropped} of {len(scores.block_influence)} by `{method}` "
                f"({ref}), scored on {scores.samples} samples ({scores.tokens} tokens) of "
                f"`{Path(data).name}`, n = {n}.\n\n" + "\n".join(rows))
-    saved = save(drop_blocks(load(model_dir), dropped).node, out, force=force, seed=seed,
+    saved = save(drop_layers(load(model_dir), dropped).node, out, force=force, seed=seed,
                  extra_provenance={"pruning": {"method": method, "reference": ref,
                                                "data": str(data), "dropped": dropped,
                                                **scores.to_json()}},
