@@ -60,6 +60,10 @@ class EvalContext:
     seed: int = 0
     compute_dtype: torch.dtype = torch.float32
     cache: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    # Set by the engine's write pass: CPU conversions go into reused buffers, listed in
+    # ``scratch`` and handed back once the output tensor has been copied out.
+    pool: Any = None
+    scratch: list[torch.Tensor] = field(default_factory=list)
 
     def value(self, node: Node, name: str) -> torch.Tensor:
         key = (id(node), name)
@@ -75,7 +79,13 @@ class EvalContext:
 
     def to_compute(self, t: torch.Tensor) -> torch.Tensor:
         """Float tensors in the compute dtype (float32 by default); others unchanged."""
-        return t.to(self.compute_dtype) if t.dtype.is_floating_point else t
+        if not t.dtype.is_floating_point or t.dtype == self.compute_dtype:
+            return t
+        if self.pool is None or t.device.type != "cpu":
+            return t.to(self.compute_dtype)
+        out = self.pool.tensor(tuple(t.shape), self.compute_dtype)
+        self.scratch.append(out)
+        return out.copy_(t)
 
     def generator(self, name: str, salt: str) -> torch.Generator:
         return seeded_generator(self.seed, name, salt, device=str(self.device))
