@@ -87,6 +87,15 @@ class EvalContext:
         self.scratch.append(out)
         return out.copy_(t)
 
+    def empty_like(self, t: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor like ``t``, from the engine's reused buffers when it has them
+        (valid until this output tensor is done: fine for the value a node returns)."""
+        if self.pool is None or t.device.type != "cpu":
+            return torch.empty_like(t)
+        out = self.pool.tensor(tuple(t.shape), t.dtype)
+        self.scratch.append(out)
+        return out
+
     def generator(self, name: str, salt: str) -> torch.Generator:
         return seeded_generator(self.seed, name, salt, device=str(self.device))
 
