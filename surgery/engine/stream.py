@@ -18,9 +18,11 @@ import torch
 from surgery.checkpoint import Checkpoint
 from surgery.engine.buffers import BufferPool
 from surgery.errors import UsageError
-from surgery.expr.node import EvalContext, Node, Reduction
+from surgery.expr.node import EvalContext, LoadNode, Node, Reduction, TensorSpec
 
 DEFAULT_PREFETCH_BYTES = 512 * 1024 * 1024
+# Row-wise graphs compute large tensors in blocks of about this many elements.
+ROW_BLOCK_ELEMENTS = 16 * 1024 * 1024
 # Freed buffers kept for reuse: about one layer's reads, float32 conversions and outputs.
 POOL_BYTES = 512 * 1024 * 1024
 
@@ -279,14 +281,27 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
     pool = BufferPool(POOL_BYTES, pin=cuda)
 
     def work(name: str, ctx: EvalContext) -> float:
-        t = ctx.value(root, name)
         spec = root.spec(name)
-        if tuple(t.shape) != spec.shape:
-            raise RuntimeError(f"{name}: computed shape {list(t.shape)} != planned {spec.shape}")
-        if reuse_outputs:  # one pass: cast and copy off the device into a reused buffer
-            out = pool.tensor(spec.shape, out_dtype(name)).copy_(t)
+        rows = _row_block(root, spec, cuda)
+        if rows and reuse_outputs:
+            out = pool.tensor(spec.shape, out_dtype(name))
+            for start in range(0, spec.shape[0], rows):
+                n = min(rows, spec.shape[0] - start)
+                part = EvalContext(name, ctx.device, {k: v.narrow(0, start, n) for k, v in
+                                                      ctx.fetched.items()},
+                                   ctx.seed, ctx.compute_dtype, pool=ctx.pool)
+                out.narrow(0, start, n).copy_(part.value(root, name))
+                for buf in part.scratch:
+                    pool.give(buf)
         else:
-            out = t.to(out_dtype(name)).to("cpu").contiguous()
+            t = ctx.value(root, name)
+            if tuple(t.shape) != spec.shape:
+                raise RuntimeError(
+                    f"{name}: computed shape {list(t.shape)} != planned {spec.shape}")
+            if reuse_outputs:  # one pass: cast and copy off the device into a reused buffer
+                out = pool.tensor(spec.shape, out_dtype(name)).copy_(t)
+            else:
+                out = t.to(out_dtype(name)).to("cpu").contiguous()
         t0 = time.perf_counter()
         while not stop.is_set():
             try:
@@ -326,6 +341,16 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
         producer.join()
     if error:
         raise error[0]
+
+
+def _row_block(root: Node, spec: TensorSpec, cuda: bool) -> int:
+    """Rows per block when ``root`` is row-wise all the way down and the tensor is large
+    enough for blocks to save memory (CPU only); 0 to compute it whole."""
+    if cuda or len(spec.shape) < 1 or spec.numel <= ROW_BLOCK_ELEMENTS:
+        return 0
+    if not all(isinstance(n, LoadNode) or getattr(n, "rowwise", False) for n in root.walk()):
+        return 0
+    return max(1, ROW_BLOCK_ELEMENTS * spec.shape[0] // spec.numel)
 
 
 class _Stopped(Exception):

@@ -210,11 +210,16 @@ class ElementwiseNode(Node):
 
     All inputs must hold the same tensor names and shapes; this is checked from headers when the
     node is built. Integer and bool buffers are copied from the first input, never combined.
+    ``rowwise`` says that each output element depends only on the same element of the inputs
+    (no whole-tensor statistics, no random draws), so the engine may compute a large tensor in
+    blocks of rows to bound its memory.
     """
 
     def __init__(self, inputs: list[Node], fn: TensorFn, op: str,
-                 params: dict[str, Any] | None = None, reference: str | None = None) -> None:
+                 params: dict[str, Any] | None = None, reference: str | None = None,
+                 rowwise: bool = False) -> None:
         super().__init__()
+        self.rowwise = rowwise
         self.reference = reference
         if not inputs:
             raise UsageError(f"{op}: needs at least one model")

@@ -44,7 +44,8 @@ def linear(models: Sequence[Weights], weights: Sequence[float] | None = None,
         return acc
 
     return Weights(ElementwiseNode([m.node for m in models], fn, "linear",
-                                   {"weights": ws, "normalize": normalize}, SOUP_REF))
+                                   {"weights": ws, "normalize": normalize}, SOUP_REF,
+                                   rowwise=True))
 
 
 def task_arithmetic(base: Weights, models: Sequence[Weights],
@@ -74,7 +75,7 @@ def task_arithmetic(base: Weights, models: Sequence[Weights],
 
     return Weights(ElementwiseNode([base.node, *(m.node for m in models)], fn, "task_arithmetic",
                                    {"weights": ws, "lambda": lambda_, "normalize": normalize},
-                                   TASK_ARITHMETIC_REF))
+                                   TASK_ARITHMETIC_REF, rowwise=True))
 
 
 class Params(BaseModel):
