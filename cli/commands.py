@@ -64,10 +64,11 @@ def apply(recipe: str, force: bool, quiet: bool, profile: bool) -> None:
         click.echo(f"wrote {res.path} ({len(res.shards)} shard(s){reused})")
         if profile:
             p = res.profile
-            click.echo(f"  wall {p.wall_s:.2f}s: waiting on reads {p.read_s:.2f}s, "
-                       f"computing {p.compute_s:.2f}s, writing {p.write_s:.2f}s; "
-                       f"read {human_bytes(p.bytes_read)}, wrote "
-                       f"{human_bytes(p.bytes_written)}; passes {', '.join(p.passes)}")
+            click.echo(f"  wall {p.wall_s:.2f}s ({', '.join(p.passes)} pass(es)); compute "
+                       f"thread: waiting on reads {p.read_s:.2f}s, computing "
+                       f"{p.compute_s:.2f}s, waiting on the writer {p.write_wait_s:.2f}s; "
+                       f"writer thread: writing and hashing {p.write_s:.2f}s; read "
+                       f"{human_bytes(p.bytes_read)}, wrote {human_bytes(p.bytes_written)}")
 
 
 @click.command()

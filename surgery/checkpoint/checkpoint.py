@@ -76,11 +76,16 @@ class Checkpoint:
                 self._fds[path] = fd
             return fd
 
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor from disk into a fresh CPU tensor of its stored dtype."""
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Read one tensor from disk into a fresh CPU tensor of its stored dtype, or into
+        ``out`` (a contiguous CPU uint8 tensor of exactly its byte size) when given."""
         info = self.info(name)
-        buf = bytearray(info.nbytes)
-        view = memoryview(buf)
+        if out is not None and info.nbytes:
+            view = memoryview(out.numpy())
+            buf = out
+        else:
+            buf = bytearray(info.nbytes)
+            view = memoryview(buf)
         fd = self._fd(info.file)
         done = 0
         while done < info.nbytes:
@@ -90,6 +95,8 @@ class Checkpoint:
             done += got
         if info.nbytes == 0:
             return torch.empty(info.shape, dtype=info.dtype)
+        if isinstance(buf, torch.Tensor):
+            return buf.view(info.dtype).view(info.shape)
         return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
 
     def missing(self, files: list[Path] | None = None) -> list[Path]:
@@ -216,9 +223,11 @@ class PickleCheckpoint(Checkpoint):
 
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def read(self, name: str) -> torch.Tensor:
-        self.info(name)
-        return self.state[name].clone()
+    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+        info = self.info(name)
+        if out is None or not info.nbytes:
+            return self.state[name].clone()
+        return out.view(info.dtype).view(info.shape).copy_(self.state[name])
 
 
 def open_pickle(root: Path, source: str | None = None) -> PickleCheckpoint:

@@ -196,7 +196,7 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
     dtypes = {t.name: t.dtype for s in shards for t in s}
     names = [t.name for _, shard in todo for t in shard]
     try:
-        stream = stream_tensors(root, names, opts, dtypes.__getitem__)
+        stream = stream_tensors(root, names, opts, dtypes.__getitem__, reuse_outputs=True)
         for fname, shard in todo:
             writer = ShardWriter(out.path(fname), shard, shard_meta)
             try:

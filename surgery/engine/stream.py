@@ -16,10 +16,15 @@ from dataclasses import dataclass, field
 import torch
 
 from surgery.checkpoint import Checkpoint
+from surgery.engine.buffers import BufferPool
 from surgery.errors import UsageError
-from surgery.expr.node import EvalContext, Node, Reduction
+from surgery.expr.node import EvalContext, LoadNode, Node, Reduction, TensorSpec
 
 DEFAULT_PREFETCH_BYTES = 512 * 1024 * 1024
+# Row-wise graphs compute large tensors in blocks of about this many elements.
+ROW_BLOCK_ELEMENTS = 16 * 1024 * 1024
+# Freed buffers kept for reuse: about one layer's reads, float32 conversions and outputs.
+POOL_BYTES = 512 * 1024 * 1024
 
 
 @dataclass
@@ -39,11 +44,16 @@ ProgressFn = Callable[[ProgressEvent], None]
 
 @dataclass
 class Profile:
-    """Seconds spent reading (waiting on the reader), computing and writing."""
+    """Where the time went. Reading, computing and writing run on three threads at once, so
+    the parts overlap: ``read_s`` is the time the computation waited for the reader,
+    ``compute_s`` the time spent computing (reductions and outputs), ``write_s`` the time the
+    writer spent writing and hashing shards, ``write_wait_s`` the time finished tensors waited
+    for the writer to take them."""
 
     read_s: float = 0.0
     compute_s: float = 0.0
     write_s: float = 0.0
+    write_wait_s: float = 0.0
     wall_s: float = 0.0
     bytes_read: int = 0
     bytes_written: int = 0
@@ -68,10 +78,12 @@ class Prefetcher:
 
     _END = object()
 
-    def __init__(self, plan: list[list[tuple[Checkpoint, str]]], budget: int, pin: bool) -> None:
+    def __init__(self, plan: list[list[tuple[Checkpoint, str]]], budget: int, pin: bool,
+                 pool: BufferPool | None = None) -> None:
         self.plan = plan
         self.budget = budget
         self.pin = pin
+        self.pool = pool
         self.in_flight = 0
         self.cond = threading.Condition()
         self.out: queue.Queue[object] = queue.Queue()
@@ -92,8 +104,12 @@ class Prefetcher:
                     self.in_flight += size
                 fetched: Fetched = {}
                 for ck, n in reads:
-                    t = ck.read(n)
-                    fetched[(id(ck), n)] = t.pin_memory() if self.pin else t
+                    if self.pool is not None:  # straight into a reused (pinned for CUDA) buffer
+                        t = ck.read(n, self.pool.take(ck.info(n).nbytes))
+                    else:
+                        t = ck.read(n)
+                        t = t.pin_memory() if self.pin else t
+                    fetched[(id(ck), n)] = t
                 self.out.put((size, fetched))
             self.out.put(self._END)
         except BaseException as e:  # handed to the consumer, which re-raises it
@@ -135,25 +151,63 @@ class StreamOptions:
     profile: Profile = field(default_factory=Profile)
 
 
+def _upload(fetched: Fetched, device: torch.device, stream: torch.cuda.Stream
+            ) -> tuple[Fetched, torch.cuda.Event]:
+    """Start copying pinned CPU tensors to the GPU on a side stream; the event marks the end."""
+    with torch.cuda.stream(stream):
+        moved = {k: t.to(device, non_blocking=True) for k, t in fetched.items()}
+        done = torch.cuda.Event()
+        done.record(stream)
+    return moved, done
+
+
 def _stream(jobs: list[tuple[str, list[tuple[Checkpoint, str]]]], opts: StreamOptions,
-            phase: str, work: Callable[[str, EvalContext], None]) -> None:
-    """Run ``work`` for each job name with its reads prefetched; report progress."""
+            phase: str, work: Callable[[str, EvalContext], float | None],
+            pool: BufferPool | None = None) -> None:
+    """Run ``work`` for each job name with its reads prefetched; report progress.
+
+    With a ``pool``, read buffers (and the context's conversions) come from it and go back
+    once ``work`` returns, so ``work`` must copy out whatever it keeps. On CUDA the next job's
+    inputs are copied to the GPU on a side stream while the current job computes.
+    """
     total_bytes = sum(ck.info(n).nbytes for _, reads in jobs for ck, n in reads)
-    prefetch = Prefetcher([reads for _, reads in jobs], opts.prefetch_bytes,
-                          pin=opts.device.type == "cuda")
+    cuda = opts.device.type == "cuda"
+    prefetch = Prefetcher([reads for _, reads in jobs], opts.prefetch_bytes, pin=cuda, pool=pool)
+    copy_stream = torch.cuda.Stream(opts.device) if cuda else None
     done_bytes = 0
     prof = opts.profile
     prof.passes.append(phase)
     try:
         it = iter(prefetch)
+        ahead: tuple[Fetched, Fetched, torch.cuda.Event | None] | None = None
         for i, (name, reads) in enumerate(jobs):
             t0 = time.perf_counter()
-            fetched = next(it)
+            if ahead is None:
+                host = next(it)
+                ahead = (host, *_upload(host, opts.device, copy_stream)) if copy_stream \
+                    else (host, host, None)
+            host, fetched, uploaded = ahead
+            ahead = None
+            if copy_stream is not None and i + 1 < len(jobs):
+                nxt = next(it)  # overlap the next upload with this computation
+                ahead = (nxt, *_upload(nxt, opts.device, copy_stream))
             t1 = time.perf_counter()
             prof.read_s += t1 - t0
-            ctx = EvalContext(name, opts.device, fetched, opts.seed, opts.compute_dtype)
-            work(name, ctx)
-            prof.compute_s += time.perf_counter() - t1
+            if uploaded is not None:
+                current = torch.cuda.current_stream(opts.device)
+                current.wait_event(uploaded)
+                for t in fetched.values():
+                    t.record_stream(current)
+            ctx = EvalContext(name, opts.device, dict(fetched), opts.seed, opts.compute_dtype,
+                              pool=pool if not cuda else None)
+            waited = work(name, ctx) or 0.0
+            prof.compute_s += time.perf_counter() - t1 - waited
+            prof.write_wait_s += waited
+            if pool is not None:
+                # work() has copied its output off these buffers (synchronously on CUDA, so the
+                # uploads from the pinned read buffers are complete too).
+                for t in [*host.values(), *ctx.scratch]:
+                    pool.give(t)
             size = sum(ck.info(n).nbytes for ck, n in reads)
             done_bytes += size
             prof.bytes_read += size
@@ -210,27 +264,49 @@ def resolve_reductions(root: Node, opts: StreamOptions) -> None:
 
 
 def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
-                   out_dtype: Callable[[str], torch.dtype]) -> Iterator[tuple[str, torch.Tensor]]:
+                   out_dtype: Callable[[str], torch.dtype], reuse_outputs: bool = False
+                   ) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (name, CPU tensor in its output dtype) for each of ``names``, in order.
 
-    Runs the reduction passes first. The computation of tensor i+1 overlaps the consumer's
-    handling of tensor i only through the prefetch thread; writers overlap by their own thread.
+    Runs the reduction passes first, then computes on a thread of its own, so reading (the
+    prefetch thread), computing and the consumer's writing overlap. With ``reuse_outputs`` a
+    yielded tensor's memory is reused once the consumer asks for the next one, so the consumer
+    must be done with it by then (the writer is).
     """
     resolve_reductions(root, opts)
     results: queue.Queue[object] = queue.Queue(maxsize=2)
     end = object()
     stop = threading.Event()
+    cuda = opts.device.type == "cuda"
+    pool = BufferPool(POOL_BYTES, pin=cuda)
 
-    def work(name: str, ctx: EvalContext) -> None:
-        t = ctx.value(root, name)
+    def work(name: str, ctx: EvalContext) -> float:
         spec = root.spec(name)
-        if tuple(t.shape) != spec.shape:
-            raise RuntimeError(f"{name}: computed shape {list(t.shape)} != planned {spec.shape}")
-        item = (name, t.to(out_dtype(name)).to("cpu").contiguous())
+        rows = _row_block(root, spec, cuda)
+        if rows and reuse_outputs:
+            out = pool.tensor(spec.shape, out_dtype(name))
+            for start in range(0, spec.shape[0], rows):
+                n = min(rows, spec.shape[0] - start)
+                part = EvalContext(name, ctx.device, {k: v.narrow(0, start, n) for k, v in
+                                                      ctx.fetched.items()},
+                                   ctx.seed, ctx.compute_dtype, pool=ctx.pool)
+                out.narrow(0, start, n).copy_(part.value(root, name))
+                for buf in part.scratch:
+                    pool.give(buf)
+        else:
+            t = ctx.value(root, name)
+            if tuple(t.shape) != spec.shape:
+                raise RuntimeError(
+                    f"{name}: computed shape {list(t.shape)} != planned {spec.shape}")
+            if reuse_outputs:  # one pass: cast and copy off the device into a reused buffer
+                out = pool.tensor(spec.shape, out_dtype(name)).copy_(t)
+            else:
+                out = t.to(out_dtype(name)).to("cpu").contiguous()
+        t0 = time.perf_counter()
         while not stop.is_set():
             try:
-                results.put(item, timeout=0.1)
-                return
+                results.put((name, out), timeout=0.1)
+                return time.perf_counter() - t0
             except queue.Full:
                 continue
         raise _Stopped
@@ -240,7 +316,7 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
 
     def produce() -> None:
         try:
-            _stream(jobs, opts, "write", work)
+            _stream(jobs, opts, "write", work, pool)
         except _Stopped:
             pass
         except BaseException as e:
@@ -253,6 +329,8 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
     try:
         while (item := results.get()) is not end:
             yield item  # type: ignore[misc]
+            if reuse_outputs:
+                pool.give(item[1])  # type: ignore[index]
     finally:
         stop.set()
         while producer.is_alive():
@@ -263,6 +341,16 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
         producer.join()
     if error:
         raise error[0]
+
+
+def _row_block(root: Node, spec: TensorSpec, cuda: bool) -> int:
+    """Rows per block when ``root`` is row-wise all the way down and the tensor is large
+    enough for blocks to save memory (CPU only); 0 to compute it whole."""
+    if cuda or len(spec.shape) < 1 or spec.numel <= ROW_BLOCK_ELEMENTS:
+        return 0
+    if not all(isinstance(n, LoadNode) or getattr(n, "rowwise", False) for n in root.walk()):
+        return 0
+    return max(1, ROW_BLOCK_ELEMENTS * spec.shape[0] // spec.numel)
 
 
 class _Stopped(Exception):

@@ -60,6 +60,10 @@ class EvalContext:
     seed: int = 0
     compute_dtype: torch.dtype = torch.float32
     cache: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
+    # Set by the engine's write pass: CPU conversions go into reused buffers, listed in
+    # ``scratch`` and handed back once the output tensor has been copied out.
+    pool: Any = None
+    scratch: list[torch.Tensor] = field(default_factory=list)
 
     def value(self, node: Node, name: str) -> torch.Tensor:
         key = (id(node), name)
@@ -75,7 +79,22 @@ class EvalContext:
 
     def to_compute(self, t: torch.Tensor) -> torch.Tensor:
         """Float tensors in the compute dtype (float32 by default); others unchanged."""
-        return t.to(self.compute_dtype) if t.dtype.is_floating_point else t
+        if not t.dtype.is_floating_point or t.dtype == self.compute_dtype:
+            return t
+        if self.pool is None or t.device.type != "cpu":
+            return t.to(self.compute_dtype)
+        out = self.pool.tensor(tuple(t.shape), self.compute_dtype)
+        self.scratch.append(out)
+        return out.copy_(t)
+
+    def empty_like(self, t: torch.Tensor) -> torch.Tensor:
+        """An uninitialised tensor like ``t``, from the engine's reused buffers when it has them
+        (valid until this output tensor is done: fine for the value a node returns)."""
+        if self.pool is None or t.device.type != "cpu":
+            return torch.empty_like(t)
+        out = self.pool.tensor(tuple(t.shape), t.dtype)
+        self.scratch.append(out)
+        return out
 
     def generator(self, name: str, salt: str) -> torch.Generator:
         return seeded_generator(self.seed, name, salt, device=str(self.device))
@@ -195,11 +214,16 @@ class ElementwiseNode(Node):
 
     All inputs must hold the same tensor names and shapes; this is checked from headers when the
     node is built. Integer and bool buffers are copied from the first input, never combined.
+    ``rowwise`` says that each output element depends only on the same element of the inputs
+    (no whole-tensor statistics, no random draws), so the engine may compute a large tensor in
+    blocks of rows to bound its memory.
     """
 
     def __init__(self, inputs: list[Node], fn: TensorFn, op: str,
-                 params: dict[str, Any] | None = None, reference: str | None = None) -> None:
+                 params: dict[str, Any] | None = None, reference: str | None = None,
+                 rowwise: bool = False) -> None:
         super().__init__()
+        self.rowwise = rowwise
         self.reference = reference
         if not inputs:
             raise UsageError(f"{op}: needs at least one model")

@@ -35,8 +35,8 @@ def linear(models: Sequence[Weights], weights: Sequence[float] | None = None,
         raise UsageError("linear: weights sum to 0, so they cannot be normalised; "
                          "set normalize: false or change the weights")
 
-    def fn(_: str, ts: list[torch.Tensor], __: EvalContext) -> torch.Tensor:
-        acc = torch.zeros_like(ts[0])
+    def fn(_: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        acc = ctx.empty_like(ts[0]).zero_()
         for t, w in zip(ts, ws, strict=True):
             acc.addcmul_(t, torch.tensor(w, dtype=acc.dtype, device=acc.device))
         if normalize:
@@ -44,7 +44,8 @@ def linear(models: Sequence[Weights], weights: Sequence[float] | None = None,
         return acc
 
     return Weights(ElementwiseNode([m.node for m in models], fn, "linear",
-                                   {"weights": ws, "normalize": normalize}, SOUP_REF))
+                                   {"weights": ws, "normalize": normalize}, SOUP_REF,
+                                   rowwise=True))
 
 
 def task_arithmetic(base: Weights, models: Sequence[Weights],
@@ -60,20 +61,21 @@ def task_arithmetic(base: Weights, models: Sequence[Weights],
     total = sum(ws)
     divisor = total if abs(total) >= 1e-8 else 1.0
 
-    def fn(_: str, ts: list[torch.Tensor], __: EvalContext) -> torch.Tensor:
+    def fn(_: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         theta0 = ts[0]
-        acc = (ts[1] - theta0).mul_(ws[0])
+        acc = torch.sub(ts[1], theta0, out=ctx.empty_like(theta0)).mul_(ws[0])
+        delta = ctx.empty_like(theta0) if len(ts) > 2 else None
         for t, w in zip(ts[2:], ws[1:], strict=True):
-            acc.add_((t - theta0).mul_(w))
+            acc.add_(torch.sub(t, theta0, out=delta).mul_(w))
         if normalize:
             acc.div_(divisor)
         if lambda_ != 1.0:
             acc.mul_(lambda_)
-        return theta0 + acc
+        return torch.add(theta0, acc, out=delta if delta is not None else acc)
 
     return Weights(ElementwiseNode([base.node, *(m.node for m in models)], fn, "task_arithmetic",
                                    {"weights": ws, "lambda": lambda_, "normalize": normalize},
-                                   TASK_ARITHMETIC_REF))
+                                   TASK_ARITHMETIC_REF, rowwise=True))
 
 
 class Params(BaseModel):

@@ -1,0 +1,1 @@
+"""Benchmarks: speed and memory of merges against mergekit and the I/O floor."""

@@ -1,0 +1,369 @@
+"""Merge benchmark: this toolkit against mergekit and the I/O floor, on synthetic Llama-shaped
+checkpoints (a base and three fine-tunes, bf16), each contender in its own process.
+
+    python -m bench.merge                      # 1B, all methods, writes bench/RESULTS.md
+    python -m bench.merge --size 0.5B,1B,2B    # how time and memory grow with model size
+    python -m bench.merge --tiny --out /tmp/r.md
+
+Before every measured process the page cache is emptied (``sync`` and ``drop_caches`` when
+permitted, else ``posix_fadvise(DONTNEED)`` on the inputs), so every contender starts cold.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from surgery.checkpoint import open_checkpoint
+from surgery.methods.registry import OPERATIONS
+from surgery.writer import PlannedTensor, ShardWriter, plan_shards, shard_names, write_index
+
+HERE = Path(__file__).resolve().parent
+SHARD_BYTES = 2 * 10**9
+FINETUNES = ("ft1", "ft2", "ft3")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """Llama geometry: width, MLP width, blocks, vocabulary, key/value width."""
+
+    hidden: int
+    inter: int
+    layers: int
+    vocab: int
+    kv: int
+
+    def tensors(self) -> list[tuple[str, tuple[int, ...]]]:
+        h, i, kv = self.hidden, self.inter, self.kv
+        out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (self.vocab, h))]
+        for n in range(self.layers):
+            p = f"model.layers.{n}."
+            out += [(p + "self_attn.q_proj.weight", (h, h)),
+                    (p + "self_attn.k_proj.weight", (kv, h)),
+                    (p + "self_attn.v_proj.weight", (kv, h)),
+                    (p + "self_attn.o_proj.weight", (h, h)),
+                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h)),
+                    (p + "mlp.down_proj.weight", (h, i)), (p + "input_layernorm.weight", (h,)),
+                    (p + "post_attention_layernorm.weight", (h,))]
+        return [*out, ("model.norm.weight", (h,)), ("lm_head.weight", (self.vocab, h))]
+
+    def params(self) -> int:
+        total = 0
+        for _, shape in self.tensors():
+            n = 1
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    def config(self) -> dict:
+        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                "hidden_size": self.hidden, "intermediate_size": self.inter,
+                "num_hidden_layers": self.layers, "num_attention_heads": self.hidden // 64,
+                "num_key_value_heads": self.kv // 64, "head_dim": 64, "vocab_size": self.vocab,
+                "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "hidden_act": "silu",
+                "tie_word_embeddings": False, "torch_dtype": "bfloat16"}
+
+
+# Same widths at every size (Llama-3.2-1B-like), so the largest tensor is the same and only the
+# depth grows: peak memory should not move with the size.
+SIZES = {
+    "tiny": Shape(hidden=128, inter=512, layers=2, vocab=1024, kv=64),
+    "0.5B": Shape(hidden=2048, inter=8192, layers=7, vocab=32000, kv=512),
+    "1B": Shape(hidden=2048, inter=8192, layers=16, vocab=32000, kv=512),
+    "2B": Shape(hidden=2048, inter=8192, layers=32, vocab=32000, kv=512),
+}
+
+# How each method is written for both tools. Ours: one recipe step; mergekit: its config.
+METHODS: dict[str, tuple[str, dict]] = {
+    "linear": ("{op: linear, models: [ft1, ft2, ft3]}",
+               {"merge_method": "linear", "parameters": {"normalize": True},
+                "models": [{"model": m, "parameters": {"weight": 1.0}} for m in FINETUNES]}),
+    "task_arithmetic": (
+        "{op: task_arithmetic, base: base, models: [ft1, ft2, ft3]}",
+        {"merge_method": "task_arithmetic", "base_model": "base",
+         "parameters": {"normalize": False},
+         "models": [{"model": m, "parameters": {"weight": 1.0}} for m in FINETUNES]}),
+    "ties": ("{op: ties, base: base, models: [ft1, ft2, ft3], density: 0.2}",
+             {"merge_method": "ties", "base_model": "base",
+              "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.2}}
+                         for m in FINETUNES]}),
+    "dare_ties": ("{op: dare_ties, base: base, models: [ft1, ft2, ft3], density: 0.2}",
+                  {"merge_method": "dare_ties", "base_model": "base",
+                   "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.2}}
+                              for m in FINETUNES]}),
+}
+SAME_SEMANTICS = ("linear", "task_arithmetic")
+
+
+def _generator(seed: int, name: str) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(seed * 1_000_003 + sum(ord(c) * 31**k for k, c in enumerate(name)) % 2**40)
+    return g
+
+
+def build_models(shape: Shape, root: Path) -> dict[str, Path]:
+    """Base and fine-tunes under ``root`` (kept between runs): base ~ N(0, 0.02²) (norms around
+    1), each fine-tune = base + N(0, 0.002²), written tensor by tensor."""
+    dirs = {n: root / n for n in ("base", *FINETUNES)}
+    done = root / "complete.json"
+    spec = json.dumps(shape.__dict__, sort_keys=True)
+    if done.is_file() and done.read_text() == spec:
+        return dirs
+    shutil.rmtree(root, ignore_errors=True)
+    planned = [PlannedTensor(n, s, torch.bfloat16) for n, s in shape.tensors()]
+    shards = plan_shards(planned, SHARD_BYTES)
+    fnames = shard_names(len(shards))
+    for d in dirs.values():
+        d.mkdir(parents=True)
+        (d / "config.json").write_text(json.dumps(shape.config(), indent=2))
+        if len(shards) > 1:
+            write_index(d / "model.safetensors.index.json", zip(fnames, shards, strict=True))
+    for fname, shard in zip(fnames, shards, strict=True):
+        writers = {n: ShardWriter(d / fname, shard, {"format": "pt"}) for n, d in dirs.items()}
+        for t in shard:
+            g = _generator(0, t.name)
+            base = torch.randn(t.shape, generator=g).mul_(0.02)
+            if len(t.shape) == 1:
+                base.add_(1.0)
+            writers["base"].add(t.name, base.to(torch.bfloat16))
+            for k, ft in enumerate(FINETUNES, start=1):
+                noise = torch.randn(t.shape, generator=_generator(k, t.name)).mul_(0.002)
+                writers[ft].add(t.name, noise.add_(base).to(torch.bfloat16))
+                del noise
+        for w in writers.values():
+            w.finish()
+    done.write_text(spec)
+    return dirs
+
+
+def drop_caches(files: list[Path]) -> str:
+    """Empty the page cache; say how."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        return "sync + drop_caches=3 before each process (all contenders start cold)"
+    except OSError:
+        for f in files:
+            fd = os.open(f, os.O_RDONLY)
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            os.close(fd)
+        return "sync + posix_fadvise(DONTNEED) on every input before each process (cold inputs)"
+
+
+@dataclass
+class Run:
+    wall_s: float
+    cpu_s: float
+    peak_rss: int
+    ok: bool = True
+    note: str = ""
+
+
+def measure(cmd: list[str], inputs: list[Path], log: Path) -> Run:
+    """Run ``cmd`` cold, in its own process; wall time, CPU time and peak RSS from wait4."""
+    drop_caches(inputs)
+    env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    done = subprocess.run([sys.executable, "-m", "bench.spawn", str(log), *cmd], env=env,
+                          check=True, capture_output=True, text=True)
+    got = json.loads(done.stdout)
+    run = Run(got["wall_s"], got["cpu_s"], got["peak_rss"])
+    if got["exit"] != 0:
+        tail = log.read_text().strip().splitlines()[-1:] or [""]
+        run.ok, run.note = False, f"exit {got['exit']}: {tail[0][:120]}"
+    return run
+
+
+def compare(ours: Path, theirs: Path) -> str:
+    """Element-wise agreement of two model directories, tensor by tensor."""
+    a, b = open_checkpoint(str(ours)), open_checkpoint(str(theirs))
+    if set(a.names) != set(b.names):
+        return f"tensor names differ ({len(set(a.names) ^ set(b.names))} not in both)"
+    total = equal = 0
+    worst = 0.0
+    for name in a.names:
+        x, y = a.read(name), b.read(name)
+        if x.dtype != y.dtype or x.shape != y.shape:
+            return f"{name}: {x.dtype}{list(x.shape)} vs {y.dtype}{list(y.shape)}"
+        total += x.numel()
+        equal += int((x.view(torch.int16) == y.view(torch.int16)).sum()) \
+            if x.dtype == torch.bfloat16 else int((x == y).sum())
+        diff = (x.float() - y.float()).abs()
+        rel = diff / y.float().abs().clamp_min(1e-30)
+        worst = max(worst, float(rel.max()))
+    a.close()
+    b.close()
+    return (f"{equal}/{total} elements bit-identical ({100 * equal / total:.4f}%), "
+            f"max relative difference {worst:.2e}")
+
+
+@dataclass
+class SizeResult:
+    size: str
+    params: int
+    input_bytes: int
+    output_bytes: int
+    floor: Run
+    runs: dict[tuple[str, str], Run] = field(default_factory=dict)
+    agreement: dict[str, str] = field(default_factory=dict)
+
+
+def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
+               cache: Path) -> SizeResult:
+    shape = SIZES[size]
+    dirs = build_models(shape, cache / size)
+    files = sorted(p for d in dirs.values() for p in d.glob("*.safetensors"))
+    ours_inputs = {n: str(d) for n, d in dirs.items()}
+    in_bytes = sum(p.stat().st_size for p in files)
+    out_bytes = shape.params() * 2
+    floor_dir = work / "floor"
+    floor = measure([sys.executable, "-m", "bench.iofloor", str(floor_dir), str(out_bytes),
+                     str(SHARD_BYTES), *map(str, files)], files, work / "floor.log")
+    shutil.rmtree(floor_dir, ignore_errors=True)
+    result = SizeResult(size, shape.params(), in_bytes, out_bytes, floor)
+    for method in methods:
+        step, mk_config = METHODS[method]
+        outs: dict[str, Path] = {}
+        op = step.split(",")[0].removeprefix("{op: ")
+        if op in OPERATIONS:
+            out = work / f"ours-{method}"
+            recipe = work / f"{method}.yaml"
+            recipe.write_text(
+                "inputs: " + json.dumps(ours_inputs) + f"\nsteps:\n  merged: {step}\n"
+                f"output: {{from: merged, path: {out}, dtype: bfloat16, shard_size: 2GB, "
+                "device: cpu}\n")
+            result.runs[("ours", method)] = measure(
+                [sys.executable, "-c", "from surgery_cli.main import main; main()", "apply",
+                 str(recipe), "--force", "--quiet", "--profile"], files,
+                work / f"ours-{method}.log")
+            outs["ours"] = out
+        if mergekit:
+            out = work / f"mergekit-{method}"
+            config = dict(mk_config, dtype="float32", out_dtype="bfloat16")
+            config["models"] = [dict(m, model=ours_inputs[m["model"]]) for m in config["models"]]
+            if "base_model" in config:
+                config["base_model"] = ours_inputs[config["base_model"]]
+            mk_yaml = work / f"{method}-mergekit.yaml"
+            mk_yaml.write_text(json.dumps(config, indent=1))
+            result.runs[("mergekit", method)] = measure(
+                [sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()",
+                 str(mk_yaml), str(out), "--lazy-unpickle", "--out-shard-size", "1B",
+                 "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
+                 "--random-seed", "0"], files, work / f"mergekit-{method}.log")
+            outs["mergekit"] = out
+        if method in SAME_SEMANTICS and len(outs) == 2 and all(
+                result.runs[(k, method)].ok for k in outs):
+            result.agreement[method] = compare(outs["ours"], outs["mergekit"])
+        for out in outs.values():
+            shutil.rmtree(out, ignore_errors=True)
+    return result
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _cell(run: Run | None) -> str:
+    if run is None:
+        return "n/a"
+    if not run.ok:
+        return f"failed ({run.note})"
+    return f"{run.wall_s:.1f} s / {run.cpu_s:.1f} s / {_gb(run.peak_rss)}"
+
+
+def render(results: list[SizeResult], command: str, cache_note: str) -> str:
+    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    lines = [
+        "# Merge benchmark", "",
+        f"Regenerate: `{command}`", "",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {_gb(mem)} RAM, "
+        f"Linux {platform.release()}, Python {platform.python_version()}, "
+        f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"mergekit {_version('mergekit')}.", "",
+        "Inputs: synthetic Llama-shaped checkpoints in bf16 (hidden 2048, MLP 8192, vocabulary "
+        "32000, untied head; the size sets the depth), a base and three fine-tunes (base + "
+        "N(0, 0.002²) noise), in 2 GB shards. Output: bf16, float32 compute, 2 GB shards "
+        "(mergekit: `--out-shard-size 1B` parameters, `dtype: float32`, `out_dtype: bfloat16`, "
+        "`--lazy-unpickle`, CPU). Linear averages the three fine-tunes; task arithmetic, TIES "
+        "and DARE-TIES add their three task vectors to the base (weights 1, density 0.2).", "",
+        f"Page cache: {cache_note}. I/O floor: one process reads every input file once "
+        "(16 MB reads) and then writes the output's byte count in 2 GB shards, each fsync'd "
+        "(as the engine does; mergekit does not fsync).", "",
+        "Each cell: wall time / CPU time (user+sys) / peak resident memory of the process "
+        "(`wait4` rusage).", "",
+    ]
+    methods = list(dict.fromkeys(m for r in results for _, m in r.runs))
+    for r in results:
+        lines += [f"## {r.size}: {r.params / 1e9:.2f}B parameters, inputs {_gb(r.input_bytes)}, "
+                  f"output {_gb(r.output_bytes)}", "",
+                  f"I/O floor: {_cell(r.floor)}", "",
+                  "| method | ours | mergekit | ours / mergekit (wall) | ours / floor (wall) |",
+                  "|---|---|---|---|---|"]
+        for m in methods:
+            ours, theirs = r.runs.get(("ours", m)), r.runs.get(("mergekit", m))
+            ratio = f"{ours.wall_s / theirs.wall_s:.3f} ({theirs.wall_s / ours.wall_s:.1f}x " \
+                "faster)" if ours and theirs and ours.ok and theirs.ok else "n/a"
+            floor = f"{ours.wall_s / r.floor.wall_s:.2f}" if ours and ours.ok else "n/a"
+            lines.append(f"| {m} | {_cell(ours)} | {_cell(theirs)} | {ratio} | {floor} |")
+        lines.append("")
+        for m, text in r.agreement.items():
+            lines.append(f"- {m}, ours vs mergekit (bf16 outputs): {text}")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.merge", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size", default="1B", help=f"comma-separated, of {', '.join(SIZES)}")
+    parser.add_argument("--tiny", action="store_true", help="the few-MB size (same as --size tiny)")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--no-mergekit", action="store_true")
+    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--cache", type=Path, default=HERE / "cache")
+    parser.add_argument("--keep-cache", action="store_true",
+                        help="keep the inputs of every size (default: only 1B and tiny stay)")
+    args = parser.parse_args(argv)
+    sizes = ["tiny"] if args.tiny else [s.strip() for s in args.size.split(",")]
+    methods = [m.strip() for m in args.methods.split(",")]
+    for name, known in (("size", SIZES), ("method", METHODS)):
+        bad = [v for v in (sizes if name == "size" else methods) if v not in known]
+        if bad:
+            parser.error(f"unknown {name} {bad[0]!r} (one of {', '.join(known)})")
+    work = args.cache / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    cache_note = drop_caches([])
+    results = []
+    try:
+        for size in sizes:
+            results.append(bench_size(size, methods, not args.no_mergekit, work, args.cache))
+            if size not in ("1B", "tiny") and not args.keep_cache:
+                shutil.rmtree(args.cache / size)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    command = "python -m bench.merge " + " ".join(sys.argv[1:] if argv is None else argv)
+    args.out.write_text(render(results, command.strip(), cache_note) + "\n")
+    print(args.out.read_text())
+
+
+if __name__ == "__main__":
+    main()
