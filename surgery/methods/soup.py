@@ -58,7 +58,8 @@ def task_arithmetic(base: Weights, models: Sequence[Weights],
     if not models:
         raise UsageError("task_arithmetic: needs at least one fine-tuned model")
     ws = _weights("task_arithmetic", weights, len(models))
-    total = sum(ws)
+    # Σ wᵢ in float32, as the weighted deltas are summed (mergekit's divisor agrees bit for bit).
+    total = float(torch.tensor(ws, dtype=torch.float32).sum())
     divisor = total if abs(total) >= 1e-8 else 1.0
 
     def fn(_: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
