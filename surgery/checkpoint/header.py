@@ -9,6 +9,7 @@ two tensors sharing bytes. A hostile file is rejected with the file and tensor n
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -59,10 +60,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        n = 1
-        for d in self.shape:
-            n *= d
-        return n
+        return math.prod(self.shape)
 
 
 @dataclass(frozen=True)
@@ -159,9 +157,7 @@ def _entry(path: Path, name: str, spec: object, data_start: int, data_len: int) 
     begin, end = offsets
     if not 0 <= begin <= end <= data_len:
         raise bad(f"data_offsets {offsets} run past the end of the data ({data_len} bytes)")
-    numel = 1
-    for d in shape:
-        numel *= d
+    numel = math.prod(shape)
     if numel * dtype_size(dtype) != end - begin:
         raise bad(f"data_offsets {offsets} hold {end - begin} bytes, shape {shape} needs "
                   f"{numel * dtype_size(dtype)}")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
 from collections.abc import Iterable
@@ -44,10 +45,7 @@ class PlannedTensor:
 
     @property
     def nbytes(self) -> int:
-        n = dtype_size(self.dtype)
-        for d in self.shape:
-            n *= d
-        return n
+        return dtype_size(self.dtype) * math.prod(self.shape)
 
 
 def plan_shards(tensors: list[PlannedTensor], shard_size: int) -> list[list[PlannedTensor]]:
