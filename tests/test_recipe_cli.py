@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import struct
 import subprocess
 import sys
@@ -11,24 +10,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from surgery_cli.main import main
 
-from tests.conftest import ROOT, small_tensors, write_checkpoint
-
-
-def surgery(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the real `surgery` command in-process (click's runner), in directory ``cwd``."""
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        res = CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(old)
-    if res.exception and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, res.stderr)
-
+from tests.conftest import ROOT, small_tensors, surgery, write_checkpoint
 
 GOOD = """\
 seed: 3
