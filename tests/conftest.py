@@ -57,7 +57,7 @@ def surgery(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     old = Path.cwd()
     os.chdir(cwd)
     try:
-        res = CliRunner().invoke(main, list(args))
+        res = CliRunner().invoke(main, list(args), prog_name="surgery")
     finally:
         os.chdir(old)
     if res.exception and not isinstance(res.exception, SystemExit):

@@ -173,3 +173,46 @@ def test_cli_runs_from_the_installed_script(workdir: Path) -> None:
         pytest.fail(f"console script {exe} not installed; pip install -e . first")
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0 and "apply" in res.stdout
+
+
+MIXED = """\
+inputs: {base: fixtures/tiny-llama/base, llama: fixtures/tiny-llama/math,
+         gpt2: fixtures/tiny-gpt2/math}
+steps: {merged: {op: ties, base: base, models: [llama, gpt2], density: 0.5}}
+output: {from: merged, path: OUT}
+"""
+
+BAD_COMMANDS = [
+    (["apply", "recipes"], "Invalid value for 'RECIPE': File 'recipes' is a directory. "
+                           "(see 'surgery apply --help')"),
+    (["nosuch"], "No such command 'nosuch'. (see 'surgery --help')"),
+    (["eval", "fixtures/tiny-llama/base"], "Missing option '--data'."),
+    (["eval", "nope", "--data", "fixtures/data/math.jsonl"], "nope: no such file or directory"),
+    (["eval", "fixtures/tiny-llama/base", "--data", "fixtures/data/sentiment.jsonl", "--metric",
+      "accuracy"], "fixtures/tiny-llama/base: metric accuracy needs a sequence classifier, but "
+                   "the checkpoint is LlamaForCausalLM"),
+    (["prune", "fixtures/tiny-bert/base", "--blocks", "1", "--data",
+      "fixtures/data/general.jsonl", "--out", "OUT"],
+     "needs a causal language model, but the checkpoint is BertForSequenceClassification"),
+    (["inspect", "fixtures/tiny-llama"], "no model.safetensors or model.safetensors.index.json"),
+    (["diff", "fixtures/tiny-llama/base", "fixtures/tiny-gpt2/base"],
+     "tensor 'lm_head.weight' is in only one of"),
+    (["sparse", "extract", "fixtures/tiny-llama/base", "fixtures/tiny-gpt2/math", "OUT"],
+     "lacks tensor"),
+    (["apply", "MIXED"], "steps.merged: ties: model 3 (fixtures/tiny-gpt2/math) lacks tensor "
+                         "'lm_head.weight' that model 1 (fixtures/tiny-llama/base) has"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_COMMANDS)
+def test_bad_commands_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    """Wrong paths, wrong model kinds and llama-vs-gpt2 merges, run from the repository root;
+    nothing is written."""
+    (tmp_path / "mixed.yaml").write_text(MIXED.replace("OUT", str(tmp_path / "out")))
+    args = [{"OUT": str(tmp_path / "out"), "MIXED": str(tmp_path / "mixed.yaml")}.get(a, a)
+            for a in args]
+    res = surgery(*args, cwd=ROOT)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert not (tmp_path / "out").exists()

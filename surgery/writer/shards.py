@@ -3,6 +3,7 @@ plan), then each tensor's bytes as it is computed. Nothing is held beyond the te
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -120,7 +121,10 @@ class ShardWriter:
         return self.sha.hexdigest()
 
     def abort(self) -> None:
-        self.file.close()
+        """Close and delete the unfinished shard, freeing its space; a rerun writes it again."""
+        with contextlib.suppress(OSError):  # flushing a full disk fails; the caller says why
+            self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def write_index(path: Path, shards: Iterable[tuple[str, list[PlannedTensor]]]) -> None:
