@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import struct
 import subprocess
 import sys
@@ -216,3 +217,36 @@ def test_bad_commands_one_line_exit_2(tmp_path: Path, args: list[str], message: 
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_keeps_old_output_and_rerun_resumes(tmp_path: Path) -> None:
+    """SIGINT to `surgery apply --force` mid-run: exit 130 with one line, the previous output
+    untouched, finished shards kept; the rerun reuses them and equals the first output."""
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        write_checkpoint(tmp_path / f"m{i}", {f"model.layers.{j}.mlp.up_proj.weight":
+                                              torch.randn(512, 512, generator=g)
+                                              for j in range(32)}, {"num_hidden_layers": 32})
+    (tmp_path / "r.yaml").write_text("inputs: {a: m0, b: m1}\n"
+                                     "steps: {s: {op: linear, models: [a, b]}}\n"
+                                     "output: {from: s, path: out, shard_size: 1MB}\n")
+    assert surgery("apply", "-q", "r.yaml", cwd=tmp_path).returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    exe = str(Path(sys.executable).with_name("surgery"))
+    proc = subprocess.Popen([exe, "apply", "-q", "--force", "r.yaml"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "out.partial" / ".weight-surgery-partial.json"
+    while proc.poll() is None:
+        if marker.is_file() and len(json.loads(marker.read_text() or "{}")
+                                    .get("shards", {})) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate()
+    assert proc.returncode == 130, err
+    assert err.splitlines() == ["interrupted; rerun the same command to resume"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    done = json.loads(marker.read_text())["shards"]
+    assert 2 <= len(done) < 32
+    res = surgery("apply", "-q", "--force", "r.yaml", cwd=tmp_path)
+    assert res.returncode == 0 and f"{len(done)} reused from an interrupted run" in res.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

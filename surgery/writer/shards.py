@@ -98,6 +98,7 @@ class ShardWriter:
         self.path = path
         self.expected = iter(tensors)
         self.sha = hashlib.sha256()
+        self.finished = False
         self.file = open(path, "wb")
         self._write(encode_header(tensors, metadata))
 
@@ -118,10 +119,14 @@ class ShardWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        self.finished = True
         return self.sha.hexdigest()
 
     def abort(self) -> None:
-        """Close and delete the unfinished shard, freeing its space; a rerun writes it again."""
+        """Close and delete the unfinished shard, freeing its space; a rerun writes it again.
+        A finished shard stays: it may be recorded already (interrupted while recording)."""
+        if self.finished:
+            return
         with contextlib.suppress(OSError):  # flushing a full disk fails; the caller says why
             self.file.close()
         self.path.unlink(missing_ok=True)
