@@ -25,6 +25,14 @@ def _weights(op: str, weights: Sequence[Scheduled] | None, count: int, node: Nod
     return [Schedule(f"{op}: weights[{i}]", w, node, depth) for i, w in enumerate(weights)]
 
 
+def _depth(node: Node, specs: Sequence[Scheduled], layer_pattern: str | None) -> Depth:
+    """Block depths for schedules given as lists; scalars need none, so a checkpoint whose
+    names and config.json disagree on the block count still merges with scalar weights."""
+    if all(isinstance(s, (int, float)) for s in specs):
+        return Depth(1)
+    return Depth.of(node, layer_pattern)
+
+
 def _float32_sum(ws: list[float]) -> float:
     # Σ wᵢ in float32, as the weighted tensors are summed (mergekit's divisor agrees bit for bit).
     return float(torch.tensor(ws, dtype=torch.float32).sum())
@@ -41,7 +49,8 @@ def linear(models: Sequence[Weights], weights: Sequence[Scheduled] | None = None
     if not models:
         raise UsageError("linear: needs at least one model")
     node = models[0].node
-    schedules = _weights("linear", weights, len(models), node, Depth.of(node, layer_pattern))
+    depth = _depth(node, weights or [], layer_pattern)
+    schedules = _weights("linear", weights, len(models), node, depth)
     per_tensor: dict[str, tuple[list[float], float]] = {}
     for name in node.names():
         ws = [s(name) for s in schedules]
@@ -75,7 +84,7 @@ def task_arithmetic(base: Weights, models: Sequence[Weights],
     """
     if not models:
         raise UsageError("task_arithmetic: needs at least one fine-tuned model")
-    depth = Depth.of(base.node, layer_pattern)
+    depth = _depth(base.node, [*(weights or []), lambda_], layer_pattern)
     schedules = _weights("task_arithmetic", weights, len(models), base.node, depth)
     lam = Schedule("task_arithmetic: lambda", lambda_, base.node, depth)
     per_tensor: dict[str, tuple[list[float], float, float]] = {}
