@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 from surgery_cli.evaluation import evaluate, prune
 from surgery_cli.main import handle_errors, human_bytes, human_count
@@ -45,12 +47,19 @@ def plan(recipe: str) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--profile", is_flag=True, help="Report time spent reading, computing, writing.")
+@click.option("--plot", type=click.Path(dir_okay=False), help="Draw the greedy-soup trajectory "
+              "(each candidate soup's score, kept or rejected) into this PNG.")
 @handle_errors
-def apply(recipe: str, force: bool, quiet: bool, profile: bool) -> None:
+def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None) -> None:
     """Validate and run RECIPE, writing its output model(s)."""
-    from surgery.recipe import load_recipe, run_recipe
+    from surgery.errors import UsageError
+    from surgery.recipe import greedy_soup_steps, load_recipe, run_recipe
 
     loaded = load_recipe(recipe)
+    soups = greedy_soup_steps(loaded) if plot else []
+    if plot and not soups:
+        raise UsageError(f"--plot draws a greedy-soup trajectory, but no output of {recipe} "
+                         "comes from a greedy_soup step")
     bar = ProgressBar(enabled=not quiet)
     try:
         results = run_recipe(loaded, force=force, progress=bar, on_output=bar,
@@ -69,6 +78,14 @@ def apply(recipe: str, force: bool, quiet: bool, profile: bool) -> None:
                        f"{p.compute_s:.2f}s, waiting on the writer {p.write_wait_s:.2f}s; "
                        f"writer thread: writing and hashing {p.write_s:.2f}s; read "
                        f"{human_bytes(p.bytes_read)}, wrote {human_bytes(p.bytes_written)}")
+    if plot:
+        from surgery.evaluate.plot import plot_greedy_soup
+
+        for soup in soups:
+            # One soup gets the given file; several get FILE-<step>.png each.
+            path = Path(plot) if len(soups) == 1 else \
+                Path(plot).with_name(f"{Path(plot).stem}-{soup.name}{Path(plot).suffix}")
+            click.echo(f"plot: {plot_greedy_soup(soup.node.result, soup.metric, path)}")
 
 
 @click.command()

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 from safetensors.torch import save_file
+from surgery_cli.main import main
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "fixtures"
@@ -46,3 +50,16 @@ def fixture_dir(family: str, name: str) -> Path:
     if not path.is_dir():
         pytest.fail(f"missing committed fixture {path}; run python fixtures/make_fixtures.py")
     return path
+
+
+def surgery(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    """Run the real `surgery` command in-process (click's runner), in directory ``cwd``."""
+    old = Path.cwd()
+    os.chdir(cwd)
+    try:
+        res = CliRunner().invoke(main, list(args), prog_name="surgery")
+    finally:
+        os.chdir(old)
+    if res.exception and not isinstance(res.exception, SystemExit):
+        raise res.exception
+    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, res.stderr)

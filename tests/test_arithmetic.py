@@ -67,7 +67,7 @@ def test_mismatches_name_the_tensor(tmp_path: Path) -> None:
 
 
 def test_bad_parameters() -> None:
-    with pytest.raises(UsageError, match="weights sum to 0"):
+    with pytest.raises(UsageError, match="linear: needs at least one model"):
         linear([], weights=[])
     with pytest.raises(UsageError, match="needs at least one"):
         task_arithmetic(None, [])  # type: ignore[arg-type]
@@ -77,3 +77,36 @@ def test_weight_count_must_match(three_models: list[Path]) -> None:
     a, b, _ = (load(p) for p in three_models)
     with pytest.raises(UsageError, match="weights has 3 values for 2 models"):
         linear([a, b], weights=[1, 2, 3])
+
+
+def _layered(path: Path, value: float) -> Path:
+    """Three blocks, an embedding and a final norm, every entry ``value``."""
+    names = [f"model.layers.{i}.mlp.up_proj.weight" for i in range(3)]
+    tensors = {n: torch.full((2, 2), value) for n in names}
+    tensors["model.embed_tokens.weight"] = torch.full((4, 2), value)
+    tensors["model.norm.weight"] = torch.full((2,), value)
+    return write_checkpoint(path, tensors, {"num_hidden_layers": 3})
+
+
+def test_scheduled_weights_and_lambda(tmp_path: Path) -> None:
+    base, m1, m2 = (load(_layered(tmp_path / n, v)) for n, v in
+                    (("base", 0.0), ("m1", 3.0), ("m2", 6.0)))
+    up = "model.layers.{}.mlp.up_proj.weight"
+    # w₂ rises over the blocks 0, 1, 2 as 0, 1, 2; non-block tensors take the first value.
+    soup = linear([m1, m2], weights=[2.0, [0.0, 2.0]])
+    assert [soup[up.format(i)].unique().tolist() for i in range(3)] == [[3.0], [4.0], [4.5]]
+    assert soup["model.embed_tokens.weight"].unique().tolist() == [3.0]
+    # w₂ = 0, 0.25, 0.5 over the blocks; λ by rules: norms 0.5, the rest 1 → 3 over depth.
+    lam = [{"match": "norm", "value": 0.5}, {"match": "*", "value": [1.0, 3.0]}]
+    ta = task_arithmetic(base, [m1, m2], weights=[1.0, [0.0, 0.5]], lambda_=lam)
+    assert [ta[up.format(i)].unique().tolist() for i in range(3)] == [[3.0], [9.0], [18.0]]
+    assert ta["model.embed_tokens.weight"].unique().tolist() == [3.0]
+    assert ta["model.norm.weight"].unique().tolist() == [1.5]
+    assert ta.node.params()["lambda"] == lam
+    assert ta.node.params()["weights"] == [1.0, [0.0, 0.5]]
+    with pytest.raises(UsageError, match=r"weights sum to 0 for tensor 'model\.embed_tokens"):
+        linear([m1, m2], weights=[[0.0, 1.0], 0.0])
+    with pytest.raises(UsageError, match=r"task_arithmetic: weights\[1\]: rule 'attention' "
+                                         "matches no tensor"):
+        task_arithmetic(base, [m1, m2], weights=[1.0, [{"match": "attention", "value": 1.0},
+                                                       {"match": "*", "value": 0.5}]])

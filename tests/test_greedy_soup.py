@@ -16,6 +16,7 @@ from surgery.evaluate.plot import plot_soup_trajectory
 from surgery.methods.coefficient_search import search_coefficient
 from surgery.methods.greedy_soup import greedy_soup
 from surgery.recipe import load_recipe, run_recipe
+from tests.conftest import surgery
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +74,25 @@ def test_greedy_soup_recipe_step(soup_setup: dict[str, Path], tmp_path: Path) ->
     decisions = prov["expression"]["decisions"]
     assert [(d["candidate"], d["kept"]) for d in decisions] == [("a", True), ("b", False)]
     assert "Greedy soup" in prov["sections"]
+
+
+def test_apply_plot_draws_each_soup(soup_setup: dict[str, Path], tmp_path: Path) -> None:
+    """`surgery apply --plot F.png` with two greedy-soup steps writes F-<step>.png for each."""
+    p = soup_setup
+    (tmp_path / "r.yaml").write_text(
+        f"inputs: {{a: {p['good0']}, b: {p['bad']}, c: {p['good1']}}}\n"
+        f"steps:\n  one: {{op: greedy_soup, models: [a, b], data: {p['data']}}}\n"
+        f"  two: {{op: greedy_soup, models: [a, c], data: {p['data']}, max_samples: 4}}\n"
+        "  both: {op: linear, models: [one, two]}\n"
+        "output: [{from: both, path: out/both}, {from: one, path: out/one}]\n")
+    res = surgery("apply", "r.yaml", "--plot", "plots/soup.png", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    for step in ("one", "two"):
+        png = tmp_path / "plots" / f"soup-{step}.png"
+        assert f"plot: plots/soup-{step}.png" in res.stdout
+        assert Image.open(png).format == "PNG" and png.stat().st_size > 10_000
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["soup-one.png",
+                                                                       "soup-two.png"]
 
 
 def test_coefficient_search_picks_best_grid_value(soup_setup: dict[str, Path],

@@ -1,8 +1,6 @@
-"""LiNeS: per-depth factors on the three model families, and the multi-task alpha."""
+"""LiNeS: per-depth factors on the three fixture families, and the multi-task alpha."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import pytest
 import torch
@@ -10,15 +8,16 @@ import torch
 from surgery import Weights, lines, load, task_arithmetic, ties
 from surgery.errors import UsageError
 from surgery.names import layer_index
-from tests.tiny_models import make_family
+from tests.conftest import fixture_dir
 
-LAYERS = {"llama": 6, "gpt2": 4, "bert": 4}
+# family: (block count, one fine-tune)
+FAMILIES = {"tiny-llama": (6, "math"), "tiny-gpt2": (4, "math"), "tiny-bert": (4, "sentiment")}
 
 
-@pytest.mark.parametrize("family", sorted(LAYERS))
-def test_single_task_factors_by_depth(tmp_path: Path, family: str) -> None:
-    base_path, task_path = make_family(tmp_path, family, tasks=1)
-    base, task = load(base_path), load(task_path)
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_single_task_factors_by_depth(family: str) -> None:
+    layers, tuned = FAMILIES[family]
+    base, task = load(fixture_dir(family, "base")), load(fixture_dir(family, tuned))
     c = 0.25
     out = lines(base, task, c=c)
     depths = set()
@@ -27,15 +26,14 @@ def test_single_task_factors_by_depth(tmp_path: Path, family: str) -> None:
         if not theta0.is_floating_point():
             continue
         block = layer_index(name)
-        factor = c if block is None else c + (1 - c) * block / (LAYERS[family] - 1)
+        factor = c if block is None else c + (1 - c) * block / (layers - 1)
         depths.add(block)
         assert torch.equal(out[name], theta0 + (theta1 - theta0) * factor), name
-    assert depths == {None, *range(LAYERS[family])}  # every block and some non-block seen
+    assert depths == {None, *range(layers)}  # every block and some non-block seen
 
 
-def test_alpha_beta_form_and_layer_pattern(tmp_path: Path) -> None:
-    base_path, task_path = make_family(tmp_path, "gpt2", tasks=1)
-    base, task = load(base_path), load(task_path)
+def test_alpha_beta_form_and_layer_pattern() -> None:
+    base, task = load(fixture_dir("tiny-gpt2", "base")), load(fixture_dir("tiny-gpt2", "code"))
     name = "transformer.h.2.mlp.c_fc.weight"
     tau = task[name] - base[name]
     out = lines(base, task, alpha=0.5, beta=0.3)
@@ -61,9 +59,9 @@ def _l1_alpha(base: Weights, merged: Weights, tasks: list[Weights]) -> float:
     return num / den / len(tasks)
 
 
-def test_multi_task_alpha(tmp_path: Path) -> None:
-    base_path, *task_paths = make_family(tmp_path, "llama", tasks=3)
-    base, tasks = load(base_path), [load(p) for p in task_paths]
+def test_multi_task_alpha() -> None:
+    base = load(fixture_dir("tiny-llama", "base"))
+    tasks = [load(fixture_dir("tiny-llama", n)) for n in ("math", "code", "chat")]
     beta = 0.4
     name = "model.layers.3.mlp.up_proj.weight"
 
@@ -82,9 +80,8 @@ def test_multi_task_alpha(tmp_path: Path) -> None:
     assert scaled.node.alpha.value > 1 / 3  # trimming shrinks the merged vector's L1 norm
 
 
-def test_lines_argument_errors(tmp_path: Path) -> None:
-    base_path, task_path = make_family(tmp_path, "bert", tasks=1)
-    base, task = load(base_path), load(task_path)
+def test_lines_argument_errors() -> None:
+    base, task = load(fixture_dir("tiny-bert", "base")), load(fixture_dir("tiny-bert", "topic"))
     with pytest.raises(UsageError, match="give c alone"):
         lines(base, task, alpha=0.1, c=0.5)
     with pytest.raises(UsageError, match="beta is required with tasks"):

@@ -28,6 +28,12 @@ def run_mergekit(config: dict, out: Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def weighted(paths: list[Path], weights: list) -> list[dict]:
+    """mergekit's model entries, one weight (scalar or gradient) each."""
+    return [{"model": str(p), "parameters": {"weight": w}}
+            for p, w in zip(paths, weights, strict=True)]
+
+
 def ours(path: Path) -> dict[str, torch.Tensor]:
     w = load(path)
     ck = w.node.checkpoints()[0]
@@ -47,8 +53,7 @@ def test_linear_matches_mergekit(family: str, tmp_path: Path) -> None:
     weights = [0.5, 0.3, 0.2]
     theirs = run_mergekit({
         "merge_method": "linear", "dtype": "float32",
-        "models": [{"model": str(p), "parameters": {"weight": w}}
-                   for p, w in zip(paths, weights, strict=True)],
+        "models": weighted(paths, weights),
     }, tmp_path / "mk")
     linear([load(p) for p in paths], weights).save(tmp_path / "ours")
     assert_same(ours(tmp_path / "ours"), theirs)
@@ -65,8 +70,7 @@ def test_task_arithmetic_matches_mergekit(family: str, normalize: bool, lam: flo
     theirs = run_mergekit({
         "merge_method": "task_arithmetic", "dtype": "float32", "base_model": str(base),
         "parameters": {"normalize": normalize, "lambda": lam},
-        "models": [{"model": str(p), "parameters": {"weight": w}}
-                   for p, w in zip(paths, weights, strict=True)],
+        "models": weighted(paths, weights),
     }, tmp_path / "mk")
     task_arithmetic(load(base), [load(p) for p in paths], weights, lambda_=lam,
                     normalize=normalize).save(tmp_path / "ours")
@@ -100,3 +104,25 @@ def test_bf16_merge_loads_and_runs_in_transformers(tmp_path: Path) -> None:
     with torch.no_grad():
         logits = model(torch.tensor([[1, 5, 9, 2]])).logits
     assert logits.shape[-1] == model.config.vocab_size and torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize("family", ["tiny-llama", "tiny-gpt2"])
+def test_scheduled_weights_match_mergekit(family: str, tmp_path: Path) -> None:
+    """Depth-gradient weights (and λ) resolve per tensor exactly as mergekit's gradients."""
+    base = fixture_dir(family, "base")
+    paths = [fixture_dir(family, n) for n in ("math", "code", "chat")]
+    weights: list = [[0.2, 0.9], 0.5, [1.0, 0.1, 0.4]]
+    theirs = run_mergekit({
+        "merge_method": "linear", "dtype": "float32",
+        "models": weighted(paths, weights),
+    }, tmp_path / "mk-linear")
+    linear([load(p) for p in paths], weights).save(tmp_path / "linear")
+    assert_same(ours(tmp_path / "linear"), theirs)
+    theirs = run_mergekit({
+        "merge_method": "task_arithmetic", "dtype": "float32", "base_model": str(base),
+        "parameters": {"normalize": True, "lambda": [0.5, 1.5]},
+        "models": weighted(paths, weights),
+    }, tmp_path / "mk-ta")
+    task_arithmetic(load(base), [load(p) for p in paths], weights, lambda_=[0.5, 1.5],
+                    normalize=True).save(tmp_path / "ta")
+    assert_same(ours(tmp_path / "ta"), theirs)

@@ -1,15 +1,17 @@
-"""TIES, SLERP and DARE against mergekit's ``run_merge`` (float32 compute, ``dtype: float32``).
+"""TIES, SLERP and DARE against mergekit's ``run_merge`` (float32 compute, ``dtype: float32``) on
+the committed tiny-llama fixtures (base, math and code fine-tunes).
 
 Where the semantics are the same the outputs are equal bit for bit. Known differences:
 - TIES trim: mergekit keeps max(1, ⌊density·n⌋) entries chosen by an unstable argsort, so tied
   magnitudes at the threshold are kept in an unspecified order; we select by k-th value and keep
-  ties by lower flat index, and keep ⌊density·n⌋ (possibly 0). Random float32 task vectors have
-  no ties at the threshold and density·n ≥ 1 here, so the outputs agree exactly. mergekit also
-  compares sign(w_i·τ̂_i) with the elected sign where METHODS.md compares sign(τ̂_i): the same
-  for the positive weights used here.
+  ties by lower flat index, and keep ⌊density·n⌋ (possibly 0). The fixtures' float32 task
+  vectors have no ties at the threshold and density·n ≥ 1 here, so the outputs agree exactly.
+  mergekit also compares sign(w_i·τ̂_i) with the elected sign where METHODS.md compares
+  sign(τ̂_i): the same for the positive weights used here.
 - SLERP: mergekit falls back to linear at |cos| > 0.9995; we default to 1 − 1e-6 (METHODS.md),
-  so the comparison passes ``epsilon=5e-4``. The fine-tunes' RMSNorm weights (ones plus noise)
-  are that colinear (cos ≈ 0.9998), so the default gives a different result there, as asserted.
+  so the comparison passes ``epsilon=5e-4``. The base and the math fine-tune's RMSNorm weights
+  are that colinear (cos ≈ 0.99993 in block 3), so the default gives a different result there,
+  as asserted.
 - DARE: mergekit draws drops from torch's global RNG, we from a generator per tensor name, so
   only the statistics can agree: kept fraction, the L1 norm kept by ``rescale: l1`` (mergekit's
   rescale), and the elected sign of ``dare_ties`` on entries both kept.
@@ -28,12 +30,12 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
 from surgery import Weights, dare_linear, dare_ties, load, slerp, ties
-from tests.tiny_models import make_family
+from tests.conftest import fixture_dir
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
-    return make_family(tmp_path_factory.mktemp("llama"), "llama", tasks=2)
+def llama() -> list[Path]:
+    return [fixture_dir("tiny-llama", n) for n in ("base", "math", "code")]
 
 
 def mergekit(config: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
@@ -100,7 +102,7 @@ def test_dare_statistics_match_mergekit(llama: list[Path], tmp_path: Path) -> No
     }, tmp_path / "mk")
     b, f = load(base), load(m1)
     ours = dare_linear(b, [f], density=0.4, rescale="l1")
-    name = "model.layers.2.mlp.down_proj.weight"  # 2048 entries
+    name = "model.layers.2.mlp.down_proj.weight"  # 8192 entries
     theta0, tau = b[name], f[name] - b[name]
     sigma = (0.4 * 0.6 / tau.numel()) ** 0.5
     for out in (ours[name], theirs[name]):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
+import signal
 import struct
 import subprocess
 import sys
@@ -11,24 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from click.testing import CliRunner
-from surgery_cli.main import main
 
-from tests.conftest import ROOT, small_tensors, write_checkpoint
-
-
-def surgery(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
-    """Run the real `surgery` command in-process (click's runner), in directory ``cwd``."""
-    old = Path.cwd()
-    os.chdir(cwd)
-    try:
-        res = CliRunner().invoke(main, list(args))
-    finally:
-        os.chdir(old)
-    if res.exception and not isinstance(res.exception, SystemExit):
-        raise res.exception
-    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, res.stderr)
-
+from tests.conftest import ROOT, small_tensors, surgery, write_checkpoint
 
 GOOD = """\
 seed: 3
@@ -94,7 +78,16 @@ BAD_RECIPES = [
     (GOOD.replace("lambda: 0.5", "lamda: 0.5"),
      "r.yaml:12:5: steps.ta.lamda: unknown key; did you mean 'lambda'?"),
     (GOOD.replace("lambda: 0.5", "lambda: lots"),
-     "r.yaml:12:5: steps.ta.lambda: Input should be a valid number"),
+     "r.yaml:12:5: steps.ta.lambda: expected a number, a list of numbers (a depth gradient) "
+     "or a list of {match, value} rules (got 'lots')"),
+    (GOOD.replace("lambda: 0.5", "lambda: [{match: norm, valeu: 2}]"),
+     "r.yaml:12:28: steps.ta.lambda.0.valeu: unknown key; did you mean 'value'?"),
+    (GOOD.replace("lambda: 0.5", "lambda: [0.5, x]"),
+     "r.yaml:12:19: steps.ta.lambda.1: Input should be a valid number"),
+    (GOOD.replace("models: [a, b]\n", "modles: [a, b]\n"),
+     "r.yaml:11:5: steps.ta.modles: unknown key; did you mean 'models'?"),
+    (GOOD.replace("path: out/soup", "paht: out/soup"),
+     "r.yaml:14:18: output.0.paht: unknown key; did you mean 'path'?"),
     (GOOD.replace("a: m1", "a: m9"), "r.yaml:4:3: inputs.a: m9: no such file or directory"),
     (GOOD.replace("models: [a, b]\n", "models: [a, c]\n"),
      "r.yaml:11:17: steps.ta.models.1: no input or step named 'c'"),
@@ -181,3 +174,79 @@ def test_cli_runs_from_the_installed_script(workdir: Path) -> None:
         pytest.fail(f"console script {exe} not installed; pip install -e . first")
     res = subprocess.run([str(exe), "--help"], capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0 and "apply" in res.stdout
+
+
+MIXED = """\
+inputs: {base: fixtures/tiny-llama/base, llama: fixtures/tiny-llama/math,
+         gpt2: fixtures/tiny-gpt2/math}
+steps: {merged: {op: ties, base: base, models: [llama, gpt2], density: 0.5}}
+output: {from: merged, path: OUT}
+"""
+
+BAD_COMMANDS = [
+    (["apply", "recipes"], "Invalid value for 'RECIPE': File 'recipes' is a directory. "
+                           "(see 'surgery apply --help')"),
+    (["nosuch"], "No such command 'nosuch'. (see 'surgery --help')"),
+    (["eval", "fixtures/tiny-llama/base"], "Missing option '--data'."),
+    (["eval", "nope", "--data", "fixtures/data/math.jsonl"], "nope: no such file or directory"),
+    (["eval", "fixtures/tiny-llama/base", "--data", "fixtures/data/sentiment.jsonl", "--metric",
+      "accuracy"], "fixtures/tiny-llama/base: metric accuracy needs a sequence classifier, but "
+                   "the checkpoint is LlamaForCausalLM"),
+    (["prune", "fixtures/tiny-bert/base", "--blocks", "1", "--data",
+      "fixtures/data/general.jsonl", "--out", "OUT"],
+     "needs a causal language model, but the checkpoint is BertForSequenceClassification"),
+    (["inspect", "fixtures/tiny-llama"], "no model.safetensors or model.safetensors.index.json"),
+    (["diff", "fixtures/tiny-llama/base", "fixtures/tiny-gpt2/base"],
+     "tensor 'lm_head.weight' is in only one of"),
+    (["sparse", "extract", "fixtures/tiny-llama/base", "fixtures/tiny-gpt2/math", "OUT"],
+     "lacks tensor"),
+    (["apply", "MIXED"], "steps.merged: ties: model 3 (fixtures/tiny-gpt2/math) lacks tensor "
+                         "'lm_head.weight' that model 1 (fixtures/tiny-llama/base) has"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), BAD_COMMANDS)
+def test_bad_commands_one_line_exit_2(tmp_path: Path, args: list[str], message: str) -> None:
+    """Wrong paths, wrong model kinds and llama-vs-gpt2 merges, run from the repository root;
+    nothing is written."""
+    (tmp_path / "mixed.yaml").write_text(MIXED.replace("OUT", str(tmp_path / "out")))
+    args = [{"OUT": str(tmp_path / "out"), "MIXED": str(tmp_path / "mixed.yaml")}.get(a, a)
+            for a in args]
+    res = surgery(*args, cwd=ROOT)
+    assert res.returncode == 2, res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], res.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_ctrl_c_keeps_old_output_and_rerun_resumes(tmp_path: Path) -> None:
+    """SIGINT to `surgery apply --force` mid-run: exit 130 with one line, the previous output
+    untouched, finished shards kept; the rerun reuses them and equals the first output."""
+    g = torch.Generator().manual_seed(0)
+    for i in range(2):
+        write_checkpoint(tmp_path / f"m{i}", {f"model.layers.{j}.mlp.up_proj.weight":
+                                              torch.randn(512, 512, generator=g)
+                                              for j in range(32)}, {"num_hidden_layers": 32})
+    (tmp_path / "r.yaml").write_text("inputs: {a: m0, b: m1}\n"
+                                     "steps: {s: {op: linear, models: [a, b]}}\n"
+                                     "output: {from: s, path: out, shard_size: 1MB}\n")
+    assert surgery("apply", "-q", "r.yaml", cwd=tmp_path).returncode == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    exe = str(Path(sys.executable).with_name("surgery"))
+    proc = subprocess.Popen([exe, "apply", "-q", "--force", "r.yaml"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    marker = tmp_path / "out.partial" / ".weight-surgery-partial.json"
+    while proc.poll() is None:
+        if marker.is_file() and len(json.loads(marker.read_text() or "{}")
+                                    .get("shards", {})) >= 2:
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate()
+    assert proc.returncode == 130, err
+    assert err.splitlines() == ["interrupted; rerun the same command to resume"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
+    done = json.loads(marker.read_text())["shards"]
+    assert 2 <= len(done) < 32
+    res = surgery("apply", "-q", "--force", "r.yaml", cwd=tmp_path)
+    assert res.returncode == 0 and f"{len(done)} reused from an interrupted run" in res.stdout
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

@@ -195,8 +195,8 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
             if fname not in reused]
     dtypes = {t.name: t.dtype for s in shards for t in s}
     names = [t.name for _, shard in todo for t in shard]
+    stream = stream_tensors(root, names, opts, dtypes.__getitem__, reuse_outputs=True)
     try:
-        stream = stream_tensors(root, names, opts, dtypes.__getitem__, reuse_outputs=True)
         for fname, shard in todo:
             writer = ShardWriter(out.path(fname), shard, shard_meta)
             try:
@@ -229,9 +229,11 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
         final = out.commit()
     except OSError as e:
         raise RunError(
-            f"{e.filename or out.partial}: write failed ({e.strerror}); nothing was replaced, "
+            f"{e.filename or out.partial}: run failed ({e.strerror}); nothing was replaced, "
             f"the partial output in {out.partial} is resumed by rerunning the same command"
         ) from e
+    finally:
+        stream.close()
     opts.profile.wall_s = time.perf_counter() - started
     return SaveResult(final, fnames, sorted(reused), opts.profile, provenance)
 

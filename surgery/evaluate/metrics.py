@@ -19,6 +19,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from surgery.checkpoint import parse_hub_id
 from surgery.data import Record, encode_classification, encode_lm, pad_batch, read_records
 from surgery.data import subsample as subsample_records
 from surgery.engine.stream import resolve_device
@@ -46,6 +47,7 @@ def load_model(path: str | Path, metric: str, device: str | torch.device | None 
     """The model (causal LM, or sequence classifier for ``accuracy``) and its tokenizer, in
     evaluation mode, float32, on ``device``."""
     from transformers import (
+        AutoConfig,
         AutoModelForCausalLM,
         AutoModelForSequenceClassification,
         AutoTokenizer,
@@ -54,8 +56,18 @@ def load_model(path: str | Path, metric: str, device: str | torch.device | None 
 
     hf_logging.disable_progress_bar()  # the library reports progress only through callbacks
     _check_metric(metric)
-    auto = AutoModelForSequenceClassification if metric == "accuracy" else AutoModelForCausalLM
+    if not Path(path).exists() and parse_hub_id(str(path)) is None:
+        raise UsageError(f"{path}: no such file or directory")
+    classify = metric == "accuracy"
+    auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
     try:
+        arch = (AutoConfig.from_pretrained(str(path)).architectures or [""])[0]
+        # A model of the other kind would load with a freshly initialised head and score noise.
+        suffixes = ("ForSequenceClassification",) if classify else ("ForCausalLM", "LMHeadModel")
+        if arch and not arch.endswith(suffixes):
+            kind = "a sequence classifier" if classify else "a causal language model"
+            raise UsageError(f"{path}: metric {metric} needs {kind}, but the checkpoint is "
+                             f"{arch}")
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = auto.from_pretrained(str(path), dtype=torch.float32)
     except (OSError, ValueError) as e:

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import UsageError
+from surgery.methods.greedy_soup import GreedySoupResult
 
 
 def _figure(title: str) -> tuple[Any, Any, Any]:
@@ -24,6 +25,7 @@ def _figure(title: str) -> tuple[Any, Any, Any]:
 def _save(plt: Any, fig: Any, path: str | Path) -> Path:
     p = Path(path)
     try:
+        p.parent.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
         fig.savefig(p)
     except OSError as e:
@@ -60,3 +62,11 @@ def plot_soup_trajectory(names: Sequence[str], scores: Sequence[float],
     ax.set_xlabel("candidate added (green: kept, red: rejected)")
     ax.set_ylabel(metric)
     return _save(plt, fig, path)
+
+
+def plot_greedy_soup(result: GreedySoupResult, metric: str, path: str | Path) -> Path:
+    """The trajectory of a finished greedy soup (its decision log), as
+    :func:`plot_soup_trajectory` draws it."""
+    d = result.decisions
+    return plot_soup_trajectory([x.candidate for x in d], [x.soup_score for x in d],
+                                [x.kept for x in d], metric, path)

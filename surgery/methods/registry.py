@@ -32,12 +32,12 @@ class Operation:
 
 
 def _build_linear(p: soup.LinearParams, get: Resolve) -> Weights:
-    return soup.linear([get(m) for m in p.models], p.weights, p.normalize)
+    return soup.linear([get(m) for m in p.models], p.weights, p.normalize, p.layer_pattern)
 
 
 def _build_task_arithmetic(p: soup.TaskArithmeticParams, get: Resolve) -> Weights:
     return soup.task_arithmetic(get(p.base), [get(m) for m in p.models], p.weights,
-                                   p.lambda_, p.normalize)
+                                p.lambda_, p.normalize, p.layer_pattern)
 
 
 def _build_sparse_apply(p: sparse.SparseApplyParams, get: Resolve) -> Weights:

@@ -8,34 +8,60 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from surgery.errors import UsageError
-from surgery.expr import ElementwiseNode, EvalContext, Weights
+from surgery.expr import ElementwiseNode, EvalContext, Node, Weights
+from surgery.methods.schedule import Depth, Schedule, Scheduled
 
 SOUP_REF = "Model soups, arXiv 2203.05482"
 TASK_ARITHMETIC_REF = "Editing models with task arithmetic, arXiv 2212.04089"
 
 
-def _weights(op: str, weights: Sequence[float] | None, count: int) -> list[float]:
+def _weights(op: str, weights: Sequence[Scheduled] | None, count: int, node: Node,
+             depth: Depth) -> list[Schedule]:
+    """One schedule per model (default 1 each), resolved over ``node``'s tensor names."""
     if weights is None:
-        return [1.0] * count
+        weights = [1.0] * count
     if len(weights) != count:
         raise UsageError(f"{op}: weights has {len(weights)} values for {count} models")
-    return [float(w) for w in weights]
+    return [Schedule(f"{op}: weights[{i}]", w, node, depth) for i, w in enumerate(weights)]
 
 
-def linear(models: Sequence[Weights], weights: Sequence[float] | None = None,
-           normalize: bool = True) -> Weights:
+def _depth(node: Node, specs: Sequence[Scheduled], layer_pattern: str | None) -> Depth:
+    """Block depths for schedules given as lists; scalars need none, so a checkpoint whose
+    names and config.json disagree on the block count still merges with scalar weights."""
+    if all(isinstance(s, (int, float)) for s in specs):
+        return Depth(1)
+    return Depth.of(node, layer_pattern)
+
+
+def _float32_sum(ws: list[float]) -> float:
+    # Σ wᵢ in float32, as the weighted tensors are summed (mergekit's divisor agrees bit for bit).
+    return float(torch.tensor(ws, dtype=torch.float32).sum())
+
+
+def linear(models: Sequence[Weights], weights: Sequence[Scheduled] | None = None,
+           normalize: bool = True, layer_pattern: str | None = None) -> Weights:
     """Weighted average of models (model soups, arXiv 2203.05482).
 
     θ = Σ wᵢ θᵢ / Σ wᵢ, or the raw weighted sum Σ wᵢ θᵢ with ``normalize=False``.
-    Equal weights (the default) give the uniform soup.
+    Equal weights (the default) give the uniform soup. Each weight may be a schedule (a depth
+    gradient or name/kind rules, :mod:`surgery.methods.schedule`), so wᵢ depends on the tensor.
     """
-    ws = _weights("linear", weights, len(models))
-    total = sum(ws)
-    if normalize and abs(total) < 1e-12:
-        raise UsageError("linear: weights sum to 0, so they cannot be normalised; "
-                         "set normalize: false or change the weights")
+    if not models:
+        raise UsageError("linear: needs at least one model")
+    node = models[0].node
+    depth = _depth(node, weights or [], layer_pattern)
+    schedules = _weights("linear", weights, len(models), node, depth)
+    per_tensor: dict[str, tuple[list[float], float]] = {}
+    for name in node.names():
+        ws = [s(name) for s in schedules]
+        total = _float32_sum(ws)
+        if normalize and abs(total) < 1e-12:
+            raise UsageError(f"linear: weights sum to 0 for tensor {name!r}, so they cannot be "
+                             "normalised; set normalize: false or change the weights")
+        per_tensor[name] = ws, total
 
-    def fn(_: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        ws, total = per_tensor[name]
         acc = ctx.empty_like(ts[0]).zero_()
         for t, w in zip(ts, ws, strict=True):
             acc.addcmul_(t, torch.tensor(w, dtype=acc.dtype, device=acc.device))
@@ -44,25 +70,31 @@ def linear(models: Sequence[Weights], weights: Sequence[float] | None = None,
         return acc
 
     return Weights(ElementwiseNode([m.node for m in models], fn, "linear",
-                                   {"weights": ws, "normalize": normalize}, SOUP_REF,
-                                   rowwise=True))
+                                   {"weights": [s.describe() for s in schedules],
+                                    "normalize": normalize}, SOUP_REF, rowwise=True))
 
 
 def task_arithmetic(base: Weights, models: Sequence[Weights],
-                    weights: Sequence[float] | None = None, lambda_: float = 1.0,
-                    normalize: bool = False) -> Weights:
+                    weights: Sequence[Scheduled] | None = None, lambda_: Scheduled = 1.0,
+                    normalize: bool = False, layer_pattern: str | None = None) -> Weights:
     """Task arithmetic (arXiv 2212.04089): θ = θ₀ + λ Σ wᵢ τᵢ with τᵢ = θᵢ − θ₀.
 
-    Defaults λ = 1 and no normalisation; ``normalize=True`` divides Σ wᵢ τᵢ by Σ wᵢ.
+    Defaults λ = 1 and no normalisation; ``normalize=True`` divides Σ wᵢ τᵢ by Σ wᵢ. Each
+    weight and λ may be a schedule (:mod:`surgery.methods.schedule`), resolved per tensor.
     """
     if not models:
         raise UsageError("task_arithmetic: needs at least one fine-tuned model")
-    ws = _weights("task_arithmetic", weights, len(models))
-    # Σ wᵢ in float32, as the weighted deltas are summed (mergekit's divisor agrees bit for bit).
-    total = float(torch.tensor(ws, dtype=torch.float32).sum())
-    divisor = total if abs(total) >= 1e-8 else 1.0
+    depth = _depth(base.node, [*(weights or []), lambda_], layer_pattern)
+    schedules = _weights("task_arithmetic", weights, len(models), base.node, depth)
+    lam = Schedule("task_arithmetic: lambda", lambda_, base.node, depth)
+    per_tensor: dict[str, tuple[list[float], float, float]] = {}
+    for name in base.node.names():
+        ws = [s(name) for s in schedules]
+        total = _float32_sum(ws)
+        per_tensor[name] = ws, total if abs(total) >= 1e-8 else 1.0, lam(name)
 
-    def fn(_: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        ws, divisor, lambda_ = per_tensor[name]
         theta0 = ts[0]
         acc = torch.sub(ts[1], theta0, out=ctx.empty_like(theta0)).mul_(ws[0])
         delta = ctx.empty_like(theta0) if len(ts) > 2 else None
@@ -75,7 +107,8 @@ def task_arithmetic(base: Weights, models: Sequence[Weights],
         return torch.add(theta0, acc, out=delta if delta is not None else acc)
 
     return Weights(ElementwiseNode([base.node, *(m.node for m in models)], fn, "task_arithmetic",
-                                   {"weights": ws, "lambda": lambda_, "normalize": normalize},
+                                   {"weights": [s.describe() for s in schedules],
+                                    "lambda": lam.describe(), "normalize": normalize},
                                    TASK_ARITHMETIC_REF, rowwise=True))
 
 
@@ -87,13 +120,15 @@ class Params(BaseModel):
 
 class LinearParams(Params):
     models: list[str] = Field(min_length=1)
-    weights: list[float] | None = None
-    normalize: bool = True
+    weights: list[Scheduled] | None = Field(None, description="one per model (default 1)")
+    normalize: bool = Field(True, description="divide by the sum of weights")
+    layer_pattern: str | None = Field(None, description="regex capturing the block index")
 
 
 class TaskArithmeticParams(Params):
     base: str
     models: list[str] = Field(min_length=1)
-    weights: list[float] | None = None
-    lambda_: float = Field(1.0, alias="lambda")
-    normalize: bool = False
+    weights: list[Scheduled] | None = Field(None, description="one per model (default 1)")
+    lambda_: Scheduled = Field(1.0, alias="lambda", description="scale of the summed vector")
+    normalize: bool = Field(False, description="divide by the sum of weights")
+    layer_pattern: str | None = Field(None, description="regex capturing the block index")

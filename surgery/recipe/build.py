@@ -11,7 +11,8 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from types import UnionType
+from typing import Any, Union, get_args, get_origin
 
 from pydantic import BaseModel, ValidationError
 
@@ -54,13 +55,46 @@ def _allowed_keys(model: type[BaseModel]) -> list[str]:
     return [f.alias or name for name, f in model.model_fields.items()]
 
 
+# The member tags pydantic puts in an error's location for the union ``Scheduled``.
+_SCHEDULE_TAGS = {"float": "number", "list[float]": "gradient", "list[Rule]": "rules"}
+
+
+def _prefer_unknown(errors: list[Any]) -> list[Any]:
+    """A misspelt key is both unknown and missing; report it as unknown, with a suggestion."""
+    return sorted(errors, key=lambda e: e["type"] != "extra_forbidden")
+
+
+def _schedule_error(errors: list[Any]) -> tuple[Any, str | None]:
+    """For a value of a schedulable parameter, the error of the form the value was meant to
+    take (rules when it is a list of mappings, a gradient for another list); a value of none
+    of the forms gets one plain message."""
+    first = errors[0]
+    tags = [i for i, part in enumerate(first["loc"]) if part in _SCHEDULE_TAGS]
+    if not tags:
+        return _prefer_unknown(errors)[0], None
+    at = first["loc"][:tags[0]]
+    value = first.get("input")
+    if isinstance(value, list) and value:
+        form = "rules" if all(isinstance(v, dict) for v in value) else "gradient"
+        for e in _prefer_unknown(errors):
+            loc = e["loc"]
+            if loc[:len(at)] == at and len(loc) > len(at) and _SCHEDULE_TAGS.get(
+                    loc[len(at)]) == form:
+                return e, None
+    return {**first, "loc": at}, (f"expected a number, a list of numbers (a depth gradient) or "
+                                  f"a list of {{match, value}} rules (got {value!r})")
+
+
 def _validation_error(doc: Located, err: ValidationError, prefix: Loc,
                       model: type[BaseModel]) -> RecipeError:
-    first = err.errors()[0]
-    loc: Loc = (*prefix, *first["loc"])
+    first, schedule_message = _schedule_error(err.errors())
+    at = _walk(model, first["loc"])[0]
+    loc: Loc = (*prefix, *at)
+    if schedule_message:
+        return doc.error(loc, schedule_message)
     if first["type"] == "extra_forbidden":
-        key = str(first["loc"][-1])
-        sub = _model_at(model, first["loc"][:-1])
+        key = str(at[-1])
+        sub = _first_model(_walk(model, first["loc"][:-1])[1])
         allowed = _allowed_keys(sub) if sub else []
         extra = f" (allowed: {', '.join(allowed)})" if allowed else ""
         return doc.error(loc, f"unknown key{suggest(key, allowed) or extra}")
@@ -69,25 +103,47 @@ def _validation_error(doc: Located, err: ValidationError, prefix: Loc,
     return doc.error(loc, f"{first['msg']} (got {first.get('input')!r})")
 
 
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """The pydantic model that validates the mapping at ``loc`` (for key suggestions)."""
+def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Loc, Any]:
+    """``loc`` without the member tags pydantic puts in it at a union (``output.OutputSpec.
+    path``), and the annotation that validates the value there."""
+    clean: list[Any] = []
     current: Any = model
     for part in loc:
-        if isinstance(part, int) or not (isinstance(current, type)
-                                         and issubclass(current, BaseModel)):
+        current = _unwrap_optional(current)
+        if get_origin(current) in (Union, UnionType) and isinstance(part, str):
+            current = next((a for a in get_args(current) if _tag(a) == part), Any)
             continue
-        fields = {f.alias or n: f for n, f in current.model_fields.items()}
-        f = fields.get(str(part))
-        if f is None:
-            return None
-        current = _first_model(f.annotation)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
+        clean.append(part)
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            fields = {f.alias or n: f for n, f in current.model_fields.items()}
+            current = fields[part].annotation if part in fields else Any
+        elif get_origin(current) in (list, dict):
+            current = get_args(current)[-1]
+        else:
+            current = Any
+    return tuple(clean), current
 
 
-def _first_model(annotation: Any) -> Any:
+def _unwrap_optional(annotation: Any) -> Any:
+    args = get_args(annotation)
+    if get_origin(annotation) in (Union, UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0] if len(rest) == 1 else Union[tuple(rest)]  # noqa: UP007
+    return annotation
+
+
+def _tag(annotation: Any) -> str:
+    """How pydantic names a union member in an error location: ``float``, ``list[Rule]``."""
+    args = get_args(annotation)
+    if args:
+        return f"{get_origin(annotation).__name__}[{','.join(_tag(a) for a in args)}]"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _first_model(annotation: Any) -> type[BaseModel] | None:
     if isinstance(annotation, type) and issubclass(annotation, BaseModel):
         return annotation
-    for arg in getattr(annotation, "__args__", ()):
+    for arg in get_args(annotation):
         found = _first_model(arg)
         if found is not None:
             return found

@@ -16,7 +16,9 @@ from surgery.engine import (
     save,
 )
 from surgery.engine.stream import ProgressFn
+from surgery.evaluate.operations import GreedySoupParams
 from surgery.hub import PushResult, push_folder
+from surgery.methods.greedy_soup import GreedySoupNode
 from surgery.recipe.build import Recipe
 from surgery.recipe.schema import PushSpec
 from surgery.writer import parse_size
@@ -63,6 +65,28 @@ def plan_recipe(recipe: Recipe) -> PlanReport:
             _push_target(out.push_to_hub)))
         report.reduction_passes += sum(len(n.reductions()) > 0 for n in weights.node.walk())
     return report
+
+
+@dataclass
+class GreedySoupStep:
+    """A greedy-soup step that an output depends on; ``node.result`` holds its decision log
+    once the output is written."""
+
+    name: str
+    node: GreedySoupNode
+    metric: str
+
+
+def greedy_soup_steps(recipe: Recipe) -> list[GreedySoupStep]:
+    """The recipe's greedy-soup steps that some output depends on, in step order."""
+    needed = {id(n) for _, weights in recipe.outputs() for n in weights.node.walk()}
+    found = []
+    for name, (_, params) in recipe.steps.items():
+        node = recipe.values[name].node
+        if isinstance(node, GreedySoupNode) and isinstance(params, GreedySoupParams) \
+                and id(node) in needed:
+            found.append(GreedySoupStep(name, node, params.metric))
+    return found
 
 
 def _push_target(push: PushSpec | None) -> str | None:

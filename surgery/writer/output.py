@@ -57,12 +57,16 @@ class OutputDir:
                         reuse[name] = sha
             else:
                 shutil.rmtree(self.partial)
+        self.state = {"fingerprint": fingerprint, "shards": dict(reuse)}
+        created = not self.partial.exists()
         try:
             self.partial.mkdir(parents=True, exist_ok=True)
+            self._save_state()
         except OSError as e:
-            raise RunError(f"{self.partial}: cannot create ({e.strerror})") from e
-        self.state = {"fingerprint": fingerprint, "shards": dict(reuse)}
-        self._save_state()
+            if created:  # without its marker a rerun would take it for someone else's
+                shutil.rmtree(self.partial, ignore_errors=True)
+            raise RunError(f"{self.partial}: cannot write ({e.strerror}); free some space or "
+                           "choose another output path, then rerun the same command") from e
         return reuse
 
     def _save_state(self) -> None:

@@ -3,6 +3,7 @@ plan), then each tensor's bytes as it is computed. Nothing is held beyond the te
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -95,6 +96,7 @@ class ShardWriter:
         self.path = path
         self.expected = iter(tensors)
         self.sha = hashlib.sha256()
+        self.finished = False
         self.file = open(path, "wb")
         self._write(encode_header(tensors, metadata))
 
@@ -115,10 +117,17 @@ class ShardWriter:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
+        self.finished = True
         return self.sha.hexdigest()
 
     def abort(self) -> None:
-        self.file.close()
+        """Close and delete the unfinished shard, freeing its space; a rerun writes it again.
+        A finished shard stays: it may be recorded already (interrupted while recording)."""
+        if self.finished:
+            return
+        with contextlib.suppress(OSError):  # flushing a full disk fails; the caller says why
+            self.file.close()
+        self.path.unlink(missing_ok=True)
 
 
 def write_index(path: Path, shards: Iterable[tuple[str, list[PlannedTensor]]]) -> None:
