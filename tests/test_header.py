@@ -67,6 +67,17 @@ def test_hostile_headers_rejected(tmp_path: Path, header: object, data: bytes,
     assert "\n" not in str(err.value)
 
 
+def test_bytes_outside_every_tensor_rejected(tmp_path: Path) -> None:
+    entry = {"a": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}
+    trailing = raw_file(tmp_path / "trail.safetensors", entry, b"\0" * 12)
+    with pytest.raises(CheckpointError, match="4 bytes of the data section belong to no tensor"):
+        read_header(trailing)
+    hole = {"a": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]},
+            "b": {"dtype": "F32", "shape": [1], "data_offsets": [8, 12]}}
+    with pytest.raises(CheckpointError, match="4 bytes of the data section belong to no tensor"):
+        read_header(raw_file(tmp_path / "hole.safetensors", hole, b"\0" * 12))
+
+
 def test_duplicate_keys_rejected(tmp_path: Path) -> None:
     body = b'{"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},' \
            b'"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}'

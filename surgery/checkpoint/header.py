@@ -129,7 +129,7 @@ def parse_header(path: Path, raw: bytes, size: int) -> Header:
     data_start = 8 + n
     data_len = size - data_start
     tensors = {name: _entry(path, name, spec, data_start, data_len) for name, spec in table.items()}
-    _check_overlaps(path, tensors)
+    _check_layout(path, tensors, data_len)
     return Header(path=path, tensors=tensors, metadata=metadata, header_bytes=raw, file_size=size)
 
 
@@ -164,10 +164,18 @@ def _entry(path: Path, name: str, spec: object, data_start: int, data_len: int) 
     return TensorInfo(name, path, dtype, tuple(shape), data_start + begin, data_start + end)
 
 
-def _check_overlaps(path: Path, tensors: dict[str, TensorInfo]) -> None:
+def _check_layout(path: Path, tensors: dict[str, TensorInfo], data_len: int) -> None:
+    """No two tensors share bytes, and no byte of the data section belongs to no tensor (as the
+    reference reader requires: hidden or trailing bytes are refused, not skipped)."""
     ordered = sorted((t for t in tensors.values() if t.nbytes), key=lambda t: t.start)
     for prev, cur in pairwise(ordered):
         if cur.start < prev.end:
             raise CheckpointError(
                 f"{path}: tensors {prev.name!r} and {cur.name!r} overlap in the data section"
             )
+    covered = sum(t.nbytes for t in ordered)
+    if covered != data_len:
+        raise CheckpointError(
+            f"{path}: {data_len - covered} bytes of the data section belong to no tensor "
+            "(hidden or trailing data); not a valid safetensors file"
+        )
