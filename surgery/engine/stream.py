@@ -349,10 +349,11 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
     error: list[BaseException] = []
 
     def produce() -> None:
-        if rowwise:
-            # Cache-sized blocks are too small to split between cores: one intra-op thread (a
-            # setting of this thread only) leaves the other core to reading and writing, and
-            # avoids waiting at every operation for a core another process holds.
+        if not cuda:
+            # Methods compute in cache-sized blocks, too small to split between cores: one
+            # intra-op thread (a setting of this thread only) leaves the other core to reading
+            # and writing, and avoids waiting at every operation for a core another process
+            # holds.
             torch.set_num_threads(1)
         try:
             _stream(jobs, dataclasses.replace(opts, prefetch_bytes=budget), "write", work, pool)

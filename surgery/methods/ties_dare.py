@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,11 +21,80 @@ Consensus = Literal["sum", "count"]
 Rescale = Literal["inverse_density", "l1"]
 
 
+# Task vectors are processed in flat blocks of this many elements, small enough that a block's
+# conversions and intermediates stay in the CPU's cache between operations.
+BLOCK = 256 * 1024
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Which entries of one task vector the trim keeps, from the bit patterns of |τ| (ordered
+    like the magnitudes, as they are non-negative): all above ``bits``, and those equal to it
+    at flat index below ``tie_end``."""
+
+    bits: int
+    tie_end: int
+
+    def drop(self, mag_bits: torch.Tensor, start: int) -> torch.Tensor:
+        """The mask of entries trimmed away in the block of ``mag_bits`` that starts at flat
+        index ``start``."""
+        if start + mag_bits.numel() <= self.tie_end:
+            return mag_bits < self.bits
+        if start >= self.tie_end:
+            return mag_bits <= self.bits
+        drop = mag_bits < self.bits
+        cut = self.tie_end - start
+        drop[cut:] = mag_bits[cut:] <= self.bits
+        return drop
+
+
+def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
+    """|τ| viewed as signed integers of its width: their order is the order of |τ|."""
+    return tau.abs().view(_INT_VIEW[tau.element_size()])
+
+
+def find_cut(blocks: Callable[[], Iterator[tuple[int, torch.Tensor]]], n: int, k: int) -> Cut:
+    """The cut keeping the k entries of largest magnitude among ``n``, by two-level radix
+    selection: ``blocks()`` yields (flat start, magnitude bits) of consecutive blocks and is
+    called twice. First a histogram of the top 15 bits finds the bin of the k-th largest, then
+    the entries of that bin are collected and the k-th largest found among them; entries
+    equal to it are kept in order of flat index, lowest first, until exactly k are."""
+    hist: torch.Tensor | None = None
+    shift = 0
+    for _, bits in blocks():
+        shift = 8 * bits.element_size() - 16
+        counts = torch.bincount((bits >> shift).reshape(-1), minlength=1 << 15)
+        hist = counts if hist is None else hist.add_(counts)
+    assert hist is not None
+    above = hist.flip(0).cumsum(0).flip(0)  # entries in this bin or higher ones
+    top = int(torch.nonzero(above >= k).max())  # the bin of the k-th largest
+    rank = k - (int(above[top + 1]) if top + 1 < len(above) else 0)  # its rank in the bin
+    values, where = [], []
+    for start, bits in blocks():
+        flat = bits.reshape(-1)
+        inside = torch.nonzero((flat >> shift) == top).flatten()
+        values.append(flat[inside])
+        where.append(inside + start)
+    vals, idx = torch.cat(values), torch.cat(where)
+    threshold = torch.kthvalue(vals, len(vals) - rank + 1).values
+    tied = idx[vals == threshold]
+    surplus = int(above[top]) - int(hist[top]) + int((vals >= threshold).sum()) - k
+    return Cut(int(threshold), int(tied[len(tied) - surplus]) if surplus else n)
+
+
+def _flat_blocks(t: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), BLOCK):
+        yield start, flat[start:start + BLOCK]
+
+
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = ⌊density·n⌋ entries of largest |τ|, zero the rest.
 
-    The threshold is the k-th largest |τ|, found by k-th value selection (no sort). Entries
-    equal to the threshold are kept in order of flat index, lowest first, until exactly k are.
+    The threshold is the k-th largest |τ|, found by radix selection (no sort, see
+    :func:`find_cut`). Entries equal to the threshold are kept in order of flat index, lowest
+    first, until exactly k are.
     """
     n = tau.numel()
     k = int(density * n)
@@ -32,14 +102,10 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
         return tau
     if k == 0:
         return torch.zeros_like(tau)
-    mag = tau.abs().reshape(-1)
-    threshold = torch.kthvalue(mag, n - k + 1).values
-    keep = mag >= threshold
-    surplus = int(keep.count_nonzero()) - k
-    if surplus:  # entries tied at the threshold beyond k: drop the highest flat indices
-        tied = torch.nonzero(mag == threshold).flatten()
-        keep[tied[len(tied) - surplus:]] = False
-    return torch.where(keep.reshape(tau.shape), tau, 0.0)
+    mag = magnitude_bits(tau)
+    cut = find_cut(lambda: _flat_blocks(mag), n, k)
+    drop = torch.cat([cut.drop(b, start) for start, b in _flat_blocks(mag)])
+    return tau.masked_fill(drop.reshape(tau.shape), 0.0)
 
 
 def elect(contributions: torch.Tensor, consensus: Consensus) -> torch.Tensor:
@@ -116,16 +182,44 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
     """
     dens, ws, lam = _prepare("ties", base, models, density, weights, lambda_, layer_pattern)
 
-    def fn(name: str, ts: list[torch.Tensor], _: EvalContext) -> torch.Tensor:
-        theta0 = ts[0]
-        d = dens(name)
-        taus = torch.stack([trim(t - theta0, d) for t in ts[1:]])
-        merged = disjoint_merge(taus, _stack_weights(ws, name, theta0), consensus, normalize)
-        return theta0 + merged * lam(name)
+    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        # Inputs come as stored (bf16 typically) and are converted block by block.
+        dtype = ctx.compute_dtype
+        theta0, thetas = ts[0].reshape(-1), [t.reshape(-1) for t in ts[1:]]
+        n = theta0.numel()
+        k = int(dens(name) * n)
+        scratch = torch.empty((len(thetas), min(BLOCK, n)), dtype=dtype, device=theta0.device)
+
+        def deltas(i: int) -> Iterator[tuple[int, torch.Tensor]]:
+            for start in range(0, n, BLOCK):
+                stop = min(start + BLOCK, n)
+                yield start, magnitude_bits(torch.sub(
+                    thetas[i][start:stop], theta0[start:stop].to(dtype),
+                    out=scratch[i, :stop - start]))
+
+        cuts = [find_cut(lambda i=i: deltas(i), n, k) for i in range(len(thetas))] \
+            if 0 < k < n else []
+        w = torch.tensor([s(name) for s in ws], dtype=dtype, device=theta0.device)
+        scale = lam(name)
+        out = ctx.empty((n,), dtype)
+        for start in range(0, n, BLOCK):
+            stop = min(start + BLOCK, n)
+            base_block = theta0[start:stop].to(dtype)
+            taus = scratch[:, :stop - start]
+            for i, theta in enumerate(thetas):
+                torch.sub(theta[start:stop], base_block, out=taus[i])
+                if k == 0:
+                    taus[i].zero_()
+                elif cuts:
+                    taus[i].masked_fill_(cuts[i].drop(magnitude_bits(taus[i]), start), 0.0)
+            merged = disjoint_merge(taus, w, consensus, normalize)
+            torch.add(base_block, merged * scale, out=out[start:stop])
+        return out.reshape(ts[0].shape)
 
     return Weights(ElementwiseNode(
         [base.node, *(m.node for m in models)], fn, "ties",
-        _params(dens, ws, lam, consensus=consensus, normalize=normalize), TIES_REF))
+        _params(dens, ws, lam, consensus=consensus, normalize=normalize), TIES_REF,
+        convert=False))
 
 
 def drop_and_rescale(tau: torch.Tensor, density: float, rescale: Rescale,
