@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 from surgery import dare_linear, dare_ties, load, ties
 from surgery.errors import UsageError
+from surgery.expr.node import seeded_generator
 from surgery.methods import ties_dare
 from surgery.methods.ties_dare import trim
 from surgery.recipe import build_recipe
@@ -149,3 +150,19 @@ def test_ties_in_small_blocks_equals_one_block(three_models: list[Path],
     monkeypatch.setattr(ties_dare, "BLOCK", 5)
     for n, t in want.items():
         assert torch.equal(ties(base, [m1, m2], density=0.3, weights=[1.0, 0.7])[n], t), n
+
+
+@pytest.mark.parametrize("block", [5, 1 << 20])
+def test_dare_in_blocks_draws_as_one_whole_tensor_draw(three_models: list[Path],
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       block: int) -> None:
+    monkeypatch.setattr(ties_dare, "BLOCK", block)
+    base, m1, m2 = (load(str(p)) for p in three_models)
+    merged = dare_linear(base, [m1, m2], density=0.4, weights=[1.0, 0.5])
+    for name in base.names:
+        theta0 = base[name].float()
+        taus = [ties_dare.drop_and_rescale(m[name].float() - theta0, 0.4, "inverse_density",
+                                           seeded_generator(0, name, f"dare:{i}"))
+                for i, m in enumerate((m1, m2))]
+        want = theta0 + (taus[0] * 1.0 + taus[1] * 0.5)
+        assert torch.equal(merged[name], want), name

@@ -89,6 +89,23 @@ def _flat_blocks(t: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
         yield start, flat[start:start + BLOCK]
 
 
+def task_vector_blocks(ts: list[torch.Tensor], dtype: torch.dtype
+                       ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(flat start, θ₀ block, stacked τ_i = θ_i − θ₀ blocks [T, b]) over consecutive flat
+    blocks of a base ``ts[0]`` and models ``ts[1:]`` in any float dtype, computed in ``dtype``
+    (the τ blocks reuse one buffer: each is valid until the next is yielded)."""
+    theta0, thetas = ts[0].reshape(-1), [t.reshape(-1) for t in ts[1:]]
+    n = theta0.numel()
+    scratch = torch.empty((len(thetas), min(BLOCK, n)), dtype=dtype, device=theta0.device)
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        base_block = theta0[start:stop].to(dtype)
+        taus = scratch[:, :stop - start]
+        for i, theta in enumerate(thetas):
+            torch.sub(theta[start:stop], base_block, out=taus[i])
+        yield start, base_block, taus
+
+
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = ⌊density·n⌋ entries of largest |τ|, zero the rest.
 
@@ -202,18 +219,13 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
         w = torch.tensor([s(name) for s in ws], dtype=dtype, device=theta0.device)
         scale = lam(name)
         out = ctx.empty((n,), dtype)
-        for start in range(0, n, BLOCK):
-            stop = min(start + BLOCK, n)
-            base_block = theta0[start:stop].to(dtype)
-            taus = scratch[:, :stop - start]
-            for i, theta in enumerate(thetas):
-                torch.sub(theta[start:stop], base_block, out=taus[i])
-                if k == 0:
-                    taus[i].zero_()
-                elif cuts:
-                    taus[i].masked_fill_(cuts[i].drop(magnitude_bits(taus[i]), start), 0.0)
+        for start, base_block, taus in task_vector_blocks(ts, dtype):
+            for i, cut in enumerate(cuts):
+                taus[i].masked_fill_(cut.drop(magnitude_bits(taus[i]), start), 0.0)
+            if k == 0:
+                taus.zero_()
             merged = disjoint_merge(taus, w, consensus, normalize)
-            torch.add(base_block, merged * scale, out=out[start:stop])
+            torch.add(base_block, merged * scale, out=out[start:start + taus.shape[1]])
         return out.reshape(ts[0].shape)
 
     return Weights(ElementwiseNode(
@@ -244,27 +256,51 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
           consensus: Consensus | None, normalize: bool, layer_pattern: str | None) -> Weights:
     dens, ws, lam = _prepare(op, base, models, density, weights, lambda_, layer_pattern)
 
-    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+    def combine(taus: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if consensus is not None:
+            return disjoint_merge(taus, w, consensus, normalize)
+        merged = (taus * w.reshape(-1, *([1] * (taus.dim() - 1)))).sum(0)
+        if normalize:
+            total = w.sum()
+            merged /= total if total.abs() >= 1e-8 else 1.0
+        return merged
+
+    def whole(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        # The l1 rescale needs the norms of whole task vectors.
         theta0 = ts[0]
         d = dens(name)
         taus = torch.stack([
             drop_and_rescale(t - theta0, d, rescale, ctx.generator(name, f"dare:{i}"))
             for i, t in enumerate(ts[1:])])
-        w = _stack_weights(ws, name, theta0)
-        if consensus is not None:
-            merged = disjoint_merge(taus, w, consensus, normalize)
-        else:
-            merged = (taus * w.reshape(-1, *([1] * theta0.dim()))).sum(0)
-            if normalize:
-                total = w.sum()
-                merged /= total if total.abs() >= 1e-8 else 1.0
-        return theta0 + merged * lam(name)
+        return theta0 + combine(taus, _stack_weights(ws, name, theta0)) * lam(name)
+
+    def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        # Inverse-density rescale is entry by entry: blocks of the stored inputs, each
+        # model's draws taken block after block from its generator (the same sequence as
+        # one draw for the whole tensor).
+        dtype = ctx.compute_dtype
+        d = dens(name)
+        gens = [ctx.generator(name, f"dare:{i}") for i in range(len(ts) - 1)]
+        w = torch.tensor([s(name) for s in ws], dtype=dtype, device=ts[0].device)
+        scale = lam(name)
+        out = ctx.empty((ts[0].numel(),), dtype)
+        for start, base_block, taus in task_vector_blocks(ts, dtype):
+            if d < 1.0:
+                for tau, gen in zip(taus, gens, strict=True):
+                    tau.mul_(torch.rand(tau.shape, generator=gen, device=tau.device) < d)
+                    tau.div_(d)
+            torch.add(base_block, combine(taus, w) * scale,
+                      out=out[start:start + taus.shape[1]])
+        return out.reshape(ts[0].shape)
 
     extra: dict[str, object] = {"rescale": rescale, "normalize": normalize}
     if consensus is not None:
         extra["consensus"] = consensus
-    return Weights(ElementwiseNode([base.node, *(m.node for m in models)], fn, op,
-                                   _params(dens, ws, lam, **extra), DARE_REF))
+    by_entry = rescale == "inverse_density"
+    return Weights(ElementwiseNode([base.node, *(m.node for m in models)],
+                                   blockwise if by_entry else whole, op,
+                                   _params(dens, ws, lam, **extra), DARE_REF,
+                                   convert=not by_entry))
 
 
 def dare_linear(base: Weights, models: Sequence[Weights], density: Scheduled,
