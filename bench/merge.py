@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from surgery.checkpoint import open_checkpoint
+from surgery.checkpoint.hashing import cached_sha256, file_sha256
 from surgery.methods.registry import OPERATIONS
 from surgery.writer import PlannedTensor, ShardWriter, plan_shards, shard_names, write_index
 
@@ -102,7 +103,7 @@ METHODS: dict[str, tuple[str, dict]] = {
                    "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.2}}
                               for m in FINETUNES]}),
 }
-SAME_SEMANTICS = ("linear", "task_arithmetic")
+SAME_SEMANTICS = ("linear", "task_arithmetic", "ties")
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -169,10 +170,26 @@ class Run:
     note: str = ""
 
 
-def measure(cmd: list[str], inputs: list[Path], log: Path) -> Run:
-    """Run ``cmd`` cold, in its own process; wall time, CPU time and peak RSS from wait4."""
+def measure(cmd: list[str], inputs: list[Path], log: Path, hashes: Path | None = None,
+            repeat: int = 1, cold_hashes: bool = False) -> Run:
+    """Run ``cmd`` cold ``repeat`` times, each in its own process; the run of median wall
+    time (wall time, CPU time and peak RSS from wait4). ``hashes``: the input-hash cache
+    directory the process uses, emptied before each run with ``cold_hashes``."""
+    runs = []
+    for _ in range(repeat):
+        if hashes is not None and cold_hashes:
+            shutil.rmtree(hashes, ignore_errors=True)
+        runs.append(_measure_once(cmd, inputs, log, hashes))
+        if not runs[-1].ok:
+            return runs[-1]
+    return sorted(runs, key=lambda r: r.wall_s)[len(runs) // 2]
+
+
+def _measure_once(cmd: list[str], inputs: list[Path], log: Path, hashes: Path | None) -> Run:
     drop_caches(inputs)
     env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+    if hashes is not None:
+        env["WEIGHT_SURGERY_CACHE"] = str(hashes)
     done = subprocess.run([sys.executable, "-m", "bench.spawn", str(log), *cmd], env=env,
                           check=True, capture_output=True, text=True)
     got = json.loads(done.stdout)
@@ -218,7 +235,7 @@ class SizeResult:
 
 
 def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
-               cache: Path) -> SizeResult:
+               cache: Path, repeat: int = 1) -> SizeResult:
     shape = SIZES[size]
     dirs = build_models(shape, cache / size)
     files = sorted(p for d in dirs.values() for p in d.glob("*.safetensors"))
@@ -227,10 +244,20 @@ def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
     out_bytes = shape.params() * 2
     floor_dir = work / "floor"
     floor = measure([sys.executable, "-m", "bench.iofloor", str(floor_dir), str(out_bytes),
-                     str(SHARD_BYTES), *map(str, files)], files, work / "floor.log")
+                     str(SHARD_BYTES), *map(str, files)], files, work / "floor.log",
+                    repeat=repeat)
     shutil.rmtree(floor_dir, ignore_errors=True)
     result = SizeResult(size, shape.params(), in_bytes, out_bytes, floor)
-    for method in methods:
+    warm = cache / "hashes"
+    os.environ["WEIGHT_SURGERY_CACHE"] = str(warm)
+    for f in files:  # our runs find the provenance hashes of their inputs cached ...
+        cached_sha256(f)
+    cold = work / "no-hashes"  # ... except one, which hashes them while it merges
+    runs = [(m, m, warm) for m in methods]
+    if "task_arithmetic" in methods:
+        runs.append(("task_arithmetic", "task_arithmetic, cold input hashes", cold))
+    digests: dict[str, dict[str, str]] = {}
+    for method, label, hashes in runs:
         step, mk_config = METHODS[method]
         outs: dict[str, Path] = {}
         op = step.split(",")[0].removeprefix("{op: ")
@@ -241,11 +268,21 @@ def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
                 "inputs: " + json.dumps(ours_inputs) + f"\nsteps:\n  merged: {step}\n"
                 f"output: {{from: merged, path: {out}, dtype: bfloat16, shard_size: 2GB, "
                 "device: cpu}\n")
-            result.runs[("ours", method)] = measure(
+            result.runs[("ours", label)] = measure(
                 [sys.executable, "-c", "from surgery_cli.main import main; main()", "apply",
                  str(recipe), "--force", "--quiet", "--profile"], files,
-                work / f"ours-{method}.log")
+                work / f"ours-{method}.log", hashes, repeat, cold_hashes=hashes is cold)
             outs["ours"] = out
+        if "ours" in outs and result.runs[("ours", label)].ok:
+            digest = _digests(outs["ours"])
+            if hashes is cold:
+                same = digest == digests.get(method)
+                result.agreement[label] = ("output byte-identical to the warm run's" if same
+                                           else "output differs from the warm run's")
+            digests[method] = digest
+        if hashes is cold:
+            shutil.rmtree(out, ignore_errors=True)
+            continue
         if mergekit:
             out = work / f"mergekit-{method}"
             config = dict(mk_config, dtype="float32", out_dtype="bfloat16")
@@ -262,10 +299,17 @@ def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
             outs["mergekit"] = out
         if method in SAME_SEMANTICS and len(outs) == 2 and all(
                 result.runs[(k, method)].ok for k in outs):
-            result.agreement[method] = compare(outs["ours"], outs["mergekit"])
+            result.agreement[method] = compare(outs["ours"], outs["mergekit"]) + (
+                "; mergekit keeps the entries tied at the trim threshold in the order of an "
+                "unstable torch.argsort, ours by lowest flat index" if method == "ties" else "")
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
     return result
+
+
+def _digests(model: Path) -> dict[str, str]:
+    """SHA-256 of each file of a model directory."""
+    return {f.name: file_sha256(f) for f in sorted(model.iterdir()) if f.is_file()}
 
 
 def _gb(n: int) -> str:
@@ -280,7 +324,9 @@ def _cell(run: Run | None) -> str:
     return f"{run.wall_s:.1f} s / {run.cpu_s:.1f} s / {_gb(run.peak_rss)}"
 
 
-def render(results: list[SizeResult], command: str, cache_note: str) -> str:
+def render(results: list[SizeResult], command: str, cache_note: str, repeat: int) -> str:
+    repeat_note = (f"; the floor and our runs: the run of median wall time of {repeat}, "
+                   "mergekit: one run" if repeat > 1 else "; one run each")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     lines = [
         "# Merge benchmark", "",
@@ -299,7 +345,10 @@ def render(results: list[SizeResult], command: str, cache_note: str) -> str:
         "(16 MB reads) and then writes the output's byte count in 2 GB shards, each fsync'd "
         "(as the engine does; mergekit does not fsync).", "",
         "Each cell: wall time / CPU time (user+sys) / peak resident memory of the process "
-        "(`wait4` rusage).", "",
+        f"(`wait4` rusage){repeat_note}. Our runs record the SHA-256 of every input file in "
+        "provenance, cached by path, size and mtime: every row but one finds them cached "
+        "(warm); the row marked \"cold input hashes\" hashes all inputs during the merge, on "
+        "a thread of its own; it checks that its output is byte-identical to the warm run's.", "",
     ]
     methods = list(dict.fromkeys(m for r in results for _, m in r.runs))
     for r in results:
@@ -316,7 +365,8 @@ def render(results: list[SizeResult], command: str, cache_note: str) -> str:
             lines.append(f"| {m} | {_cell(ours)} | {_cell(theirs)} | {ratio} | {floor} |")
         lines.append("")
         for m, text in r.agreement.items():
-            lines.append(f"- {m}, ours vs mergekit (bf16 outputs): {text}")
+            what = "ours" if "cold" in m else "ours vs mergekit (bf16 outputs)"
+            lines.append(f"- {m}, {what}: {text}")
         lines.append("")
     return "\n".join(lines)
 
@@ -339,6 +389,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-mergekit", action="store_true")
     parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="run the floor and ours this many times and report the median "
+                             "(mergekit runs once)")
     parser.add_argument("--keep-cache", action="store_true",
                         help="keep the inputs of every size (default: only 1B and tiny stay)")
     args = parser.parse_args(argv)
@@ -355,13 +408,14 @@ def main(argv: list[str] | None = None) -> None:
     results = []
     try:
         for size in sizes:
-            results.append(bench_size(size, methods, not args.no_mergekit, work, args.cache))
+            results.append(bench_size(size, methods, not args.no_mergekit, work, args.cache,
+                                      args.repeat))
             if size not in ("1B", "tiny") and not args.keep_cache:
                 shutil.rmtree(args.cache / size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     command = "python -m bench.merge " + " ".join(sys.argv[1:] if argv is None else argv)
-    args.out.write_text(render(results, command.strip(), cache_note) + "\n")
+    args.out.write_text(render(results, command.strip(), cache_note, args.repeat) + "\n")
     print(args.out.read_text())
 
 

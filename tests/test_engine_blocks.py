@@ -12,13 +12,17 @@ from safetensors.torch import load_file
 import surgery.engine.stream as stream
 from surgery import linear, load, task_arithmetic
 from surgery.engine.buffers import BufferPool
+from surgery.errors import CheckpointError
+from surgery.writer import PlannedTensor, ShardWriter
 
 
-@pytest.mark.parametrize("block", [5, 7, 1 << 30])
+@pytest.mark.parametrize(("block", "cache_block"), [(5, 3), (7, 1 << 20), (40, 9),
+                                                   (1 << 30, 1 << 30)])
 def test_blocked_save_equals_whole_tensor_values(three_models: list[Path], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
-                                                 block: int) -> None:
+                                                 block: int, cache_block: int) -> None:
     monkeypatch.setattr(stream, "ROW_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(stream, "CACHE_BLOCK_ELEMENTS", cache_block)
     base, m1, m2 = (load(str(p)) for p in three_models)
     expr = task_arithmetic(base, [m1, m2], weights=[1.0, 0.5], lambda_=0.7)
     soup = linear([m1, m2, base], weights=[1.0, 2.0, 3.0])
@@ -41,3 +45,29 @@ def test_pool_reuses_buffers_and_drops_the_oldest() -> None:
         pool.give(t)
     assert pool.held == 70  # b was dropped: 40 + 40 + 30 > 100
     assert pool.take(30).data_ptr() == d.data_ptr()
+
+
+def test_row_range_reads_are_the_rows_of_the_whole_tensor(three_models: list[Path]) -> None:
+    ck = load(str(three_models[0])).node.checkpoints()[0]
+    name = max(ck.names, key=lambda n: ck.info(n).nbytes)
+    whole = ck.read(name)
+    rows = ck.read(name, rows=(1, 2))
+    assert torch.equal(rows, whole[1:3])
+    buf = torch.empty(rows.numel() * rows.element_size(), dtype=torch.uint8)
+    assert torch.equal(ck.read(name, buf, rows=(1, 2)), whole[1:3])
+    with pytest.raises(CheckpointError, match="has no rows"):
+        ck.read(name, rows=(whole.shape[0], 1))
+
+
+def test_shard_writer_takes_row_blocks_in_order(tmp_path: Path) -> None:
+    t = torch.arange(12, dtype=torch.float32).reshape(4, 3)
+    planned = [PlannedTensor("a", (4, 3), torch.float32), PlannedTensor("b", (), torch.float32)]
+    writer = ShardWriter(tmp_path / "s.safetensors", planned, {})
+    assert not writer.add("a", t[:1])
+    with pytest.raises(RuntimeError, match="does not match the plan"):
+        writer.add("a", t)  # only 3 rows are left
+    assert writer.add("a", t[1:4]) is True
+    assert writer.add("b", torch.tensor(5.0))
+    writer.finish()
+    saved = load_file(str(tmp_path / "s.safetensors"))
+    assert torch.equal(saved["a"], t) and float(saved["b"]) == 5.0

@@ -10,6 +10,8 @@ from safetensors.torch import load_file
 
 from surgery import dare_linear, dare_ties, load, ties
 from surgery.errors import UsageError
+from surgery.expr.node import seeded_generator
+from surgery.methods import ties_dare
 from surgery.methods.ties_dare import trim
 from surgery.recipe import build_recipe
 from tests.conftest import small_tensors, write_checkpoint
@@ -123,3 +125,44 @@ def test_density_error_in_recipe_names_the_step(tmp_path: Path) -> None:
         build_recipe(text)
     assert str(err.value) == ("recipe.yaml:3:3: steps.merged: ties: density 1.2 is outside "
                               "(0, 1]")
+
+
+@pytest.mark.parametrize("block", [3, 64, 1 << 20])
+def test_trim_matches_a_stable_sort_on_quantised_values_with_many_ties(
+        monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+    monkeypatch.setattr(ties_dare, "BLOCK", block)
+    g = torch.Generator().manual_seed(1)
+    base = torch.randn(4000, generator=g).bfloat16()
+    tau = (base.float() + torch.randn(4000, generator=g) * 0.01).bfloat16().float() - base.float()
+    for density in (0.05, 0.2, 0.5, 0.93):
+        k = int(density * tau.numel())
+        order = torch.sort(-tau.abs(), stable=True).indices[:k]  # ties: lower index first
+        want = torch.zeros_like(tau)
+        want[order] = tau[order]
+        assert torch.equal(trim(tau, density), want), density
+
+
+def test_ties_in_small_blocks_equals_one_block(three_models: list[Path],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    base, m1, m2 = (load(str(p)) for p in three_models)
+    whole = ties(base, [m1, m2], density=0.3, weights=[1.0, 0.7])
+    want = {n: whole[n] for n in whole.names}
+    monkeypatch.setattr(ties_dare, "BLOCK", 5)
+    for n, t in want.items():
+        assert torch.equal(ties(base, [m1, m2], density=0.3, weights=[1.0, 0.7])[n], t), n
+
+
+@pytest.mark.parametrize("block", [5, 1 << 20])
+def test_dare_in_blocks_draws_as_one_whole_tensor_draw(three_models: list[Path],
+                                                       monkeypatch: pytest.MonkeyPatch,
+                                                       block: int) -> None:
+    monkeypatch.setattr(ties_dare, "BLOCK", block)
+    base, m1, m2 = (load(str(p)) for p in three_models)
+    merged = dare_linear(base, [m1, m2], density=0.4, weights=[1.0, 0.5])
+    for name in base.names:
+        theta0 = base[name].float()
+        taus = [ties_dare.drop_and_rescale(m[name].float() - theta0, 0.4, "inverse_density",
+                                           seeded_generator(0, name, f"dare:{i}"))
+                for i, m in enumerate((m1, m2))]
+        want = theta0 + (taus[0] * 1.0 + taus[1] * 0.5)
+        assert torch.equal(merged[name], want), name

@@ -76,28 +76,31 @@ class Checkpoint:
                 self._fds[path] = fd
             return fd
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None,
+             rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read one tensor from disk into a fresh CPU tensor of its stored dtype, or into
-        ``out`` (a contiguous CPU uint8 tensor of exactly its byte size) when given."""
+        ``out`` (a contiguous CPU uint8 tensor of exactly the bytes read) when given.
+        ``rows=(start, count)`` reads only those rows (first dimension), one contiguous range."""
         info = self.info(name)
-        if out is not None and info.nbytes:
+        shape, offset, nbytes = _row_range(info, rows)
+        if out is not None and nbytes:
             view = memoryview(out.numpy())
             buf = out
         else:
-            buf = bytearray(info.nbytes)
+            buf = bytearray(nbytes)
             view = memoryview(buf)
         fd = self._fd(info.file)
         done = 0
-        while done < info.nbytes:
-            got = os.preadv(fd, [view[done:]], info.start + done)
+        while done < nbytes:
+            got = os.preadv(fd, [view[done:]], info.start + offset + done)
             if got <= 0:
                 raise CheckpointError(f"{info.file}: tensor {name!r} is truncated on disk")
             done += got
-        if info.nbytes == 0:
-            return torch.empty(info.shape, dtype=info.dtype)
+        if nbytes == 0:
+            return torch.empty(shape, dtype=info.dtype)
         if isinstance(buf, torch.Tensor):
-            return buf.view(info.dtype).view(info.shape)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(info.shape)
+            return buf.view(info.dtype).view(shape)
+        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
 
     def missing(self, files: list[Path] | None = None) -> list[Path]:
         """Weight files (all, or of ``files``) that must be downloaded before reading."""
@@ -127,6 +130,19 @@ class Checkpoint:
 
     def __eq__(self, other: object) -> bool:
         return self is other
+
+
+def _row_range(info: TensorInfo, rows: tuple[int, int] | None
+               ) -> tuple[tuple[int, ...], int, int]:
+    """Shape, byte offset within the tensor and byte count of a row range (all when None)."""
+    if rows is None:
+        return info.shape, 0, info.nbytes
+    start, count = rows
+    if not info.shape or start < 0 or count < 0 or start + count > info.shape[0]:
+        raise CheckpointError(f"{info.file}: tensor {info.name!r} has no rows "
+                              f"{start}..{start + count} (shape {list(info.shape)})")
+    row_bytes = info.nbytes // info.shape[0] if info.shape[0] else 0
+    return (count, *info.shape[1:]), start * row_bytes, count * row_bytes
 
 
 def _close_fds(fds: dict[Path, int]) -> None:
@@ -223,11 +239,14 @@ class PickleCheckpoint(Checkpoint):
 
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
-    def read(self, name: str, out: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, name: str, out: torch.Tensor | None = None,
+             rows: tuple[int, int] | None = None) -> torch.Tensor:
         info = self.info(name)
-        if out is None or not info.nbytes:
-            return self.state[name].clone()
-        return out.view(info.dtype).view(info.shape).copy_(self.state[name])
+        shape, _, nbytes = _row_range(info, rows)
+        src = self.state[name] if rows is None else self.state[name].narrow(0, *rows)
+        if out is None or not nbytes:
+            return src.clone()
+        return out.view(info.dtype).view(shape).copy_(src)
 
 
 def open_pickle(root: Path, source: str | None = None) -> PickleCheckpoint:

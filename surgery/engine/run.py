@@ -200,12 +200,14 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
         for fname, shard in todo:
             writer = ShardWriter(out.path(fname), shard, shard_meta)
             try:
-                for planned in shard:
-                    name, tensor = next(stream)
-                    t0 = time.perf_counter()
-                    writer.add(name, tensor)
-                    opts.profile.write_s += time.perf_counter() - t0
-                    opts.profile.bytes_written += planned.nbytes
+                for _ in shard:
+                    complete = False
+                    while not complete:  # the whole tensor, or its blocks of rows in order
+                        name, tensor = next(stream)
+                        t0 = time.perf_counter()
+                        complete = writer.add(name, tensor)
+                        opts.profile.write_s += time.perf_counter() - t0
+                        opts.profile.bytes_written += tensor.numel() * tensor.element_size()
                 t0 = time.perf_counter()
                 out.record_shard(fname, writer.finish())
                 opts.profile.write_s += time.perf_counter() - t0

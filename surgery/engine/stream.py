@@ -7,6 +7,7 @@ plus the few tensors being computed, whatever the model size.
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import threading
 import time
@@ -18,13 +19,17 @@ import torch
 from surgery.checkpoint import Checkpoint
 from surgery.engine.buffers import BufferPool
 from surgery.errors import UsageError
-from surgery.expr.node import EvalContext, LoadNode, Node, Reduction, TensorSpec
+from surgery.expr.node import EvalContext, LoadNode, Node, Reduction
 
-DEFAULT_PREFETCH_BYTES = 512 * 1024 * 1024
-# Row-wise graphs compute large tensors in blocks of about this many elements.
-ROW_BLOCK_ELEMENTS = 16 * 1024 * 1024
-# Freed buffers kept for reuse: about one layer's reads, float32 conversions and outputs.
-POOL_BYTES = 512 * 1024 * 1024
+# The reader runs at most this many bytes ahead of the computation, or one job's reads when a
+# job needs more (a whole-tensor job of a graph that is not row-wise).
+DEFAULT_PREFETCH_BYTES = 128 * 1024 * 1024
+# Row-wise graphs read, compute and write large tensors in pieces of about this many elements
+# (8 MB per bf16 input), so memory does not grow with the largest tensor ...
+ROW_BLOCK_ELEMENTS = 4 * 1024 * 1024
+# ... and evaluate each piece in blocks of about this many elements, so that the float32
+# conversions of the inputs are still in the CPU's cache when the arithmetic reads them.
+CACHE_BLOCK_ELEMENTS = 64 * 1024
 
 
 @dataclass
@@ -71,14 +76,35 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
 
 
 Fetched = dict[tuple[int, str], torch.Tensor]
+Rows = tuple[int, int] | None
+
+
+@dataclass(frozen=True)
+class Job:
+    """One unit of streaming: output tensor ``name`` (or its rows ``rows=(start, count)``)
+    and the leaf tensors it reads (the same rows of each)."""
+
+    name: str
+    reads: list[tuple[Checkpoint, str]]
+    rows: Rows = None
+
+    def read_bytes(self, ck: Checkpoint, n: str) -> int:
+        info = ck.info(n)
+        if self.rows is None:
+            return info.nbytes
+        return info.nbytes // info.shape[0] * self.rows[1]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(self.read_bytes(ck, n) for ck, n in self.reads)
 
 
 class Prefetcher:
-    """Reads the leaf tensors of each planned item on a thread, ahead of use."""
+    """Reads the leaf tensors of each planned job on a thread, ahead of use."""
 
     _END = object()
 
-    def __init__(self, plan: list[list[tuple[Checkpoint, str]]], budget: int, pin: bool,
+    def __init__(self, plan: list[Job], budget: int, pin: bool,
                  pool: BufferPool | None = None) -> None:
         self.plan = plan
         self.budget = budget
@@ -93,8 +119,8 @@ class Prefetcher:
 
     def _run(self) -> None:
         try:
-            for reads in self.plan:
-                size = sum(ck.info(n).nbytes for ck, n in reads)
+            for job in self.plan:
+                size = job.nbytes
                 with self.cond:
                     # Always admit one item, even one larger than the budget.
                     while self.in_flight and self.in_flight + size > self.budget and not self.stop:
@@ -103,11 +129,11 @@ class Prefetcher:
                         return
                     self.in_flight += size
                 fetched: Fetched = {}
-                for ck, n in reads:
+                for ck, n in job.reads:
                     if self.pool is not None:  # straight into a reused (pinned for CUDA) buffer
-                        t = ck.read(n, self.pool.take(ck.info(n).nbytes))
+                        t = ck.read(n, self.pool.take(job.read_bytes(ck, n)), job.rows)
                     else:
-                        t = ck.read(n)
+                        t = ck.read(n, rows=job.rows)
                         t = t.pin_memory() if self.pin else t
                     fetched[(id(ck), n)] = t
                 self.out.put((size, fetched))
@@ -161,18 +187,18 @@ def _upload(fetched: Fetched, device: torch.device, stream: torch.cuda.Stream
     return moved, done
 
 
-def _stream(jobs: list[tuple[str, list[tuple[Checkpoint, str]]]], opts: StreamOptions,
-            phase: str, work: Callable[[str, EvalContext], float | None],
+def _stream(jobs: list[Job], opts: StreamOptions, phase: str,
+            work: Callable[[Job, EvalContext], float | None],
             pool: BufferPool | None = None) -> None:
-    """Run ``work`` for each job name with its reads prefetched; report progress.
+    """Run ``work`` for each job with its reads prefetched; report progress.
 
     With a ``pool``, read buffers (and the context's conversions) come from it and go back
     once ``work`` returns, so ``work`` must copy out whatever it keeps. On CUDA the next job's
     inputs are copied to the GPU on a side stream while the current job computes.
     """
-    total_bytes = sum(ck.info(n).nbytes for _, reads in jobs for ck, n in reads)
+    total_bytes = sum(job.nbytes for job in jobs)
     cuda = opts.device.type == "cuda"
-    prefetch = Prefetcher([reads for _, reads in jobs], opts.prefetch_bytes, pin=cuda, pool=pool)
+    prefetch = Prefetcher(jobs, opts.prefetch_bytes, pin=cuda, pool=pool)
     copy_stream = torch.cuda.Stream(opts.device) if cuda else None
     done_bytes = 0
     prof = opts.profile
@@ -180,7 +206,7 @@ def _stream(jobs: list[tuple[str, list[tuple[Checkpoint, str]]]], opts: StreamOp
     try:
         it = iter(prefetch)
         ahead: tuple[Fetched, Fetched, torch.cuda.Event | None] | None = None
-        for i, (name, reads) in enumerate(jobs):
+        for i, job in enumerate(jobs):
             t0 = time.perf_counter()
             if ahead is None:
                 host = next(it)
@@ -198,9 +224,9 @@ def _stream(jobs: list[tuple[str, list[tuple[Checkpoint, str]]]], opts: StreamOp
                 current.wait_event(uploaded)
                 for t in fetched.values():
                     t.record_stream(current)
-            ctx = EvalContext(name, opts.device, dict(fetched), opts.seed, opts.compute_dtype,
-                              pool=pool if not cuda else None)
-            waited = work(name, ctx) or 0.0
+            ctx = EvalContext(job.name, opts.device, dict(fetched), opts.seed,
+                              opts.compute_dtype, pool=pool if not cuda else None)
+            waited = work(job, ctx) or 0.0
             prof.compute_s += time.perf_counter() - t1 - waited
             prof.write_wait_s += waited
             if pool is not None:
@@ -208,11 +234,11 @@ def _stream(jobs: list[tuple[str, list[tuple[Checkpoint, str]]]], opts: StreamOp
                 # uploads from the pinned read buffers are complete too).
                 for t in [*host.values(), *ctx.scratch]:
                     pool.give(t)
-            size = sum(ck.info(n).nbytes for ck, n in reads)
-            done_bytes += size
-            prof.bytes_read += size
+            done_bytes += job.nbytes
+            prof.bytes_read += job.nbytes
             if opts.progress:
-                opts.progress(ProgressEvent(phase, i + 1, len(jobs), done_bytes, total_bytes, name))
+                opts.progress(ProgressEvent(phase, i + 1, len(jobs), done_bytes, total_bytes,
+                                            job.name))
         for _ in it:  # drain the end marker so the thread finishes
             pass
     finally:
@@ -250,10 +276,11 @@ def resolve_reductions(root: Node, opts: StreamOptions) -> None:
                     for node in r.inputs:
                         for ck, n in node.reads(name):
                             reads.setdefault((id(ck), n), (ck, n))
-            jobs.append((name, list(reads.values())))
+            jobs.append(Job(name, list(reads.values())))
 
-        def work(name: str, ctx: EvalContext, ready: list[Reduction] = ready,
+        def work(job: Job, ctx: EvalContext, ready: list[Reduction] = ready,
                  wanted: dict[int, set[str]] = wanted) -> None:
+            name = job.name
             for r in ready:
                 if name in wanted[id(r)]:
                     r.update(name, [ctx.to_compute(ctx.value(n, name)) for n in r.inputs])
@@ -271,22 +298,30 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
     Runs the reduction passes first, then computes on a thread of its own, so reading (the
     prefetch thread), computing and the consumer's writing overlap. With ``reuse_outputs`` a
     yielded tensor's memory is reused once the consumer asks for the next one, so the consumer
-    must be done with it by then (the writer is).
+    must be done with it by then (the writer is), and a large tensor of a row-wise graph comes
+    as consecutive blocks of its rows, each yielded under its name.
     """
     resolve_reductions(root, opts)
     results: queue.Queue[object] = queue.Queue(maxsize=2)
     end = object()
     stop = threading.Event()
     cuda = opts.device.type == "cuda"
-    pool = BufferPool(POOL_BYTES, pin=cuda)
+    rowwise = reuse_outputs and not cuda and all(
+        isinstance(n, LoadNode) or getattr(n, "rowwise", False) for n in root.walk())
+    jobs = [job for n in names for job in _jobs(root, n, rowwise)]
+    budget = max(opts.prefetch_bytes, max((j.nbytes for j in jobs), default=0))
+    # Freed buffers kept for reuse, as many bytes as the reader may hold ahead.
+    pool = BufferPool(budget, pin=cuda)
 
-    def work(name: str, ctx: EvalContext) -> float:
+    def work(job: Job, ctx: EvalContext) -> float:
+        name = job.name
         spec = root.spec(name)
-        rows = _row_block(root, spec, cuda)
-        if rows and reuse_outputs:
-            out = pool.tensor(spec.shape, out_dtype(name))
-            for start in range(0, spec.shape[0], rows):
-                n = min(rows, spec.shape[0] - start)
+        if rowwise and spec.shape:
+            rows = job.rows[1] if job.rows else spec.shape[0]
+            out = pool.tensor((rows, *spec.shape[1:]), out_dtype(name))
+            step = max(1, CACHE_BLOCK_ELEMENTS * spec.shape[0] // max(spec.numel, 1))
+            for start in range(0, rows, step):
+                n = min(step, rows - start)
                 part = EvalContext(name, ctx.device, {k: v.narrow(0, start, n) for k, v in
                                                       ctx.fetched.items()},
                                    ctx.seed, ctx.compute_dtype, pool=ctx.pool)
@@ -311,12 +346,17 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
                 continue
         raise _Stopped
 
-    jobs = [(n, root.reads(n)) for n in names]
     error: list[BaseException] = []
 
     def produce() -> None:
+        if not cuda:
+            # Methods compute in cache-sized blocks, too small to split between cores: one
+            # intra-op thread (a setting of this thread only) leaves the other core to reading
+            # and writing, and avoids waiting at every operation for a core another process
+            # holds.
+            torch.set_num_threads(1)
         try:
-            _stream(jobs, opts, "write", work, pool)
+            _stream(jobs, dataclasses.replace(opts, prefetch_bytes=budget), "write", work, pool)
         except _Stopped:
             pass
         except BaseException as e:
@@ -343,14 +383,16 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
         raise error[0]
 
 
-def _row_block(root: Node, spec: TensorSpec, cuda: bool) -> int:
-    """Rows per block when ``root`` is row-wise all the way down and the tensor is large
-    enough for blocks to save memory (CPU only); 0 to compute it whole."""
-    if cuda or len(spec.shape) < 1 or spec.numel <= ROW_BLOCK_ELEMENTS:
-        return 0
-    if not all(isinstance(n, LoadNode) or getattr(n, "rowwise", False) for n in root.walk()):
-        return 0
-    return max(1, ROW_BLOCK_ELEMENTS * spec.shape[0] // spec.numel)
+def _jobs(root: Node, name: str, rowwise: bool) -> list[Job]:
+    """The jobs computing output tensor ``name``: one, or for a large tensor of a row-wise
+    graph one per block of about ``ROW_BLOCK_ELEMENTS`` elements."""
+    reads = root.reads(name)
+    spec = root.spec(name)
+    if not rowwise or len(spec.shape) < 1 or spec.numel <= ROW_BLOCK_ELEMENTS:
+        return [Job(name, reads)]
+    step = max(1, ROW_BLOCK_ELEMENTS * spec.shape[0] // spec.numel)
+    return [Job(name, reads, (start, min(step, spec.shape[0] - start)))
+            for start in range(0, spec.shape[0], step)]
 
 
 class _Stopped(Exception):

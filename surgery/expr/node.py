@@ -90,7 +90,13 @@ class EvalContext:
         (valid until this output tensor is done: fine for the value a node returns)."""
         if self.pool is None or t.device.type != "cpu":
             return torch.empty_like(t)
-        out = self.pool.tensor(tuple(t.shape), t.dtype)
+        return self.empty(tuple(t.shape), t.dtype)
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """An uninitialised tensor on this context's device, reused as :meth:`empty_like`."""
+        if self.pool is None or self.device.type != "cpu":
+            return torch.empty(shape, dtype=dtype, device=self.device)
+        out = self.pool.tensor(shape, dtype)
         self.scratch.append(out)
         return out
 
@@ -214,14 +220,16 @@ class ElementwiseNode(Node):
     node is built. Integer and bool buffers are copied from the first input, never combined.
     ``rowwise`` says that each output element depends only on the same element of the inputs
     (no whole-tensor statistics, no random draws), so the engine may compute a large tensor in
-    blocks of rows to bound its memory.
+    blocks of rows to bound its memory. With ``convert=False`` ``fn`` gets the floating
+    inputs in their own dtypes and converts them itself (block by block, to save memory).
     """
 
     def __init__(self, inputs: list[Node], fn: TensorFn, op: str,
                  params: dict[str, Any] | None = None, reference: str | None = None,
-                 rowwise: bool = False) -> None:
+                 rowwise: bool = False, convert: bool = True) -> None:
         super().__init__()
         self.rowwise = rowwise
+        self.convert = convert
         self.reference = reference
         if not inputs:
             raise UsageError(f"{op}: needs at least one model")
@@ -249,8 +257,9 @@ class ElementwiseNode(Node):
         first = ctx.value(self.inputs[0], name)
         if not is_mergeable(first.dtype):
             return first
-        tensors = [ctx.to_compute(first)]
-        tensors += [ctx.to_compute(ctx.value(n, name)) for n in self.inputs[1:]]
+        tensors = [first, *(ctx.value(n, name) for n in self.inputs[1:])]
+        if self.convert:
+            tensors = [ctx.to_compute(t) for t in tensors]
         return self.fn(name, tensors, ctx)
 
 

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
@@ -20,11 +21,97 @@ Consensus = Literal["sum", "count"]
 Rescale = Literal["inverse_density", "l1"]
 
 
+# Task vectors are processed in flat blocks of this many elements, small enough that a block's
+# conversions and intermediates stay in the CPU's cache between operations.
+BLOCK = 256 * 1024
+_INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@dataclass(frozen=True)
+class Cut:
+    """Which entries of one task vector the trim keeps, from the bit patterns of |τ| (ordered
+    like the magnitudes, as they are non-negative): all above ``bits``, and those equal to it
+    at flat index below ``tie_end``."""
+
+    bits: int
+    tie_end: int
+
+    def drop(self, mag_bits: torch.Tensor, start: int) -> torch.Tensor:
+        """The mask of entries trimmed away in the block of ``mag_bits`` that starts at flat
+        index ``start``."""
+        if start + mag_bits.numel() <= self.tie_end:
+            return mag_bits < self.bits
+        if start >= self.tie_end:
+            return mag_bits <= self.bits
+        drop = mag_bits < self.bits
+        cut = self.tie_end - start
+        drop[cut:] = mag_bits[cut:] <= self.bits
+        return drop
+
+
+def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
+    """|τ| viewed as signed integers of its width: their order is the order of |τ|."""
+    return tau.abs().view(_INT_VIEW[tau.element_size()])
+
+
+def find_cut(blocks: Callable[[], Iterator[tuple[int, torch.Tensor]]], n: int, k: int) -> Cut:
+    """The cut keeping the k entries of largest magnitude among ``n``, by two-level radix
+    selection: ``blocks()`` yields (flat start, magnitude bits) of consecutive blocks and is
+    called twice. First a histogram of the top 15 bits finds the bin of the k-th largest, then
+    the entries of that bin are collected and the k-th largest found among them; entries
+    equal to it are kept in order of flat index, lowest first, until exactly k are."""
+    hist: torch.Tensor | None = None
+    shift = 0
+    for _, bits in blocks():
+        shift = 8 * bits.element_size() - 16
+        counts = torch.bincount((bits >> shift).reshape(-1), minlength=1 << 15)
+        hist = counts if hist is None else hist.add_(counts)
+    assert hist is not None
+    above = hist.flip(0).cumsum(0).flip(0)  # entries in this bin or higher ones
+    top = int(torch.nonzero(above >= k).max())  # the bin of the k-th largest
+    rank = k - (int(above[top + 1]) if top + 1 < len(above) else 0)  # its rank in the bin
+    values, where = [], []
+    for start, bits in blocks():
+        flat = bits.reshape(-1)
+        inside = torch.nonzero((flat >> shift) == top).flatten()
+        values.append(flat[inside])
+        where.append(inside + start)
+    vals, idx = torch.cat(values), torch.cat(where)
+    threshold = torch.kthvalue(vals, len(vals) - rank + 1).values
+    tied = idx[vals == threshold]
+    surplus = int(above[top]) - int(hist[top]) + int((vals >= threshold).sum()) - k
+    return Cut(int(threshold), int(tied[len(tied) - surplus]) if surplus else n)
+
+
+def _flat_blocks(t: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
+    flat = t.reshape(-1)
+    for start in range(0, flat.numel(), BLOCK):
+        yield start, flat[start:start + BLOCK]
+
+
+def task_vector_blocks(ts: list[torch.Tensor], dtype: torch.dtype
+                       ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
+    """(flat start, θ₀ block, stacked τ_i = θ_i − θ₀ blocks [T, b]) over consecutive flat
+    blocks of a base ``ts[0]`` and models ``ts[1:]`` in any float dtype, computed in ``dtype``
+    (the τ blocks reuse one buffer: each is valid until the next is yielded)."""
+    theta0, thetas = ts[0].reshape(-1), [t.reshape(-1) for t in ts[1:]]
+    n = theta0.numel()
+    scratch = torch.empty((len(thetas), min(BLOCK, n)), dtype=dtype, device=theta0.device)
+    for start in range(0, n, BLOCK):
+        stop = min(start + BLOCK, n)
+        base_block = theta0[start:stop].to(dtype)
+        taus = scratch[:, :stop - start]
+        for i, theta in enumerate(thetas):
+            torch.sub(theta[start:stop], base_block, out=taus[i])
+        yield start, base_block, taus
+
+
 def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = ⌊density·n⌋ entries of largest |τ|, zero the rest.
 
-    The threshold is the k-th largest |τ|, found by k-th value selection (no sort). Entries
-    equal to the threshold are kept in order of flat index, lowest first, until exactly k are.
+    The threshold is the k-th largest |τ|, found by radix selection (no sort, see
+    :func:`find_cut`). Entries equal to the threshold are kept in order of flat index, lowest
+    first, until exactly k are.
     """
     n = tau.numel()
     k = int(density * n)
@@ -32,14 +119,10 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
         return tau
     if k == 0:
         return torch.zeros_like(tau)
-    mag = tau.abs().reshape(-1)
-    threshold = torch.kthvalue(mag, n - k + 1).values
-    keep = mag >= threshold
-    surplus = int(keep.count_nonzero()) - k
-    if surplus:  # entries tied at the threshold beyond k: drop the highest flat indices
-        tied = torch.nonzero(mag == threshold).flatten()
-        keep[tied[len(tied) - surplus:]] = False
-    return torch.where(keep.reshape(tau.shape), tau, 0.0)
+    mag = magnitude_bits(tau)
+    cut = find_cut(lambda: _flat_blocks(mag), n, k)
+    drop = torch.cat([cut.drop(b, start) for start, b in _flat_blocks(mag)])
+    return tau.masked_fill(drop.reshape(tau.shape), 0.0)
 
 
 def elect(contributions: torch.Tensor, consensus: Consensus) -> torch.Tensor:
@@ -116,16 +199,39 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
     """
     dens, ws, lam = _prepare("ties", base, models, density, weights, lambda_, layer_pattern)
 
-    def fn(name: str, ts: list[torch.Tensor], _: EvalContext) -> torch.Tensor:
-        theta0 = ts[0]
-        d = dens(name)
-        taus = torch.stack([trim(t - theta0, d) for t in ts[1:]])
-        merged = disjoint_merge(taus, _stack_weights(ws, name, theta0), consensus, normalize)
-        return theta0 + merged * lam(name)
+    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        # Inputs come as stored (bf16 typically) and are converted block by block.
+        dtype = ctx.compute_dtype
+        theta0, thetas = ts[0].reshape(-1), [t.reshape(-1) for t in ts[1:]]
+        n = theta0.numel()
+        k = int(dens(name) * n)
+        scratch = torch.empty((len(thetas), min(BLOCK, n)), dtype=dtype, device=theta0.device)
+
+        def deltas(i: int) -> Iterator[tuple[int, torch.Tensor]]:
+            for start in range(0, n, BLOCK):
+                stop = min(start + BLOCK, n)
+                yield start, magnitude_bits(torch.sub(
+                    thetas[i][start:stop], theta0[start:stop].to(dtype),
+                    out=scratch[i, :stop - start]))
+
+        cuts = [find_cut(lambda i=i: deltas(i), n, k) for i in range(len(thetas))] \
+            if 0 < k < n else []
+        w = torch.tensor([s(name) for s in ws], dtype=dtype, device=theta0.device)
+        scale = lam(name)
+        out = ctx.empty((n,), dtype)
+        for start, base_block, taus in task_vector_blocks(ts, dtype):
+            for i, cut in enumerate(cuts):
+                taus[i].masked_fill_(cut.drop(magnitude_bits(taus[i]), start), 0.0)
+            if k == 0:
+                taus.zero_()
+            merged = disjoint_merge(taus, w, consensus, normalize)
+            torch.add(base_block, merged * scale, out=out[start:start + taus.shape[1]])
+        return out.reshape(ts[0].shape)
 
     return Weights(ElementwiseNode(
         [base.node, *(m.node for m in models)], fn, "ties",
-        _params(dens, ws, lam, consensus=consensus, normalize=normalize), TIES_REF))
+        _params(dens, ws, lam, consensus=consensus, normalize=normalize), TIES_REF,
+        convert=False))
 
 
 def drop_and_rescale(tau: torch.Tensor, density: float, rescale: Rescale,
@@ -150,27 +256,51 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
           consensus: Consensus | None, normalize: bool, layer_pattern: str | None) -> Weights:
     dens, ws, lam = _prepare(op, base, models, density, weights, lambda_, layer_pattern)
 
-    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+    def combine(taus: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if consensus is not None:
+            return disjoint_merge(taus, w, consensus, normalize)
+        merged = (taus * w.reshape(-1, *([1] * (taus.dim() - 1)))).sum(0)
+        if normalize:
+            total = w.sum()
+            merged /= total if total.abs() >= 1e-8 else 1.0
+        return merged
+
+    def whole(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        # The l1 rescale needs the norms of whole task vectors.
         theta0 = ts[0]
         d = dens(name)
         taus = torch.stack([
             drop_and_rescale(t - theta0, d, rescale, ctx.generator(name, f"dare:{i}"))
             for i, t in enumerate(ts[1:])])
-        w = _stack_weights(ws, name, theta0)
-        if consensus is not None:
-            merged = disjoint_merge(taus, w, consensus, normalize)
-        else:
-            merged = (taus * w.reshape(-1, *([1] * theta0.dim()))).sum(0)
-            if normalize:
-                total = w.sum()
-                merged /= total if total.abs() >= 1e-8 else 1.0
-        return theta0 + merged * lam(name)
+        return theta0 + combine(taus, _stack_weights(ws, name, theta0)) * lam(name)
+
+    def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        # Inverse-density rescale is entry by entry: blocks of the stored inputs, each
+        # model's draws taken block after block from its generator (the same sequence as
+        # one draw for the whole tensor).
+        dtype = ctx.compute_dtype
+        d = dens(name)
+        gens = [ctx.generator(name, f"dare:{i}") for i in range(len(ts) - 1)]
+        w = torch.tensor([s(name) for s in ws], dtype=dtype, device=ts[0].device)
+        scale = lam(name)
+        out = ctx.empty((ts[0].numel(),), dtype)
+        for start, base_block, taus in task_vector_blocks(ts, dtype):
+            if d < 1.0:
+                for tau, gen in zip(taus, gens, strict=True):
+                    tau.mul_(torch.rand(tau.shape, generator=gen, device=tau.device) < d)
+                    tau.div_(d)
+            torch.add(base_block, combine(taus, w) * scale,
+                      out=out[start:start + taus.shape[1]])
+        return out.reshape(ts[0].shape)
 
     extra: dict[str, object] = {"rescale": rescale, "normalize": normalize}
     if consensus is not None:
         extra["consensus"] = consensus
-    return Weights(ElementwiseNode([base.node, *(m.node for m in models)], fn, op,
-                                   _params(dens, ws, lam, **extra), DARE_REF))
+    by_entry = rescale == "inverse_density"
+    return Weights(ElementwiseNode([base.node, *(m.node for m in models)],
+                                   blockwise if by_entry else whole, op,
+                                   _params(dens, ws, lam, **extra), DARE_REF,
+                                   convert=not by_entry))
 
 
 def dare_linear(base: Weights, models: Sequence[Weights], density: Scheduled,

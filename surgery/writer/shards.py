@@ -95,6 +95,8 @@ class ShardWriter:
     def __init__(self, path: Path, tensors: list[PlannedTensor], metadata: dict[str, str]) -> None:
         self.path = path
         self.expected = iter(tensors)
+        self.current: PlannedTensor | None = None
+        self.rows_left = 0
         self.sha = hashlib.sha256()
         self.finished = False
         self.file = open(path, "wb")
@@ -104,15 +106,26 @@ class ShardWriter:
         self.file.write(data)
         self.sha.update(data)
 
-    def add(self, name: str, t: torch.Tensor) -> None:
-        planned = next(self.expected, None)
+    def add(self, name: str, t: torch.Tensor) -> bool:
+        """Write the next planned tensor, whole or as its next block of rows (first
+        dimension); True once all of it is written."""
+        planned = self.current or next(self.expected, None)
+        rows = t.shape[0] if t.dim() else 1
         if planned is None or planned.name != name or planned.dtype != t.dtype \
-                or planned.shape != tuple(t.shape):
+                or planned.shape[1:] != tuple(t.shape[1:]) or len(planned.shape) != t.dim() \
+                or rows > (self.rows_left if self.current else (planned.shape or (1,))[0]):
             raise RuntimeError(f"{self.path.name}: tensor {name!r} does not match the plan")
+        if self.current is None:
+            self.current, self.rows_left = planned, (planned.shape or (1,))[0]
         self._write(tensor_bytes(t))
+        self.rows_left -= rows
+        if self.rows_left:
+            return False
+        self.current = None
+        return True
 
     def finish(self) -> str:
-        if next(self.expected, None) is not None:
+        if self.current is not None or next(self.expected, None) is not None:
             raise RuntimeError(f"{self.path.name}: ended before all planned tensors were written")
         self.file.flush()
         os.fsync(self.file.fileno())
