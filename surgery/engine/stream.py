@@ -306,8 +306,7 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
     end = object()
     stop = threading.Event()
     cuda = opts.device.type == "cuda"
-    rowwise = reuse_outputs and not cuda and all(
-        isinstance(n, LoadNode) or getattr(n, "rowwise", False) for n in root.walk())
+    rowwise = reuse_outputs and not cuda and is_rowwise(root)
     jobs = [job for n in names for job in _jobs(root, n, rowwise)]
     budget = max(opts.prefetch_bytes, max((j.nbytes for j in jobs), default=0))
     # Freed buffers kept for reuse, as many bytes as the reader may hold ahead.
@@ -381,6 +380,12 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
         producer.join()
     if error:
         raise error[0]
+
+
+def is_rowwise(root: Node) -> bool:
+    """Whether every output element depends only on the same element of the inputs, so large
+    tensors can be read, computed and written in row pieces."""
+    return all(isinstance(n, LoadNode) or getattr(n, "rowwise", False) for n in root.walk())
 
 
 def _jobs(root: Node, name: str, rowwise: bool) -> list[Job]:
