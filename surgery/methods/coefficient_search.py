@@ -7,12 +7,16 @@ The method enters as ``build: coefficient -> Weights``, so any scaling (LiNeS, t
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from surgery.engine.stream import StreamOptions, pending_reductions, resolve_reductions
 from surgery.errors import UsageError
-from surgery.expr import Weights
+from surgery.expr import EvalContext, Node, TensorSpec, Weights
 
 LINES_REF = "LiNeS: layer-increasing network scaling, arXiv 2410.17146"
 
@@ -58,3 +62,61 @@ def search_coefficient(build: Callable[[float], Weights], grid: Sequence[float],
     best_i = max(range(len(values)), key=lambda i: (sign * scores[i], -i))
     return CoefficientSearch(parameter, values, scores, values[best_i], scores[best_i],
                              higher_is_better, build(values[best_i]))
+
+
+class CoefficientSearchNode(Node):
+    """The model ``build(v)`` for the grid value v that scores best, searched on first use.
+
+    Names, shapes and reads come from ``build(grid[0])`` (every grid value builds the same
+    tensors from the same inputs), so planning never runs the search; the first tensor
+    computed does, then the chosen graph's own statistics are resolved once.
+    """
+
+    op = "coefficient_search"
+    reference = LINES_REF
+
+    def __init__(self, build: Callable[[float], Weights], grid: Sequence[float],
+                 score: Callable[[Weights], float], parameter: str,
+                 higher_is_better: bool) -> None:
+        super().__init__()
+        if not grid:
+            raise UsageError(f"{parameter}: the search grid is empty")
+        self.build = build
+        self.grid = [float(v) for v in grid]
+        self.score = score
+        self.parameter = parameter
+        self.higher_is_better = higher_is_better
+        self.inputs = (build(self.grid[0]).node,)
+        self._result: CoefficientSearch | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def result(self) -> CoefficientSearch:
+        with self._lock:
+            if self._result is None:
+                found = search_coefficient(self.build, self.grid, self.score,
+                                           parameter=self.parameter,
+                                           higher_is_better=self.higher_is_better)
+                chosen = found.weights.node
+                if pending_reductions(chosen):
+                    resolve_reductions(chosen, StreamOptions(device=torch.device("cpu")))
+                self._result = found
+            return self._result
+
+    def params(self) -> dict[str, Any]:
+        return self.result.to_json() if self._result else {"grid": self.grid}
+
+    def card_sections(self) -> dict[str, str]:
+        return {f"Search over {self.parameter}": self.result.card_section()}
+
+    def _list_names(self) -> list[str]:
+        return self.inputs[0].names()
+
+    def spec(self, name: str) -> TensorSpec:
+        return self.inputs[0].spec(name)
+
+    def config(self) -> dict:
+        return self.inputs[0].config()
+
+    def compute(self, name: str, ctx: EvalContext) -> torch.Tensor:
+        return ctx.value(self.result.weights.node, name)
