@@ -191,6 +191,22 @@ class Handler(BaseHTTPRequestHandler):
                          "private": found.private, "siblings": siblings, "tags": [],
                          "downloads": 0, "likes": 0})
 
+    def tree(self, repo: str, rev: str) -> None:
+        """The files of a commit, as ``list_repo_tree`` (and so ``snapshot_download``) reads."""
+        at = self._snapshot(repo, rev)
+        if at is None:
+            return None
+        found, sha = at
+        entries = []
+        for path, blob in sorted(found.commits[sha].items()):
+            size = (self.state.blobs / blob).stat().st_size
+            entry: dict[str, object] = {"type": "file", "path": path, "size": size,
+                                        "oid": blob[:40]}
+            if _is_lfs(path, size):
+                entry["lfs"] = {"oid": blob, "size": size, "pointerSize": 134}
+            entries.append(entry)
+        self._json(200, entries)
+
     def preupload(self, repo: str, rev: str) -> None:
         if self._repo(repo) is None:
             return None
@@ -285,6 +301,7 @@ ROUTES = [
     ("POST", r"/api/validate-yaml", Handler.validate_yaml),
     ("POST", rf"/api/models/{REPO}/branch/{REV}", Handler.create_branch),
     ("GET", rf"/api/models/{REPO}/revision/{REV}", Handler.model_info),
+    ("GET", rf"/api/models/{REPO}/tree/{REV}", Handler.tree),
     ("GET", rf"/api/models/{REPO}", Handler.model_info),
     ("POST", rf"/api/models/{REPO}/preupload/{REV}", Handler.preupload),
     ("POST", rf"/{REPO}\.git/info/lfs/objects/batch", Handler.lfs_batch),

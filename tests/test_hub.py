@@ -192,3 +192,22 @@ def test_unreachable_hub_names_repo_and_how_to_predownload(
     with pytest.raises(HubError, match=r"Hub repo org/model@v1: cannot be reached .*"
                                        r"`hf download org/model --revision v1`"):
         open_checkpoint("org/model@v1")
+
+
+def test_offline_uses_a_complete_cached_copy(hub: HubState, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    from huggingface_hub import snapshot_download
+
+    out = _output(tmp_path)
+    push_folder(out, "tester/cached")
+    snapshot_download("tester/cached")  # what `hf download tester/cached` does
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = s.getsockname()[1]
+    _point_at(monkeypatch, f"http://127.0.0.1:{dead}", tmp_path / "hf")  # same cache, no server
+    ck = open_checkpoint("tester/cached")
+    assert ck.revision == hub.repos["tester/cached"].branches["main"]
+    expected = linear([load(tmp_path / "a"), load(tmp_path / "b")])[Q]
+    assert torch.equal(ck.read(Q), expected)
+    with pytest.raises(HubError, match="tester/never-pulled: cannot be reached"):
+        open_checkpoint("tester/never-pulled")
