@@ -73,3 +73,12 @@ def test_empty_grid_is_a_recipe_error(recipe: Path, tmp_path: Path) -> None:
     recipe.write_text(recipe.read_text().replace("grid: [0.0, 0.5]", "grid: []"))
     res = surgery("plan", str(recipe), cwd=tmp_path)
     assert res.returncode == 2 and "steps.single.grid" in res.stderr
+
+
+def test_metric_of_the_wrong_model_kind_fails_at_plan(recipe: Path, tmp_path: Path) -> None:
+    recipe.write_text(recipe.read_text().replace(
+        "grid: [0.0, 0.5], data:", "grid: [0.0, 0.5], metric: accuracy, data:"))
+    res = surgery("plan", str(recipe), cwd=tmp_path)
+    assert res.returncode == 2
+    assert ("steps.single: model 'code': metric accuracy needs a sequence classifier, "
+            "but the checkpoint is LlamaForCausalLM") in res.stderr

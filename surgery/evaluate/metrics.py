@@ -61,19 +61,24 @@ def load_model(path: str | Path, metric: str, device: str | torch.device | None 
     classify = metric == "accuracy"
     auto = AutoModelForSequenceClassification if classify else AutoModelForCausalLM
     try:
-        arch = (AutoConfig.from_pretrained(str(path)).architectures or [""])[0]
-        # A model of the other kind would load with a freshly initialised head and score noise.
-        suffixes = ("ForSequenceClassification",) if classify else ("ForCausalLM", "LMHeadModel")
-        if arch and not arch.endswith(suffixes):
-            kind = "a sequence classifier" if classify else "a causal language model"
-            raise UsageError(f"{path}: metric {metric} needs {kind}, but the checkpoint is "
-                             f"{arch}")
+        check_architecture(AutoConfig.from_pretrained(str(path)).to_dict(), metric, str(path))
         tokenizer = AutoTokenizer.from_pretrained(str(path))
         model = auto.from_pretrained(str(path), dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise UsageError(f"{path}: cannot load as a transformers model "
                          f"({str(e).splitlines()[0]})") from None
     return model.to(resolve_device(device)).eval(), tokenizer
+
+
+def check_architecture(config: dict, metric: str, where: str) -> None:
+    """Fail unless config.json's architecture suits ``metric``: a model of the other kind would
+    load with a freshly initialised head and score noise. Unknown architectures pass."""
+    arch = (config.get("architectures") or [""])[0]
+    classify = metric == "accuracy"
+    suffixes = ("ForSequenceClassification",) if classify else ("ForCausalLM", "LMHeadModel")
+    if arch and not arch.endswith(suffixes):
+        kind = "a sequence classifier" if classify else "a causal language model"
+        raise UsageError(f"{where}: metric {metric} needs {kind}, but the checkpoint is {arch}")
 
 
 def _check_metric(metric: str) -> None:

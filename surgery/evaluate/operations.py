@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from surgery.evaluate.metrics import check_architecture
 from surgery.evaluate.scoring import CheckpointScorer
 from surgery.expr import Weights
 from surgery.methods.coefficient_search import LINES_REF, CoefficientSearchNode
@@ -45,6 +46,7 @@ def _build_lines_search(p: LinesSearchParams, get: Resolve) -> Weights:
     scorer = CheckpointScorer(p.data, p.metric, max_samples=p.max_samples, seed=p.seed,
                               batch_size=p.batch_size, device=p.device)
     base, model = get(p.base), get(p.model)
+    check_architecture(model.config, p.metric, f"model {p.model!r}")
     if p.tasks is None:
         def build(v: float) -> Weights:
             return lines(base, model, c=v, layer_pattern=p.layer_pattern)
@@ -62,6 +64,8 @@ def _build_lines_search(p: LinesSearchParams, get: Resolve) -> Weights:
 def _build_greedy_soup(p: GreedySoupParams, get: Resolve) -> Weights:
     scorer = CheckpointScorer(p.data, p.metric, max_samples=p.max_samples, seed=p.seed,
                               batch_size=p.batch_size, device=p.device)
+    for m in p.models:
+        check_architecture(get(m).config, p.metric, f"model {m!r}")
     return Weights(GreedySoupNode({m: get(m) for m in p.models}, scorer, p.accept,
                                   scorer.higher_is_better))
 
