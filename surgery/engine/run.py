@@ -236,10 +236,26 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
             f"{e.filename or out.partial}: run failed ({e.strerror}); nothing was replaced, "
             f"the partial output in {out.partial} is resumed by rerunning the same command"
         ) from e
+    except (MemoryError, RuntimeError) as e:
+        if not _out_of_memory(e):
+            raise
+        why = str(e).strip().splitlines()[0] if str(e).strip() else "allocation failed"
+        raise RunError(
+            f"out of memory during the run ({why}); "
+            f"nothing was replaced; free memory or lower prefetch_bytes, then rerun the same "
+            f"command to resume from {out.partial}"
+        ) from e
     finally:
         stream.close()
     opts.profile.wall_s = time.perf_counter() - started
     return SaveResult(final, fnames, sorted(reused), opts.profile, provenance)
+
+
+def _out_of_memory(e: BaseException) -> bool:
+    """Python's MemoryError, or torch's allocator failing (CPU or CUDA)."""
+    text = str(e)
+    return isinstance(e, MemoryError) or "can't allocate memory" in text \
+        or "out of memory" in text.lower()
 
 
 def _write_side_files(out: OutputDir, root: Node, shards: list[list[PlannedTensor]],
