@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -54,33 +55,39 @@ def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
     return tau.abs().view(_INT_VIEW[tau.element_size()])
 
 
-def find_cut(blocks: Callable[[], Iterator[tuple[int, torch.Tensor]]], n: int, k: int) -> Cut:
-    """The cut keeping the k entries of largest magnitude among ``n``, by two-level radix
-    selection: ``blocks()`` yields (flat start, magnitude bits) of consecutive blocks and is
-    called twice. First a histogram of the top 15 bits finds the bin of the k-th largest, then
-    the entries of that bin are collected and the k-th largest found among them; entries
-    equal to it are kept in order of flat index, lowest first, until exactly k are."""
-    hist: torch.Tensor | None = None
+def find_cuts(blocks: Callable[[], Iterator[tuple[int, list[torch.Tensor]]]], n: int, k: int
+              ) -> list[Cut]:
+    """For each of several task vectors, the cut keeping its k entries of largest magnitude
+    among ``n``, by two-level radix selection: ``blocks()`` yields (flat start, magnitude bits
+    of each vector) over consecutive blocks and is called twice. First a histogram of the top
+    15 bits finds the bin of the k-th largest, then the entries of that bin are collected and
+    the k-th largest found among them; entries equal to it are kept in order of flat index,
+    lowest first, until exactly k are."""
+    hists: list[torch.Tensor] = []
     shift = 0
     for _, bits in blocks():
-        shift = 8 * bits.element_size() - 16
-        counts = torch.bincount((bits >> shift).reshape(-1), minlength=1 << 15)
-        hist = counts if hist is None else hist.add_(counts)
-    assert hist is not None
-    above = hist.flip(0).cumsum(0).flip(0)  # entries in this bin or higher ones
-    top = int(torch.nonzero(above >= k).max())  # the bin of the k-th largest
-    rank = k - (int(above[top + 1]) if top + 1 < len(above) else 0)  # its rank in the bin
-    values, where = [], []
+        shift = 8 * bits[0].element_size() - 16
+        counts = [torch.bincount((b >> shift).reshape(-1), minlength=1 << 15) for b in bits]
+        hists = counts if not hists else [h.add_(c) for h, c in zip(hists, counts, strict=True)]
+    above = [h.flip(0).cumsum(0).flip(0) for h in hists]  # entries in this bin or higher ones
+    tops = [int(torch.nonzero(a >= k).max()) for a in above]  # the bin of the k-th largest
+    values: list[list[torch.Tensor]] = [[] for _ in hists]
+    where: list[list[torch.Tensor]] = [[] for _ in hists]
     for start, bits in blocks():
-        flat = bits.reshape(-1)
-        inside = torch.nonzero((flat >> shift) == top).flatten()
-        values.append(flat[inside])
-        where.append(inside + start)
-    vals, idx = torch.cat(values), torch.cat(where)
-    threshold = torch.kthvalue(vals, len(vals) - rank + 1).values
-    tied = idx[vals == threshold]
-    surplus = int(above[top]) - int(hist[top]) + int((vals >= threshold).sum()) - k
-    return Cut(int(threshold), int(tied[len(tied) - surplus]) if surplus else n)
+        for i, b in enumerate(bits):
+            flat = b.reshape(-1)
+            inside = torch.nonzero((flat >> shift) == tops[i]).flatten()
+            values[i].append(flat[inside])
+            where[i].append(inside + start)
+    cuts = []
+    for hist, a, top, vs, ws in zip(hists, above, tops, values, where, strict=True):
+        rank = k - (int(a[top + 1]) if top + 1 < len(a) else 0)  # its rank in the bin
+        vals, idx = torch.cat(vs), torch.cat(ws)
+        threshold = torch.kthvalue(vals, len(vals) - rank + 1).values
+        tied = idx[vals == threshold]
+        surplus = int(a[top]) - int(hist[top]) + int((vals >= threshold).sum()) - k
+        cuts.append(Cut(int(threshold), int(tied[len(tied) - surplus]) if surplus else n))
+    return cuts
 
 
 def _flat_blocks(t: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -110,7 +117,7 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = ⌊density·n⌋ entries of largest |τ|, zero the rest.
 
     The threshold is the k-th largest |τ|, found by radix selection (no sort, see
-    :func:`find_cut`). Entries equal to the threshold are kept in order of flat index, lowest
+    :func:`find_cuts`). Entries equal to the threshold are kept in order of flat index, lowest
     first, until exactly k are.
     """
     n = tau.numel()
@@ -120,7 +127,7 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(tau)
     mag = magnitude_bits(tau)
-    cut = find_cut(lambda: _flat_blocks(mag), n, k)
+    (cut,) = find_cuts(lambda: ((start, [b]) for start, b in _flat_blocks(mag)), n, k)
     drop = torch.cat([cut.drop(b, start) for start, b in _flat_blocks(mag)])
     return tau.masked_fill(drop.reshape(tau.shape), 0.0)
 
@@ -199,29 +206,41 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
     """
     dens, ws, lam = _prepare("ties", base, models, density, weights, lambda_, layer_pattern)
 
+    nodes = [base.node, *(m.node for m in models)]
+    # The cuts of the tensor being computed: a row-wise node gets its rows block by block.
+    current: dict[str, list[Cut]] = {}
+
+    def cuts_of(name: str, ctx: EvalContext, n: int, k: int) -> list[Cut]:
+        if name not in current:
+            dtype = ctx.compute_dtype
+
+            shape = nodes[0].spec(name).shape
+            row_len = n // shape[0] if shape else n
+
+            def blocks() -> Iterator[tuple[int, list[torch.Tensor]]]:
+                for row, (theta0, *thetas) in ctx.pieces(nodes, name):
+                    base_block = theta0.reshape(-1).to(dtype)
+                    yield row * row_len, [magnitude_bits(t.reshape(-1).to(dtype) - base_block)
+                                          for t in thetas]
+
+            current.clear()
+            current[name] = find_cuts(blocks, n, k) if 0 < k < n else []
+        return current[name]
+
     def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         # Inputs come as stored (bf16 typically) and are converted block by block.
         dtype = ctx.compute_dtype
-        theta0, thetas = ts[0].reshape(-1), [t.reshape(-1) for t in ts[1:]]
-        n = theta0.numel()
+        shape = nodes[0].spec(name).shape
+        n = math.prod(shape)
         k = int(dens(name) * n)
-        scratch = torch.empty((len(thetas), min(BLOCK, n)), dtype=dtype, device=theta0.device)
-
-        def deltas(i: int) -> Iterator[tuple[int, torch.Tensor]]:
-            for start in range(0, n, BLOCK):
-                stop = min(start + BLOCK, n)
-                yield start, magnitude_bits(torch.sub(
-                    thetas[i][start:stop], theta0[start:stop].to(dtype),
-                    out=scratch[i, :stop - start]))
-
-        cuts = [find_cut(lambda i=i: deltas(i), n, k) for i in range(len(thetas))] \
-            if 0 < k < n else []
-        w = torch.tensor([s(name) for s in ws], dtype=dtype, device=theta0.device)
+        cuts = cuts_of(name, ctx, n, k)
+        offset = ctx.rows[0] * (n // shape[0]) if ctx.rows else 0
+        w = torch.tensor([s(name) for s in ws], dtype=dtype, device=ts[0].device)
         scale = lam(name)
-        out = ctx.empty((n,), dtype)
+        out = ctx.empty((ts[0].numel(),), dtype)
         for start, base_block, taus in task_vector_blocks(ts, dtype):
             for i, cut in enumerate(cuts):
-                taus[i].masked_fill_(cut.drop(magnitude_bits(taus[i]), start), 0.0)
+                taus[i].masked_fill_(cut.drop(magnitude_bits(taus[i]), offset + start), 0.0)
             if k == 0:
                 taus.zero_()
             merged = disjoint_merge(taus, w, consensus, normalize)
@@ -231,7 +250,7 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
     return Weights(ElementwiseNode(
         [base.node, *(m.node for m in models)], fn, "ties",
         _params(dens, ws, lam, consensus=consensus, normalize=normalize), TIES_REF,
-        convert=False))
+        rowwise=True, convert=False))
 
 
 def drop_and_rescale(tau: torch.Tensor, density: float, rescale: Rescale,
@@ -274,13 +293,25 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
             for i, t in enumerate(ts[1:])])
         return theta0 + combine(taus, _stack_weights(ws, name, theta0)) * lam(name)
 
+    # The generators of the tensor being computed and the row they have drawn up to: a
+    # row-wise node gets its rows block by block, in order.
+    drawn: dict[str, tuple[int, list[torch.Generator]]] = {}
+
     def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         # Inverse-density rescale is entry by entry: blocks of the stored inputs, each
         # model's draws taken block after block from its generator (the same sequence as
         # one draw for the whole tensor).
         dtype = ctx.compute_dtype
         d = dens(name)
-        gens = [ctx.generator(name, f"dare:{i}") for i in range(len(ts) - 1)]
+        first, count = ctx.rows or (0, 0)
+        if first == 0 or name not in drawn:
+            drawn.clear()
+            drawn[name] = (0, [ctx.generator(name, f"dare:{i}") for i in range(len(ts) - 1)])
+        row, gens = drawn[name]
+        if row != first:
+            raise RuntimeError(f"{op}: tensor {name!r}: rows from {first} asked for, "
+                               f"draws are at row {row}")
+        drawn[name] = (first + count, gens)
         w = torch.tensor([s(name) for s in ws], dtype=dtype, device=ts[0].device)
         scale = lam(name)
         out = ctx.empty((ts[0].numel(),), dtype)
@@ -300,7 +331,7 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
     return Weights(ElementwiseNode([base.node, *(m.node for m in models)],
                                    blockwise if by_entry else whole, op,
                                    _params(dens, ws, lam, **extra), DARE_REF,
-                                   convert=not by_entry))
+                                   rowwise=by_entry, convert=not by_entry))
 
 
 def dare_linear(base: Weights, models: Sequence[Weights], density: Scheduled,
