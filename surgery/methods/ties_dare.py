@@ -71,6 +71,9 @@ def find_cuts(blocks: Callable[[], Iterator[tuple[int, list[torch.Tensor]]]], n:
         hists = counts if not hists else [h.add_(c) for h, c in zip(hists, counts, strict=True)]
     above = [h.flip(0).cumsum(0).flip(0) for h in hists]  # entries in this bin or higher ones
     tops = [int(torch.nonzero(a >= k).max()) for a in above]  # the bin of the k-th largest
+    # The bin may hold a large share of a tensor (task vectors of bf16 weights take few
+    # values): its flat indices are kept in 32 bits where they fit.
+    index_dtype = torch.int32 if n < 2**31 else torch.int64
     values: list[list[torch.Tensor]] = [[] for _ in hists]
     where: list[list[torch.Tensor]] = [[] for _ in hists]
     for start, bits in blocks():
@@ -78,7 +81,7 @@ def find_cuts(blocks: Callable[[], Iterator[tuple[int, list[torch.Tensor]]]], n:
             flat = b.reshape(-1)
             inside = torch.nonzero((flat >> shift) == tops[i]).flatten()
             values[i].append(flat[inside])
-            where[i].append(inside + start)
+            where[i].append((inside + start).to(index_dtype))
     cuts = []
     for hist, a, top, vs, ws in zip(hists, above, tops, values, where, strict=True):
         rank = k - (int(a[top + 1]) if top + 1 < len(a) else 0)  # its rank in the bin
@@ -146,13 +149,14 @@ def disjoint_merge(taus: torch.Tensor, weights: torch.Tensor, consensus: Consens
     m_i = [sign(τ_i) = s], merged = Σ w_i m_i τ_i / Σ w_i m_i (0 where no input agrees), or the
     numerator alone with ``normalize=False``.
     """
+    ones = bool((weights == 1).all())  # weights of 1 (the usual case) multiply nothing
     w = weights.reshape(-1, *([1] * (taus.dim() - 1)))
-    weighted = taus * w
+    weighted = taus if ones else taus * w
     s = elect(weighted, consensus)
     agree = (taus.sign() == s).to(taus.dtype)
     merged = (weighted * agree).sum(0)
     if normalize:
-        divisor = (w * agree).sum(0)
+        divisor = agree.sum(0) if ones else (w * agree).sum(0)
         divisor[divisor == 0] = 1
         merged /= divisor
     return merged
@@ -244,7 +248,8 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
             if k == 0:
                 taus.zero_()
             merged = disjoint_merge(taus, w, consensus, normalize)
-            torch.add(base_block, merged * scale, out=out[start:start + taus.shape[1]])
+            torch.add(base_block, merged if scale == 1 else merged * scale,
+                      out=out[start:start + taus.shape[1]])
         return out.reshape(ts[0].shape)
 
     return Weights(ElementwiseNode(
@@ -320,7 +325,8 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
                 for tau, gen in zip(taus, gens, strict=True):
                     tau.mul_(torch.rand(tau.shape, generator=gen, device=tau.device) < d)
                     tau.div_(d)
-            torch.add(base_block, combine(taus, w) * scale,
+            merged = combine(taus, w)
+            torch.add(base_block, merged if scale == 1 else merged * scale,
                       out=out[start:start + taus.shape[1]])
         return out.reshape(ts[0].shape)
 
