@@ -28,25 +28,23 @@ BLOCK = 256 * 1024
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Cut:
     """Which entries of one task vector the trim keeps, from the bit patterns of |τ| (ordered
-    like the magnitudes, as they are non-negative): all above ``bits``, and those equal to it
-    at flat index below ``tie_end``."""
+    like the magnitudes, as they are non-negative): all above ``bits``, and the first
+    ``keep_tied`` equal to it in order of flat index. :meth:`drop` is called on consecutive
+    blocks in order and counts the tied entries it keeps."""
 
     bits: int
-    tie_end: int
+    keep_tied: int
 
-    def drop(self, mag_bits: torch.Tensor, start: int) -> torch.Tensor:
-        """The mask of entries trimmed away in the block of ``mag_bits`` that starts at flat
-        index ``start``."""
-        if start + mag_bits.numel() <= self.tie_end:
-            return mag_bits < self.bits
-        if start >= self.tie_end:
-            return mag_bits <= self.bits
-        drop = mag_bits < self.bits
-        cut = self.tie_end - start
-        drop[cut:] = mag_bits[cut:] <= self.bits
+    def drop(self, mag_bits: torch.Tensor) -> torch.Tensor:
+        """The mask of entries trimmed away in the next block, ``mag_bits`` (flat)."""
+        drop = mag_bits <= self.bits
+        if self.keep_tied:
+            tied = torch.nonzero(mag_bits == self.bits).flatten()[:self.keep_tied]
+            drop[tied] = False
+            self.keep_tied -= len(tied)
         return drop
 
 
@@ -55,42 +53,42 @@ def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
     return tau.abs().view(_INT_VIEW[tau.element_size()])
 
 
-def find_cuts(blocks: Callable[[], Iterator[tuple[int, list[torch.Tensor]]]], n: int, k: int
+def find_cuts(blocks: Callable[[], Iterator[list[torch.Tensor]]], k: int
               ) -> list[Cut]:
-    """For each of several task vectors, the cut keeping its k entries of largest magnitude
-    among ``n``, by two-level radix selection: ``blocks()`` yields (flat start, magnitude bits
-    of each vector) over consecutive blocks and is called twice. First a histogram of the top
-    15 bits finds the bin of the k-th largest, then the entries of that bin are collected and
-    the k-th largest found among them; entries equal to it are kept in order of flat index,
-    lowest first, until exactly k are."""
-    hists: list[torch.Tensor] = []
-    shift = 0
-    for _, bits in blocks():
-        shift = 8 * bits[0].element_size() - 16
-        counts = [torch.bincount((b >> shift).reshape(-1), minlength=1 << 15) for b in bits]
-        hists = counts if not hists else [h.add_(c) for h, c in zip(hists, counts, strict=True)]
-    above = [h.flip(0).cumsum(0).flip(0) for h in hists]  # entries in this bin or higher ones
-    tops = [int(torch.nonzero(a >= k).max()) for a in above]  # the bin of the k-th largest
-    # The bin may hold a large share of a tensor (task vectors of bf16 weights take few
-    # values): its flat indices are kept in 32 bits where they fit.
-    index_dtype = torch.int32 if n < 2**31 else torch.int64
-    values: list[list[torch.Tensor]] = [[] for _ in hists]
-    where: list[list[torch.Tensor]] = [[] for _ in hists]
-    for start, bits in blocks():
-        for i, b in enumerate(bits):
-            flat = b.reshape(-1)
-            inside = torch.nonzero((flat >> shift) == tops[i]).flatten()
-            values[i].append(flat[inside])
-            where[i].append((inside + start).to(index_dtype))
-    cuts = []
-    for hist, a, top, vs, ws in zip(hists, above, tops, values, where, strict=True):
-        rank = k - (int(a[top + 1]) if top + 1 < len(a) else 0)  # its rank in the bin
-        vals, idx = torch.cat(vs), torch.cat(ws)
-        threshold = torch.kthvalue(vals, len(vals) - rank + 1).values
-        tied = idx[vals == threshold]
-        surplus = int(a[top]) - int(hist[top]) + int((vals >= threshold).sum()) - k
-        cuts.append(Cut(int(threshold), int(tied[len(tied) - surplus]) if surplus else n))
-    return cuts
+    """For each of several task vectors, the cut keeping its k entries of largest magnitude,
+    by radix selection on 16-bit digits of the magnitude bits, highest first: ``blocks()``
+    yields the magnitude bits of each vector over consecutive blocks and is called
+    once per digit (twice for float32). Each pass counts the digits of the entries that match
+    the digits found so far and picks the digit of the k-th largest; entries equal to it are
+    kept in order of flat index, lowest first, until exactly k are."""
+    prefix: list[int] = []  # the digits found so far, as one number, per vector
+    rank: list[int] = []  # how many entries matching the prefix are kept, per vector
+    known = 0  # how many high bits the prefix holds
+    width = 0
+    while not width or known < width:
+        hists: list[torch.Tensor] = []
+        for bits in blocks():
+            width = 8 * bits[0].element_size()
+            shift = max(width - known - 16, 0)
+            counts = []
+            for i, b in enumerate(bits):
+                flat = b.reshape(-1)
+                if known:
+                    flat = flat[(flat >> (width - known)) == prefix[i]]
+                digits = (flat >> shift) & ((1 << (width - known - shift)) - 1)
+                counts.append(torch.bincount(digits, minlength=1 << (width - known - shift)))
+            hists = counts if not hists else [h.add_(c) for h, c in zip(hists, counts,
+                                                                         strict=True)]
+        shift = max(width - known - 16, 0)
+        if not known:
+            prefix, rank = [0] * len(hists), [k] * len(hists)
+        for i, h in enumerate(hists):
+            above = h.flip(0).cumsum(0).flip(0)  # matching entries with this digit or higher
+            digit = int(torch.nonzero(above >= rank[i]).max())
+            rank[i] -= int(above[digit + 1]) if digit + 1 < len(above) else 0
+            prefix[i] = (prefix[i] << (width - known - shift)) | digit
+        known = width - shift
+    return [Cut(p, r) for p, r in zip(prefix, rank, strict=True)]
 
 
 def _flat_blocks(t: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -130,8 +128,8 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(tau)
     mag = magnitude_bits(tau)
-    (cut,) = find_cuts(lambda: ((start, [b]) for start, b in _flat_blocks(mag)), n, k)
-    drop = torch.cat([cut.drop(b, start) for start, b in _flat_blocks(mag)])
+    (cut,) = find_cuts(lambda: ([b] for _, b in _flat_blocks(mag)), k)
+    drop = torch.cat([cut.drop(b) for _, b in _flat_blocks(mag)])
     return tau.masked_fill(drop.reshape(tau.shape), 0.0)
 
 
@@ -211,40 +209,37 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
     dens, ws, lam = _prepare("ties", base, models, density, weights, lambda_, layer_pattern)
 
     nodes = [base.node, *(m.node for m in models)]
-    # The cuts of the tensor being computed: a row-wise node gets its rows block by block.
+    # The cuts of the tensor being computed: a row-wise node gets its rows block by block,
+    # in order, and the cuts count the tied entries kept so far.
     current: dict[str, list[Cut]] = {}
 
-    def cuts_of(name: str, ctx: EvalContext, n: int, k: int) -> list[Cut]:
-        if name not in current:
+    def cuts_of(name: str, ctx: EvalContext, k: int) -> list[Cut]:
+        if ctx.rows is None or ctx.rows[0] == 0 or name not in current:
             dtype = ctx.compute_dtype
 
-            shape = nodes[0].spec(name).shape
-            row_len = n // shape[0] if shape else n
-
-            def blocks() -> Iterator[tuple[int, list[torch.Tensor]]]:
-                for row, (theta0, *thetas) in ctx.pieces(nodes, name):
+            def blocks() -> Iterator[list[torch.Tensor]]:
+                for _, (theta0, *thetas) in ctx.pieces(nodes, name):
                     base_block = theta0.reshape(-1).to(dtype)
-                    yield row * row_len, [magnitude_bits(t.reshape(-1).to(dtype) - base_block)
-                                          for t in thetas]
+                    yield [magnitude_bits(t.reshape(-1).to(dtype) - base_block) for t in thetas]
 
             current.clear()
-            current[name] = find_cuts(blocks, n, k) if 0 < k < n else []
+            current[name] = find_cuts(blocks, k) if 0 < k < n_of(name) else []
         return current[name]
+
+    def n_of(name: str) -> int:
+        return math.prod(nodes[0].spec(name).shape)
 
     def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         # Inputs come as stored (bf16 typically) and are converted block by block.
         dtype = ctx.compute_dtype
-        shape = nodes[0].spec(name).shape
-        n = math.prod(shape)
-        k = int(dens(name) * n)
-        cuts = cuts_of(name, ctx, n, k)
-        offset = ctx.rows[0] * (n // shape[0]) if ctx.rows else 0
+        k = int(dens(name) * n_of(name))
+        cuts = cuts_of(name, ctx, k)
         w = torch.tensor([s(name) for s in ws], dtype=dtype, device=ts[0].device)
         scale = lam(name)
         out = ctx.empty((ts[0].numel(),), dtype)
         for start, base_block, taus in task_vector_blocks(ts, dtype):
             for i, cut in enumerate(cuts):
-                taus[i].masked_fill_(cut.drop(magnitude_bits(taus[i]), offset + start), 0.0)
+                taus[i].masked_fill_(cut.drop(magnitude_bits(taus[i])), 0.0)
             if k == 0:
                 taus.zero_()
             merged = disjoint_merge(taus, w, consensus, normalize)
