@@ -10,10 +10,12 @@ import torch
 from safetensors.torch import load_file
 
 import surgery.engine.stream as stream
-from surgery import linear, load, task_arithmetic
+import surgery.expr.node as node
+from surgery import dare_linear, dare_ties, linear, load, task_arithmetic, ties
 from surgery.engine.buffers import BufferPool
 from surgery.errors import CheckpointError
 from surgery.writer import PlannedTensor, ShardWriter
+from tests.conftest import small_tensors, write_checkpoint
 
 
 @pytest.mark.parametrize(("block", "cache_block"), [(5, 3), (7, 1 << 20), (40, 9),
@@ -23,10 +25,24 @@ def test_blocked_save_equals_whole_tensor_values(three_models: list[Path], tmp_p
                                                  block: int, cache_block: int) -> None:
     monkeypatch.setattr(stream, "ROW_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(stream, "CACHE_BLOCK_ELEMENTS", cache_block)
+    monkeypatch.setattr(node, "PIECE_ELEMENTS", cache_block)
     base, m1, m2 = (load(str(p)) for p in three_models)
     expr = task_arithmetic(base, [m1, m2], weights=[1.0, 0.5], lambda_=0.7)
     soup = linear([m1, m2, base], weights=[1.0, 2.0, 3.0])
-    for i, w in enumerate((expr, soup)):
+    # Whole-tensor statistics (TIES's trim threshold) and random draws (DARE) across blocks.
+    trimmed = ties(base, [m1, m2], density=0.3, weights=[1.0, 0.6], lambda_=0.9)
+    dropped = dare_ties(base, [m1, m2], density=0.4)
+    rescaled = dare_linear(base, [m1, m2], density=0.5, weights=[0.5, 1.0])
+    # Task vectors of a few exact values: the trim threshold is tied across blocks.
+    g = torch.Generator().manual_seed(5)
+    grid = {k: (v * 4).round() / 4 if v.is_floating_point() else v
+            for k, v in small_tensors(0).items()}
+    steps = [write_checkpoint(tmp_path / f"q{j}", {
+        k: v + torch.randint(-2, 3, v.shape, generator=g) / 2 if v.is_floating_point() else v
+        for k, v in grid.items()}) for j in range(2)]
+    tied = ties(load(str(write_checkpoint(tmp_path / "grid", grid))),
+                [load(str(p)) for p in steps], density=0.3)
+    for i, w in enumerate((expr, soup, trimmed, dropped, rescaled, tied)):
         w.save(tmp_path / f"out{i}", dtype="bfloat16", device="cpu")
         saved = load_file(str(tmp_path / f"out{i}" / "model.safetensors"))
         for name in w.names:

@@ -316,14 +316,15 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
         name = job.name
         spec = root.spec(name)
         if rowwise and spec.shape:
-            rows = job.rows[1] if job.rows else spec.shape[0]
+            first, rows = job.rows or (0, spec.shape[0])
             out = pool.tensor((rows, *spec.shape[1:]), out_dtype(name))
             step = max(1, CACHE_BLOCK_ELEMENTS * spec.shape[0] // max(spec.numel, 1))
             for start in range(0, rows, step):
                 n = min(step, rows - start)
                 part = EvalContext(name, ctx.device, {k: v.narrow(0, start, n) for k, v in
                                                       ctx.fetched.items()},
-                                   ctx.seed, ctx.compute_dtype, pool=ctx.pool)
+                                   ctx.seed, ctx.compute_dtype, pool=ctx.pool,
+                                   rows=(first + start, n))
                 out.narrow(0, start, n).copy_(part.value(root, name))
                 for buf in part.scratch:
                     pool.give(buf)

@@ -12,7 +12,7 @@ import copy
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +48,10 @@ def seeded_generator(seed: int, name: str, salt: str = "", device: str = "cpu") 
     return gen
 
 
+# Row pieces of :meth:`EvalContext.pieces` hold about this many elements.
+PIECE_ELEMENTS = 256 * 1024
+
+
 @dataclass
 class EvalContext:
     """State for computing one output tensor: fetched leaf tensors, memoised node values."""
@@ -62,6 +66,8 @@ class EvalContext:
     # ``scratch`` and handed back once the output tensor has been copied out.
     pool: Any = None
     scratch: list[torch.Tensor] = field(default_factory=list)
+    # The rows (start, count) of the output tensor this context computes; None: all of it.
+    rows: tuple[int, int] | None = None
 
     def value(self, node: Node, name: str) -> torch.Tensor:
         key = (id(node), name)
@@ -102,6 +108,30 @@ class EvalContext:
 
     def generator(self, name: str, salt: str) -> torch.Generator:
         return seeded_generator(self.seed, name, salt, device=str(self.device))
+
+    def pieces(self, nodes: Sequence[Node], name: str
+               ) -> Iterator[tuple[int, list[torch.Tensor]]]:
+        """(first row, values of ``nodes``) over consecutive pieces of about
+        ``PIECE_ELEMENTS`` elements of the whole tensor ``name``, for a whole-tensor statistic
+        of a row-wise node: slices of this context's values when it computes the whole
+        tensor, else read afresh from the checkpoints, piece by piece."""
+        shape = nodes[0].spec(name).shape
+        if self.rows is None:
+            values = [self.value(n, name) for n in nodes]
+        if not shape:  # a scalar: always computed whole
+            yield 0, values
+            return
+        step = max(1, PIECE_ELEMENTS * shape[0] // max(math.prod(shape), 1))
+        for start in range(0, shape[0], step):
+            rows = (start, min(step, shape[0] - start))
+            if self.rows is None:
+                yield start, [v.narrow(0, *rows) for v in values]
+                continue
+            fetched = {(id(ck), n): ck.read(n, rows=rows)
+                       for node in nodes for ck, n in node.reads(name)}
+            part = EvalContext(name, self.device, fetched, self.seed, self.compute_dtype,
+                               rows=rows)
+            yield start, [part.value(n, name) for n in nodes]
 
 
 class Node(ABC):
@@ -218,9 +248,10 @@ class ElementwiseNode(Node):
 
     All inputs must hold the same tensor names and shapes; this is checked from headers when the
     node is built. Integer and bool buffers are copied from the first input, never combined.
-    ``rowwise`` says that each output element depends only on the same element of the inputs
-    (no whole-tensor statistics, no random draws), so the engine may compute a large tensor in
-    blocks of rows to bound its memory. With ``convert=False`` ``fn`` gets the floating
+    ``rowwise`` says that the engine may compute a tensor in consecutive blocks of rows, in
+    order, to bound its memory: ``fn`` then gets those rows of the inputs, and ``ctx.rows``
+    says which they are. Whole-tensor statistics come from :meth:`EvalContext.pieces`; random
+    draws continue from one block to the next. With ``convert=False`` ``fn`` gets the floating
     inputs in their own dtypes and converts them itself (block by block, to save memory).
     """
 

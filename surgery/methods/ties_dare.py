@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -27,25 +28,23 @@ BLOCK = 256 * 1024
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
-@dataclass(frozen=True)
+@dataclass
 class Cut:
     """Which entries of one task vector the trim keeps, from the bit patterns of |τ| (ordered
-    like the magnitudes, as they are non-negative): all above ``bits``, and those equal to it
-    at flat index below ``tie_end``."""
+    like the magnitudes, as they are non-negative): all above ``bits``, and the first
+    ``keep_tied`` equal to it in order of flat index. :meth:`drop` is called on consecutive
+    blocks in order and counts the tied entries it keeps."""
 
     bits: int
-    tie_end: int
+    keep_tied: int
 
-    def drop(self, mag_bits: torch.Tensor, start: int) -> torch.Tensor:
-        """The mask of entries trimmed away in the block of ``mag_bits`` that starts at flat
-        index ``start``."""
-        if start + mag_bits.numel() <= self.tie_end:
-            return mag_bits < self.bits
-        if start >= self.tie_end:
-            return mag_bits <= self.bits
-        drop = mag_bits < self.bits
-        cut = self.tie_end - start
-        drop[cut:] = mag_bits[cut:] <= self.bits
+    def drop(self, mag_bits: torch.Tensor) -> torch.Tensor:
+        """The mask of entries trimmed away in the next block, ``mag_bits`` (flat)."""
+        drop = mag_bits <= self.bits
+        if self.keep_tied:
+            tied = torch.nonzero(mag_bits == self.bits).flatten()[:self.keep_tied]
+            drop[tied] = False
+            self.keep_tied -= len(tied)
         return drop
 
 
@@ -54,33 +53,42 @@ def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
     return tau.abs().view(_INT_VIEW[tau.element_size()])
 
 
-def find_cut(blocks: Callable[[], Iterator[tuple[int, torch.Tensor]]], n: int, k: int) -> Cut:
-    """The cut keeping the k entries of largest magnitude among ``n``, by two-level radix
-    selection: ``blocks()`` yields (flat start, magnitude bits) of consecutive blocks and is
-    called twice. First a histogram of the top 15 bits finds the bin of the k-th largest, then
-    the entries of that bin are collected and the k-th largest found among them; entries
-    equal to it are kept in order of flat index, lowest first, until exactly k are."""
-    hist: torch.Tensor | None = None
-    shift = 0
-    for _, bits in blocks():
-        shift = 8 * bits.element_size() - 16
-        counts = torch.bincount((bits >> shift).reshape(-1), minlength=1 << 15)
-        hist = counts if hist is None else hist.add_(counts)
-    assert hist is not None
-    above = hist.flip(0).cumsum(0).flip(0)  # entries in this bin or higher ones
-    top = int(torch.nonzero(above >= k).max())  # the bin of the k-th largest
-    rank = k - (int(above[top + 1]) if top + 1 < len(above) else 0)  # its rank in the bin
-    values, where = [], []
-    for start, bits in blocks():
-        flat = bits.reshape(-1)
-        inside = torch.nonzero((flat >> shift) == top).flatten()
-        values.append(flat[inside])
-        where.append(inside + start)
-    vals, idx = torch.cat(values), torch.cat(where)
-    threshold = torch.kthvalue(vals, len(vals) - rank + 1).values
-    tied = idx[vals == threshold]
-    surplus = int(above[top]) - int(hist[top]) + int((vals >= threshold).sum()) - k
-    return Cut(int(threshold), int(tied[len(tied) - surplus]) if surplus else n)
+def find_cuts(blocks: Callable[[], Iterator[list[torch.Tensor]]], k: int
+              ) -> list[Cut]:
+    """For each of several task vectors, the cut keeping its k entries of largest magnitude,
+    by radix selection on 16-bit digits of the magnitude bits, highest first: ``blocks()``
+    yields the magnitude bits of each vector over consecutive blocks and is called
+    once per digit (twice for float32). Each pass counts the digits of the entries that match
+    the digits found so far and picks the digit of the k-th largest; entries equal to it are
+    kept in order of flat index, lowest first, until exactly k are."""
+    prefix: list[int] = []  # the digits found so far, as one number, per vector
+    rank: list[int] = []  # how many entries matching the prefix are kept, per vector
+    known = 0  # how many high bits the prefix holds
+    width = 0
+    while not width or known < width:
+        hists: list[torch.Tensor] = []
+        for bits in blocks():
+            width = 8 * bits[0].element_size()
+            shift = max(width - known - 16, 0)
+            counts = []
+            for i, b in enumerate(bits):
+                flat = b.reshape(-1)
+                if known:
+                    flat = flat[(flat >> (width - known)) == prefix[i]]
+                digits = (flat >> shift) & ((1 << (width - known - shift)) - 1)
+                counts.append(torch.bincount(digits, minlength=1 << (width - known - shift)))
+            hists = counts if not hists else [h.add_(c) for h, c in zip(hists, counts,
+                                                                         strict=True)]
+        shift = max(width - known - 16, 0)
+        if not known:
+            prefix, rank = [0] * len(hists), [k] * len(hists)
+        for i, h in enumerate(hists):
+            above = h.flip(0).cumsum(0).flip(0)  # matching entries with this digit or higher
+            digit = int(torch.nonzero(above >= rank[i]).max())
+            rank[i] -= int(above[digit + 1]) if digit + 1 < len(above) else 0
+            prefix[i] = (prefix[i] << (width - known - shift)) | digit
+        known = width - shift
+    return [Cut(p, r) for p, r in zip(prefix, rank, strict=True)]
 
 
 def _flat_blocks(t: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
@@ -110,7 +118,7 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     """Keep the k = ⌊density·n⌋ entries of largest |τ|, zero the rest.
 
     The threshold is the k-th largest |τ|, found by radix selection (no sort, see
-    :func:`find_cut`). Entries equal to the threshold are kept in order of flat index, lowest
+    :func:`find_cuts`). Entries equal to the threshold are kept in order of flat index, lowest
     first, until exactly k are.
     """
     n = tau.numel()
@@ -120,8 +128,8 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
     if k == 0:
         return torch.zeros_like(tau)
     mag = magnitude_bits(tau)
-    cut = find_cut(lambda: _flat_blocks(mag), n, k)
-    drop = torch.cat([cut.drop(b, start) for start, b in _flat_blocks(mag)])
+    (cut,) = find_cuts(lambda: ([b] for _, b in _flat_blocks(mag)), k)
+    drop = torch.cat([cut.drop(b) for _, b in _flat_blocks(mag)])
     return tau.masked_fill(drop.reshape(tau.shape), 0.0)
 
 
@@ -139,13 +147,14 @@ def disjoint_merge(taus: torch.Tensor, weights: torch.Tensor, consensus: Consens
     m_i = [sign(τ_i) = s], merged = Σ w_i m_i τ_i / Σ w_i m_i (0 where no input agrees), or the
     numerator alone with ``normalize=False``.
     """
+    ones = bool((weights == 1).all())  # weights of 1 (the usual case) multiply nothing
     w = weights.reshape(-1, *([1] * (taus.dim() - 1)))
-    weighted = taus * w
+    weighted = taus if ones else taus * w
     s = elect(weighted, consensus)
     agree = (taus.sign() == s).to(taus.dtype)
     merged = (weighted * agree).sum(0)
     if normalize:
-        divisor = (w * agree).sum(0)
+        divisor = agree.sum(0) if ones else (w * agree).sum(0)
         divisor[divisor == 0] = 1
         merged /= divisor
     return merged
@@ -199,39 +208,49 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
     """
     dens, ws, lam = _prepare("ties", base, models, density, weights, lambda_, layer_pattern)
 
+    nodes = [base.node, *(m.node for m in models)]
+    # The cuts of the tensor being computed: a row-wise node gets its rows block by block,
+    # in order, and the cuts count the tied entries kept so far.
+    current: dict[str, list[Cut]] = {}
+
+    def cuts_of(name: str, ctx: EvalContext, k: int) -> list[Cut]:
+        if ctx.rows is None or ctx.rows[0] == 0 or name not in current:
+            dtype = ctx.compute_dtype
+
+            def blocks() -> Iterator[list[torch.Tensor]]:
+                for _, (theta0, *thetas) in ctx.pieces(nodes, name):
+                    base_block = theta0.reshape(-1).to(dtype)
+                    yield [magnitude_bits(t.reshape(-1).to(dtype) - base_block) for t in thetas]
+
+            current.clear()
+            current[name] = find_cuts(blocks, k) if 0 < k < n_of(name) else []
+        return current[name]
+
+    def n_of(name: str) -> int:
+        return math.prod(nodes[0].spec(name).shape)
+
     def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         # Inputs come as stored (bf16 typically) and are converted block by block.
         dtype = ctx.compute_dtype
-        theta0, thetas = ts[0].reshape(-1), [t.reshape(-1) for t in ts[1:]]
-        n = theta0.numel()
-        k = int(dens(name) * n)
-        scratch = torch.empty((len(thetas), min(BLOCK, n)), dtype=dtype, device=theta0.device)
-
-        def deltas(i: int) -> Iterator[tuple[int, torch.Tensor]]:
-            for start in range(0, n, BLOCK):
-                stop = min(start + BLOCK, n)
-                yield start, magnitude_bits(torch.sub(
-                    thetas[i][start:stop], theta0[start:stop].to(dtype),
-                    out=scratch[i, :stop - start]))
-
-        cuts = [find_cut(lambda i=i: deltas(i), n, k) for i in range(len(thetas))] \
-            if 0 < k < n else []
-        w = torch.tensor([s(name) for s in ws], dtype=dtype, device=theta0.device)
+        k = int(dens(name) * n_of(name))
+        cuts = cuts_of(name, ctx, k)
+        w = torch.tensor([s(name) for s in ws], dtype=dtype, device=ts[0].device)
         scale = lam(name)
-        out = ctx.empty((n,), dtype)
+        out = ctx.empty((ts[0].numel(),), dtype)
         for start, base_block, taus in task_vector_blocks(ts, dtype):
             for i, cut in enumerate(cuts):
-                taus[i].masked_fill_(cut.drop(magnitude_bits(taus[i]), start), 0.0)
+                taus[i].masked_fill_(cut.drop(magnitude_bits(taus[i])), 0.0)
             if k == 0:
                 taus.zero_()
             merged = disjoint_merge(taus, w, consensus, normalize)
-            torch.add(base_block, merged * scale, out=out[start:start + taus.shape[1]])
+            torch.add(base_block, merged if scale == 1 else merged * scale,
+                      out=out[start:start + taus.shape[1]])
         return out.reshape(ts[0].shape)
 
     return Weights(ElementwiseNode(
         [base.node, *(m.node for m in models)], fn, "ties",
         _params(dens, ws, lam, consensus=consensus, normalize=normalize), TIES_REF,
-        convert=False))
+        rowwise=True, convert=False))
 
 
 def drop_and_rescale(tau: torch.Tensor, density: float, rescale: Rescale,
@@ -274,13 +293,25 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
             for i, t in enumerate(ts[1:])])
         return theta0 + combine(taus, _stack_weights(ws, name, theta0)) * lam(name)
 
+    # The generators of the tensor being computed and the row they have drawn up to: a
+    # row-wise node gets its rows block by block, in order.
+    drawn: dict[str, tuple[int, list[torch.Generator]]] = {}
+
     def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         # Inverse-density rescale is entry by entry: blocks of the stored inputs, each
         # model's draws taken block after block from its generator (the same sequence as
         # one draw for the whole tensor).
         dtype = ctx.compute_dtype
         d = dens(name)
-        gens = [ctx.generator(name, f"dare:{i}") for i in range(len(ts) - 1)]
+        first, count = ctx.rows or (0, 0)
+        if first == 0 or name not in drawn:
+            drawn.clear()
+            drawn[name] = (0, [ctx.generator(name, f"dare:{i}") for i in range(len(ts) - 1)])
+        row, gens = drawn[name]
+        if row != first:
+            raise RuntimeError(f"{op}: tensor {name!r}: rows from {first} asked for, "
+                               f"draws are at row {row}")
+        drawn[name] = (first + count, gens)
         w = torch.tensor([s(name) for s in ws], dtype=dtype, device=ts[0].device)
         scale = lam(name)
         out = ctx.empty((ts[0].numel(),), dtype)
@@ -289,7 +320,8 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
                 for tau, gen in zip(taus, gens, strict=True):
                     tau.mul_(torch.rand(tau.shape, generator=gen, device=tau.device) < d)
                     tau.div_(d)
-            torch.add(base_block, combine(taus, w) * scale,
+            merged = combine(taus, w)
+            torch.add(base_block, merged if scale == 1 else merged * scale,
                       out=out[start:start + taus.shape[1]])
         return out.reshape(ts[0].shape)
 
@@ -300,7 +332,7 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
     return Weights(ElementwiseNode([base.node, *(m.node for m in models)],
                                    blockwise if by_entry else whole, op,
                                    _params(dens, ws, lam, **extra), DARE_REF,
-                                   convert=not by_entry))
+                                   rowwise=by_entry, convert=not by_entry))
 
 
 def dare_linear(base: Weights, models: Sequence[Weights], density: Scheduled,
