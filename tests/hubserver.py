@@ -175,14 +175,22 @@ class Handler(BaseHTTPRequestHandler):
         found.branches[rev] = found.branches["main"]
         self._json(200, {})
 
-    def model_info(self, repo: str, rev: str = "main") -> None:
+    def _files(self, repo: str, rev: str) -> tuple[Repo, str, list[tuple[str, str, int]]] | None:
+        """The repo, commit and (path, blob sha256, size) of each file at ``rev``."""
         at = self._snapshot(repo, rev)
         if at is None:
             return None
         found, sha = at
+        return found, sha, [(path, blob, (self.state.blobs / blob).stat().st_size)
+                            for path, blob in sorted(found.commits[sha].items())]
+
+    def model_info(self, repo: str, rev: str = "main") -> None:
+        at = self._files(repo, rev)
+        if at is None:
+            return None
+        found, sha, files = at
         siblings = []
-        for path, blob in sorted(found.commits[sha].items()):
-            size = (self.state.blobs / blob).stat().st_size
+        for path, blob, size in files:
             entry: dict[str, object] = {"rfilename": path, "size": size, "blobId": blob[:40]}
             if _is_lfs(path, size):
                 entry["lfs"] = {"sha256": blob, "size": size, "pointerSize": 134}
@@ -193,13 +201,11 @@ class Handler(BaseHTTPRequestHandler):
 
     def tree(self, repo: str, rev: str) -> None:
         """The files of a commit, as ``list_repo_tree`` (and so ``snapshot_download``) reads."""
-        at = self._snapshot(repo, rev)
+        at = self._files(repo, rev)
         if at is None:
             return None
-        found, sha = at
         entries = []
-        for path, blob in sorted(found.commits[sha].items()):
-            size = (self.state.blobs / blob).stat().st_size
+        for path, blob, size in at[2]:
             entry: dict[str, object] = {"type": "file", "path": path, "size": size,
                                         "oid": blob[:40]}
             if _is_lfs(path, size):
