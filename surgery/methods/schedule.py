@@ -241,3 +241,14 @@ def in_unit_interval(v: float) -> str | None:
 
 def in_closed_unit_interval(v: float) -> str | None:
     return None if 0.0 <= v <= 1.0 else "is outside [0, 1]"
+
+
+def per_model_weights(op: str, weights: Sequence[Scheduled] | None, count: int, node: Node,
+                      depth: Depth) -> list[Schedule]:
+    """One weight schedule per model (default 1 each), resolved over ``node``'s tensor names;
+    an error naming the operation when the count differs from the number of models."""
+    if weights is None:
+        weights = [1.0] * count
+    if len(weights) != count:
+        raise UsageError(f"{op}: weights has {len(weights)} values for {count} models")
+    return [Schedule(f"{op}: weights[{i}]", w, node, depth) for i, w in enumerate(weights)]

@@ -9,20 +9,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from surgery.errors import UsageError
 from surgery.expr import ElementwiseNode, EvalContext, Node, Weights
-from surgery.methods.schedule import Depth, Schedule, Scheduled
+from surgery.methods.schedule import Depth, Schedule, Scheduled, per_model_weights
 
 SOUP_REF = "Model soups, arXiv 2203.05482"
 TASK_ARITHMETIC_REF = "Editing models with task arithmetic, arXiv 2212.04089"
-
-
-def _weights(op: str, weights: Sequence[Scheduled] | None, count: int, node: Node,
-             depth: Depth) -> list[Schedule]:
-    """One schedule per model (default 1 each), resolved over ``node``'s tensor names."""
-    if weights is None:
-        weights = [1.0] * count
-    if len(weights) != count:
-        raise UsageError(f"{op}: weights has {len(weights)} values for {count} models")
-    return [Schedule(f"{op}: weights[{i}]", w, node, depth) for i, w in enumerate(weights)]
 
 
 def _depth(node: Node, specs: Sequence[Scheduled], layer_pattern: str | None) -> Depth:
@@ -50,7 +40,7 @@ def linear(models: Sequence[Weights], weights: Sequence[Scheduled] | None = None
         raise UsageError("linear: needs at least one model")
     node = models[0].node
     depth = _depth(node, weights or [], layer_pattern)
-    schedules = _weights("linear", weights, len(models), node, depth)
+    schedules = per_model_weights("linear", weights, len(models), node, depth)
     per_tensor: dict[str, tuple[list[float], float]] = {}
     for name in node.names():
         ws = [s(name) for s in schedules]
@@ -85,7 +75,7 @@ def task_arithmetic(base: Weights, models: Sequence[Weights],
     if not models:
         raise UsageError("task_arithmetic: needs at least one fine-tuned model")
     depth = _depth(base.node, [*(weights or []), lambda_], layer_pattern)
-    schedules = _weights("task_arithmetic", weights, len(models), base.node, depth)
+    schedules = per_model_weights("task_arithmetic", weights, len(models), base.node, depth)
     lam = Schedule("task_arithmetic: lambda", lambda_, base.node, depth)
     per_tensor: dict[str, tuple[list[float], float, float]] = {}
     for name in base.node.names():

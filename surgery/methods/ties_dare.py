@@ -12,7 +12,13 @@ from pydantic import Field
 
 from surgery.errors import UsageError
 from surgery.expr import ElementwiseNode, EvalContext, Weights
-from surgery.methods.schedule import Depth, Schedule, Scheduled, in_unit_interval
+from surgery.methods.schedule import (
+    Depth,
+    Schedule,
+    Scheduled,
+    in_unit_interval,
+    per_model_weights,
+)
 from surgery.methods.soup import Params
 
 TIES_REF = "TIES-merging, arXiv 2306.01708"
@@ -164,15 +170,6 @@ def _stack_weights(schedules: list[Schedule], name: str, like: torch.Tensor) -> 
     return torch.tensor([s(name) for s in schedules], dtype=like.dtype, device=like.device)
 
 
-def _per_model(op: str, param: str, specs: Sequence[Scheduled] | None, count: int, node: Weights,
-               depth: Depth, default: float) -> list[Schedule]:
-    if specs is None:
-        specs = [default] * count
-    if len(specs) != count:
-        raise UsageError(f"{op}: {param} has {len(specs)} values for {count} models")
-    return [Schedule(f"{op}: {param}[{i}]", s, node.node, depth) for i, s in enumerate(specs)]
-
-
 def _prepare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
              weights: Sequence[Scheduled] | None, lambda_: Scheduled,
              layer_pattern: str | None) -> tuple[Schedule, list[Schedule], Schedule]:
@@ -180,7 +177,7 @@ def _prepare(op: str, base: Weights, models: Sequence[Weights], density: Schedul
         raise UsageError(f"{op}: needs at least one fine-tuned model")
     depth = Depth.of(base.node, layer_pattern)
     dens = Schedule(f"{op}: density", density, base.node, depth, check=in_unit_interval)
-    ws = _per_model(op, "weights", weights, len(models), base, depth, 1.0)
+    ws = per_model_weights(op, weights, len(models), base.node, depth)
     lam = Schedule(f"{op}: lambda", lambda_, base.node, depth)
     return dens, ws, lam
 
