@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from surgery import linear, load
@@ -19,7 +20,9 @@ from tests.conftest import ROOT, write_checkpoint
 RUN = """
 import json, sys
 from surgery import linear, load
-linear([load(p) for p in sys.argv[1:4]]).save(sys.argv[4], dtype="bfloat16")
+a, b, c = (load(p) for p in sys.argv[2:5])
+merged = linear([a, b, c]) if sys.argv[1] == "linear" else a + 0.5 * (b - a) - c / 4
+merged.save(sys.argv[5], dtype="bfloat16")
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps(int(hwm.split()[1]) * 1024))
 """
@@ -35,18 +38,23 @@ def _models(tmp_path: Path, rows: int) -> list[str]:
     return paths
 
 
-def _peak(paths: list[str], out: Path) -> int:
-    res = subprocess.run([sys.executable, "-c", RUN, *paths, str(out)], capture_output=True,
+def _peak(how: str, paths: list[str], out: Path) -> int:
+    res = subprocess.run([sys.executable, "-c", RUN, how, *paths, str(out)], capture_output=True,
                          text=True, check=True, env={"PYTHONPATH": str(ROOT), "PATH": ""})
     return int(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
-def test_estimate_bounds_measured_peak_and_peak_is_flat(tmp_path: Path) -> None:
+@pytest.mark.parametrize("how", ["linear", "arithmetic"])
+def test_estimate_bounds_measured_peak_and_peak_is_flat(tmp_path: Path, how: str) -> None:
+    """Also for the Python operators (a + 0.5 * (b - a) - c / 4), which stream row pieces
+    like the merge methods."""
     small = _models(tmp_path, 8 * 1024)     # a 32 MB largest tensor per input
     large = _models(tmp_path, 32 * 1024)    # a 128 MB largest tensor per input
-    peak_small = _peak(small, tmp_path / "out-small")
-    peak_large = _peak(large, tmp_path / "out-large")
-    estimate = estimate_peak_bytes(linear([load(p) for p in large]).node, torch.bfloat16)
+    peak_small = _peak(how, small, tmp_path / "out-small")
+    peak_large = _peak(how, large, tmp_path / "out-large")
+    a, b, c = (load(p) for p in large)
+    graph = linear([a, b, c]) if how == "linear" else a + 0.5 * (b - a) - c / 4
+    estimate = estimate_peak_bytes(graph.node, torch.bfloat16)
     assert peak_large <= estimate < 3 * peak_large, (peak_small, peak_large, estimate)
     # Reading 4x more per tensor (3 x 384 MB of inputs) adds well under one input tensor.
     assert peak_large - peak_small < 128 * 1024 * 1024

@@ -70,7 +70,7 @@ class Weights:
             return NotImplemented
         fn = torch.add if op == "add" else torch.sub
         return Weights(ElementwiseNode([self.node, other.node], lambda _, t, __: fn(t[0], t[1]),
-                                       op))
+                                       op, rowwise=True))
 
     def __add__(self, other: object) -> Weights:
         return self._binary(other, "add")
@@ -83,7 +83,7 @@ class Weights:
             return NotImplemented
         s = float(factor)
         return Weights(ElementwiseNode([self.node], lambda _, t, __: t[0] * s, "scale",
-                                       {"factor": s}))
+                                       {"factor": s}, rowwise=True))
 
     __rmul__ = __mul__
 
@@ -94,7 +94,7 @@ class Weights:
         if d == 0.0:
             raise ZeroDivisionError("Weights divided by zero")
         return Weights(ElementwiseNode([self.node], lambda _, t, __: t[0] / d, "divide",
-                                       {"divisor": d}))
+                                       {"divisor": d}, rowwise=True))
 
     def __neg__(self) -> Weights:
         return self * -1.0

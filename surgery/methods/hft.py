@@ -101,7 +101,8 @@ class HftNode(ElementwiseNode):
         super().__init__([base.node, model.node], self._fn, "hft_reset",
                          {"seed": seed, "reset_embeddings": reset_embeddings,
                           "reset_head": reset_head,
-                          "selection": {str(k): v for k, v in selection.items()}}, HFT_REF)
+                          "selection": {str(k): v for k, v in selection.items()}}, HFT_REF,
+                         rowwise=True)
 
     def _fn(self, name: str, ts: list[torch.Tensor], _: EvalContext) -> torch.Tensor:
         if module_of(name) in self.reset or (layer_index(name) is None

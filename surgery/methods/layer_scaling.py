@@ -55,7 +55,8 @@ class LinesNode(ElementwiseNode):
         self.alpha = alpha
         self.beta = beta
         self.depth = depth
-        super().__init__([base, model], self._scale, "lines", params, LINES_REF)
+        super().__init__([base, model], self._scale, "lines", params, LINES_REF,
+                         rowwise=True)
 
     def reductions(self) -> list[Reduction]:
         return [self.alpha] if isinstance(self.alpha, L1Ratio) else []
