@@ -164,8 +164,11 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
          recipe_text: str | None = None, tokenizer_from: Checkpoint | None = None,
          prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, hash_inputs: bool = True,
          extra_sections: dict[str, str] | None = None,
-         extra_provenance: dict[str, Any] | None = None) -> SaveResult:
-    """Evaluate ``root`` tensor by tensor into the model directory ``path``."""
+         extra_provenance: dict[str, Any] | None = None,
+         threads: int | None = None) -> SaveResult:
+    """Evaluate ``root`` tensor by tensor into the model directory ``path``. On the CPU the
+    blocks of each tensor are computed by ``threads`` threads (default: one per core); the
+    output does not depend on how many."""
     started = time.perf_counter()
     out_dtype = parse_dtype(dtype)
     try:
@@ -192,7 +195,8 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
     for ck, files in needed_files(root).items():
         ck.fetch(files)
     hasher = _InputHasher(checkpoints) if hash_inputs else None
-    opts = StreamOptions(device=dev, seed=seed, prefetch_bytes=prefetch_bytes, progress=progress)
+    opts = StreamOptions(device=dev, seed=seed, prefetch_bytes=prefetch_bytes, progress=progress,
+                         threads=threads)
     todo = [(fname, shard) for fname, shard in zip(fnames, shards, strict=True)
             if fname not in reused]
     dtypes = {t.name: t.dtype for s in shards for t in s}

@@ -8,10 +8,13 @@ plus the few tensors being computed, whatever the model size.
 from __future__ import annotations
 
 import dataclasses
+import itertools
+import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -175,6 +178,51 @@ class StreamOptions:
     prefetch_bytes: int = DEFAULT_PREFETCH_BYTES
     progress: ProgressFn | None = None
     profile: Profile = field(default_factory=Profile)
+    # CPU threads computing the blocks of a row-wise tensor; None: one per core.
+    threads: int | None = None
+
+
+def default_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+class Workers:
+    """Threads that share the blocks of one tensor: the calling thread and ``count - 1``
+    helpers, each with one intra-op torch thread (the blocks are too small to split further)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = max(1, count)
+        self.pool = ThreadPoolExecutor(self.count - 1, "surgery-compute",
+                                       initializer=torch.set_num_threads, initargs=(1,)) \
+            if self.count > 1 else None
+
+    def map(self, fn: Callable[[object], object], items: Iterable[object]) -> list[object]:
+        """``[fn(x) for x in items]``, the items dealt out in contiguous runs, one per thread."""
+        items = list(items)
+        if self.pool is None or len(items) < 2:
+            return [fn(x) for x in items]
+        runs = _split(items, min(self.count, len(items)))
+        futures = [self.pool.submit(lambda run=run: [fn(x) for x in run]) for run in runs[1:]]
+        try:
+            out = [fn(x) for x in runs[0]]
+        finally:
+            rest = [f.result() for f in futures]  # waits for all, raises the first error
+        for part in rest:
+            out.extend(part)
+        return out
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+
+def _split(items: Sequence[object], parts: int) -> list[Sequence[object]]:
+    size, extra = divmod(len(items), parts)
+    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
+    return [items[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def _upload(fetched: Fetched, device: torch.device, stream: torch.cuda.Stream
@@ -312,6 +360,8 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
     # Freed buffers kept for reuse, as many bytes as the reader may hold ahead.
     pool = BufferPool(budget, pin=cuda)
 
+    workers = Workers(1 if cuda else opts.threads or default_threads())
+
     def work(job: Job, ctx: EvalContext) -> float:
         name = job.name
         spec = root.spec(name)
@@ -319,15 +369,21 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
             first, rows = job.rows or (0, spec.shape[0])
             out = pool.tensor((rows, *spec.shape[1:]), out_dtype(name))
             step = max(1, CACHE_BLOCK_ELEMENTS * spec.shape[0] // max(spec.numel, 1))
-            for start in range(0, rows, step):
+
+            def block(start: int, parallel: Workers | None = None) -> None:
                 n = min(step, rows - start)
                 part = EvalContext(name, ctx.device, {k: v.narrow(0, start, n) for k, v in
                                                       ctx.fetched.items()},
                                    ctx.seed, ctx.compute_dtype, pool=ctx.pool,
-                                   rows=(first + start, n))
+                                   rows=(first + start, n), workers=parallel)
                 out.narrow(0, start, n).copy_(part.value(root, name))
                 for buf in part.scratch:
                     pool.give(buf)
+
+            # The first block alone, with all workers at hand for whatever whole-tensor
+            # statistic it computes; then the others, shared among the workers.
+            block(0, workers)
+            workers.map(block, range(step, rows, step))
         else:
             t = ctx.value(root, name)
             if tuple(t.shape) != spec.shape:
@@ -350,10 +406,9 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
 
     def produce() -> None:
         if not cuda:
-            # Methods compute in cache-sized blocks, too small to split between cores: one
-            # intra-op thread (a setting of this thread only) leaves the other core to reading
-            # and writing, and avoids waiting at every operation for a core another process
-            # holds.
+            # Methods compute in cache-sized blocks, too small to split between cores: the
+            # blocks of a tensor are shared among worker threads instead, each with one
+            # intra-op thread (a setting of that thread only).
             torch.set_num_threads(1)
         try:
             _stream(jobs, dataclasses.replace(opts, prefetch_bytes=budget), "write", work, pool)
@@ -362,6 +417,7 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
         except BaseException as e:
             error.append(e)
         finally:
+            workers.close()
             results.put(end)
 
     producer = threading.Thread(target=produce, name="surgery-compute", daemon=True)

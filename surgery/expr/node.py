@@ -12,7 +12,7 @@ import copy
 import hashlib
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,6 +68,15 @@ class EvalContext:
     scratch: list[torch.Tensor] = field(default_factory=list)
     # The rows (start, count) of the output tensor this context computes; None: all of it.
     rows: tuple[int, int] | None = None
+    # The engine's worker threads (a ``Workers``), where this context may use them.
+    workers: Any = None
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
+        """``[fn(x) for x in items]``, shared among the engine's worker threads when this
+        context may use them (``fn`` must then be safe to call from several threads)."""
+        if self.workers is None:
+            return [fn(x) for x in items]
+        return self.workers.map(fn, items)
 
     def value(self, node: Node, name: str) -> torch.Tensor:
         key = (id(node), name)
@@ -116,22 +125,33 @@ class EvalContext:
         of a row-wise node: slices of this context's values when it computes the whole
         tensor, else read afresh from the checkpoints, piece by piece."""
         shape = nodes[0].spec(name).shape
-        if self.rows is None:
-            values = [self.value(n, name) for n in nodes]
         if not shape:  # a scalar: always computed whole
-            yield 0, values
+            yield 0, [self.value(n, name) for n in nodes]
             return
+        for rows in self.piece_rows(nodes, name):
+            yield rows[0], self.piece(nodes, name, rows)
+
+    def piece_rows(self, nodes: Sequence[Node], name: str) -> list[tuple[int, int]]:
+        """The (start, count) rows of each piece :meth:`pieces` yields (none for a scalar)."""
+        shape = nodes[0].spec(name).shape
+        if not shape:
+            return []
+        if self.rows is None:  # computed once, before any piece is asked for (thread safety)
+            for n in nodes:
+                self.value(n, name)
         step = max(1, PIECE_ELEMENTS * shape[0] // max(math.prod(shape), 1))
-        for start in range(0, shape[0], step):
-            rows = (start, min(step, shape[0] - start))
-            if self.rows is None:
-                yield start, [v.narrow(0, *rows) for v in values]
-                continue
-            fetched = {(id(ck), n): ck.read(n, rows=rows)
-                       for node in nodes for ck, n in node.reads(name)}
-            part = EvalContext(name, self.device, fetched, self.seed, self.compute_dtype,
-                               rows=rows)
-            yield start, [part.value(n, name) for n in nodes]
+        return [(start, min(step, shape[0] - start)) for start in range(0, shape[0], step)]
+
+    def piece(self, nodes: Sequence[Node], name: str, rows: tuple[int, int]
+              ) -> list[torch.Tensor]:
+        """The values of ``nodes`` over ``rows`` of tensor ``name`` (one of
+        :meth:`piece_rows`); safe to call from several threads at once."""
+        if self.rows is None:
+            return [self.value(n, name).narrow(0, *rows) for n in nodes]
+        fetched = {(id(ck), n): ck.read(n, rows=rows)
+                   for node in nodes for ck, n in node.reads(name)}
+        part = EvalContext(name, self.device, fetched, self.seed, self.compute_dtype, rows=rows)
+        return [part.value(n, name) for n in nodes]
 
 
 class Node(ABC):
@@ -248,11 +268,13 @@ class ElementwiseNode(Node):
 
     All inputs must hold the same tensor names and shapes; this is checked from headers when the
     node is built. Integer and bool buffers are copied from the first input, never combined.
-    ``rowwise`` says that the engine may compute a tensor in consecutive blocks of rows, in
-    order, to bound its memory: ``fn`` then gets those rows of the inputs, and ``ctx.rows``
-    says which they are. Whole-tensor statistics come from :meth:`EvalContext.pieces`; random
-    draws continue from one block to the next. With ``convert=False`` ``fn`` gets the floating
-    inputs in their own dtypes and converts them itself (block by block, to save memory).
+    ``rowwise`` says that the engine may compute a tensor in blocks of rows, to bound its
+    memory: ``fn`` then gets those rows of the inputs, and ``ctx.rows`` says which they are.
+    The block holding row 0 is computed first and alone (whole-tensor statistics, from
+    :meth:`EvalContext.pieces`, belong there); the others may then be computed on several
+    threads at once, in any order, so random draws must be a function of the entry's position,
+    not of what was drawn before. With ``convert=False`` ``fn`` gets the floating inputs in
+    their own dtypes and converts them itself (block by block, to save memory).
     """
 
     def __init__(self, inputs: list[Node], fn: TensorFn, op: str,
