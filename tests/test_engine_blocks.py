@@ -18,11 +18,13 @@ from surgery.writer import PlannedTensor, ShardWriter
 from tests.conftest import small_tensors, write_checkpoint
 
 
-@pytest.mark.parametrize(("block", "cache_block"), [(5, 3), (7, 1 << 20), (40, 9),
-                                                   (1 << 30, 1 << 30)])
+@pytest.mark.parametrize(("block", "cache_block", "threads"),
+                         [(5, 3, 1), (5, 3, 3), (7, 1 << 20, 2), (40, 9, 4),
+                          (1 << 30, 1 << 30, 2)])
 def test_blocked_save_equals_whole_tensor_values(three_models: list[Path], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
-                                                 block: int, cache_block: int) -> None:
+                                                 block: int, cache_block: int,
+                                                 threads: int) -> None:
     monkeypatch.setattr(stream, "ROW_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(stream, "CACHE_BLOCK_ELEMENTS", cache_block)
     monkeypatch.setattr(node, "PIECE_ELEMENTS", cache_block)
@@ -43,7 +45,7 @@ def test_blocked_save_equals_whole_tensor_values(three_models: list[Path], tmp_p
     tied = ties(load(str(write_checkpoint(tmp_path / "grid", grid))),
                 [load(str(p)) for p in steps], density=0.3)
     for i, w in enumerate((expr, soup, trimmed, dropped, rescaled, tied)):
-        w.save(tmp_path / f"out{i}", dtype="bfloat16", device="cpu")
+        w.save(tmp_path / f"out{i}", dtype="bfloat16", device="cpu", threads=threads)
         saved = load_file(str(tmp_path / f"out{i}" / "model.safetensors"))
         for name in w.names:
             want = w[name]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -33,25 +34,45 @@ Rescale = Literal["inverse_density", "l1"]
 BLOCK = 256 * 1024
 _INT_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
+Empty = Callable[[tuple[int, ...], torch.dtype], torch.Tensor]
+Piece = tuple[int, Callable[[], list[torch.Tensor]]]
 
-@dataclass
+
+def _empty(device: torch.device) -> Empty:
+    return lambda shape, dtype: torch.empty(shape, dtype=dtype, device=device)
+
+
+@dataclass(frozen=True)
 class Cut:
     """Which entries of one task vector the trim keeps, from the bit patterns of |τ| (ordered
-    like the magnitudes, as they are non-negative): all above ``bits``, and the first
-    ``keep_tied`` equal to it in order of flat index. :meth:`drop` is called on consecutive
-    blocks in order and counts the tied entries it keeps."""
+    like the magnitudes, as they are non-negative): all above ``bits``, and those equal to it
+    at flat indices below ``tie_limit`` (the lowest indices first, so that exactly k are kept).
+    Where each entry goes depends on nothing but its value and index, so blocks of a tensor
+    can be trimmed in any order."""
 
     bits: int
-    keep_tied: int
+    tie_limit: int
 
-    def drop(self, mag_bits: torch.Tensor) -> torch.Tensor:
-        """The mask of entries trimmed away in the next block, ``mag_bits`` (flat)."""
-        drop = mag_bits <= self.bits
-        if self.keep_tied:
-            tied = torch.nonzero(mag_bits == self.bits).flatten()[:self.keep_tied]
-            drop[tied] = False
-            self.keep_tied -= len(tied)
-        return drop
+    def apply(self, tau: torch.Tensor, start: int, scratch: torch.Tensor) -> None:
+        """Zero the entries the trim drops in ``tau``, a flat block at flat index ``start``
+        of the task vector, in place (``scratch``: a flat buffer like ``tau``)."""
+        n = tau.numel()
+        scratch = scratch[:n]
+        split = min(max(self.tie_limit - start, 0), n)  # ties kept before here, dropped after
+        if split:
+            _zero_below(tau[:split], self.bits, scratch[:split])
+        if split < n:
+            _zero_below(tau[split:], self.bits + 1, scratch[split:])
+
+
+def _zero_below(tau: torch.Tensor, limit: int, scratch: torch.Tensor) -> None:
+    """Zero the entries of ``tau`` whose magnitude bits are below ``limit``, in place: the
+    sign bit of (limit − 1 − bits) is set exactly where bits ≥ limit (no overflow, both are
+    non-negative), and spread by an arithmetic shift it is the mask that keeps them."""
+    ints = _INT_VIEW[tau.element_size()]
+    mask = torch.abs(tau, out=scratch).view(ints)
+    mask.neg_().add_(limit - 1).bitwise_right_shift_(8 * tau.element_size() - 1)
+    tau.view(ints).bitwise_and_(mask)
 
 
 def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
@@ -59,61 +80,154 @@ def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
     return tau.abs().view(_INT_VIEW[tau.element_size()])
 
 
-def find_cuts(blocks: Callable[[], Iterator[list[torch.Tensor]]], k: int
-              ) -> list[Cut]:
+def _serial_map(fn: Callable, xs: Sequence) -> list:
+    return [fn(x) for x in xs]
+
+
+# The one-pass selection collects the entries whose top 16 bits lie within this many bins of
+# those of the estimated k-th largest (a bin is 1/128 of an octave: ±8 bins is about ±4%).
+BRACKET_BINS = 8
+
+
+def find_cuts(pieces: Sequence[Piece], k: int, n: int, width: int = 32,
+              map_: Callable[[Callable, Sequence], list] = _serial_map) -> list[Cut]:
+    """For each of several task vectors, the cut keeping its k entries of largest magnitude
+    (``pieces``: (flat start, read) of consecutive pieces of the vectors, ``read()`` giving
+    the flat magnitude bits of each vector there; ``n`` entries in all, ``width`` bits each;
+    ``map_`` may share the pieces among threads).
+
+    For float32 magnitudes of several pieces, one pass: the first piece estimates the top 16
+    bits of the k-th largest, and the pass counts the top 16 bits of every entry while it
+    collects those near the estimate, among which the k-th largest then lies (found exactly,
+    with the indices of its ties); when the estimate was too far off, :func:`radix_cuts`
+    reads them again."""
+    if width == 32 and len(pieces) > 1:
+        cuts = _one_pass_cuts(pieces, k, n, map_)
+        if cuts is not None:
+            return cuts
+    return radix_cuts(pieces, k, n, width, map_)
+
+
+def _one_pass_cuts(pieces: Sequence[Piece], k: int, n: int,
+                   map_: Callable[[Callable, Sequence], list]) -> list[Cut] | None:
+    first = pieces[0][1]()
+    centres = []
+    for flat in first:  # the estimated top 16 bits of the k-th largest, from the first piece
+        rank = min(max(round(k * flat.numel() / n), 1), flat.numel())
+        kth = torch.kthvalue(flat, flat.numel() - rank + 1).values
+        centres.append(int(kth) >> 16)
+
+    def scan(piece: Piece, bits: list[torch.Tensor] | None = None
+             ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        out = []
+        for flat, centre in zip(bits or piece[1](), centres, strict=True):
+            off = (flat >> 16).sub_(centre)  # top digit less the estimate's
+            above = int((off > BRACKET_BINS).sum())
+            near = torch.nonzero(off.abs_() <= BRACKET_BINS).flatten()
+            out.append((above, near + piece[0], flat[near]))
+        return out
+
+    per_piece = [scan(pieces[0], first), *map_(scan, pieces[1:])]
+    cuts = []
+    for i in range(len(centres)):
+        # The k-th largest is among the entries near the estimate when fewer than k are
+        # above them and at least k are above or near.
+        rank = k - sum(p[i][0] for p in per_piece)
+        index = torch.cat([p[i][1] for p in per_piece])
+        bits = torch.cat([p[i][2] for p in per_piece])
+        if not 0 < rank <= len(bits):
+            return None
+        # Largest first, ties by lower index (the indices are in order): the rank-th is the
+        # cut and the last tie kept. Only the entries of its top digit need sorting.
+        digits = (bits >> 16) - (centres[i] - BRACKET_BINS)
+        above = torch.bincount(digits, minlength=2 * BRACKET_BINS + 1).flip(0).cumsum(0)
+        top = int(torch.nonzero(above >= rank).min())  # bins from the top
+        digit = 2 * BRACKET_BINS - top
+        rank -= int(above[top - 1]) if top else 0
+        mine = digits == digit
+        index, bits = index[mine], bits[mine]
+        at = torch.sort(bits, descending=True, stable=True).indices[rank - 1]
+        threshold = int(bits[at])
+        tie_limit = int(index[at]) + 1 if threshold else n
+        cuts.append(Cut(threshold, tie_limit))
+    return cuts
+
+
+def radix_cuts(pieces: Sequence[Piece], k: int, n: int, width: int = 32,
+               map_: Callable[[Callable, Sequence], list] = _serial_map) -> list[Cut]:
     """For each of several task vectors, the cut keeping its k entries of largest magnitude,
-    by radix selection on 16-bit digits of the magnitude bits, highest first: ``blocks()``
-    yields the magnitude bits of each vector over consecutive blocks and is called
-    once per digit (twice for float32). Each pass counts the digits of the entries that match
-    the digits found so far and picks the digit of the k-th largest; entries equal to it are
-    kept in order of flat index, lowest first, until exactly k are."""
+    by radix selection on 16-bit digits of the magnitude bits, highest first (arguments as
+    :func:`find_cuts`). Each pass reads all pieces, counts the digits of the entries that
+    match the digits found so far and picks the digit of the k-th largest. When only some of
+    the entries equal to the k-th largest are kept, one more pass finds the flat index below
+    which they are."""
     prefix: list[int] = []  # the digits found so far, as one number, per vector
     rank: list[int] = []  # how many entries matching the prefix are kept, per vector
+    tied: list[int] = []  # how many entries match the prefix, per vector
     known = 0  # how many high bits the prefix holds
-    width = 0
-    while not width or known < width:
-        hists: list[torch.Tensor] = []
-        for bits in blocks():
-            width = 8 * bits[0].element_size()
-            shift = max(width - known - 16, 0)
-            counts = []
-            for i, b in enumerate(bits):
-                flat = b.reshape(-1)
+    while known < width:
+        shift = max(width - known - 16, 0)
+        bins = 1 << (width - known - shift)
+
+        def count(piece: Piece, known: int = known, shift: int = shift, bins: int = bins,
+                  prefix: list[int] = prefix) -> list[torch.Tensor]:
+            out = []
+            for i, flat in enumerate(piece[1]()):
                 if known:
                     flat = flat[(flat >> (width - known)) == prefix[i]]
-                digits = (flat >> shift) & ((1 << (width - known - shift)) - 1)
-                counts.append(torch.bincount(digits, minlength=1 << (width - known - shift)))
-            hists = counts if not hists else [h.add_(c) for h, c in zip(hists, counts,
-                                                                         strict=True)]
-        shift = max(width - known - 16, 0)
+                digits = (flat >> shift) & (bins - 1)
+                out.append(torch.bincount(digits, minlength=bins))
+            return out
+
+        per_piece = map_(count, pieces)
+        hists = [torch.stack(h).sum(0) for h in zip(*per_piece, strict=True)]
         if not known:
-            prefix, rank = [0] * len(hists), [k] * len(hists)
+            prefix, rank, tied = [0] * len(hists), [k] * len(hists), [0] * len(hists)
         for i, h in enumerate(hists):
             above = h.flip(0).cumsum(0).flip(0)  # matching entries with this digit or higher
             digit = int(torch.nonzero(above >= rank[i]).max())
             rank[i] -= int(above[digit + 1]) if digit + 1 < len(above) else 0
+            tied[i] = int(h[digit])
             prefix[i] = (prefix[i] << (width - known - shift)) | digit
         known = width - shift
-    return [Cut(p, r) for p, r in zip(prefix, rank, strict=True)]
+    # -1: every entry equal to the k-th largest is kept (or it is 0, and keeping changes
+    # nothing); 0: not yet known.
+    limits = [-1 if r == t or p == 0 else 0 for p, r, t in zip(prefix, rank, tied, strict=True)]
+    if any(lim == 0 for lim in limits):
+        # Some of the entries equal to the k-th largest are kept, the lowest indices first:
+        # count them piece by piece and find the rank-th in the piece where it lies.
+        def equal(piece: Piece) -> list[int]:
+            return [int((flat == prefix[i]).sum()) if limits[i] == 0 else 0
+                    for i, flat in enumerate(piece[1]())]
+
+        counts = map_(equal, pieces)
+        for i, lim in enumerate(limits):
+            if lim:
+                continue
+            seen = 0
+            for (start, read), c in zip(pieces, counts, strict=True):
+                if seen + c[i] >= rank[i]:
+                    at = torch.nonzero(read()[i] == prefix[i]).flatten()[rank[i] - seen - 1]
+                    limits[i] = start + int(at) + 1
+                    break
+                seen += c[i]
+    return [Cut(p, n if lim < 0 else lim) for p, lim in zip(prefix, limits, strict=True)]
 
 
-def _flat_blocks(t: torch.Tensor) -> Iterator[tuple[int, torch.Tensor]]:
-    flat = t.reshape(-1)
-    for start in range(0, flat.numel(), BLOCK):
-        yield start, flat[start:start + BLOCK]
-
-
-def task_vector_blocks(ts: list[torch.Tensor], dtype: torch.dtype
+def task_vector_blocks(ts: list[torch.Tensor], dtype: torch.dtype, empty: Empty | None = None
                        ) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
     """(flat start, θ₀ block, stacked τ_i = θ_i − θ₀ blocks [T, b]) over consecutive flat
     blocks of a base ``ts[0]`` and models ``ts[1:]`` in any float dtype, computed in ``dtype``
-    (the τ blocks reuse one buffer: each is valid until the next is yielded)."""
+    into buffers from ``empty`` (reused: each block is valid until the next is yielded)."""
     theta0, thetas = ts[0].reshape(-1), [t.reshape(-1) for t in ts[1:]]
     n = theta0.numel()
-    scratch = torch.empty((len(thetas), min(BLOCK, n)), dtype=dtype, device=theta0.device)
+    empty = empty or _empty(theta0.device)
+    size = min(BLOCK, n)
+    scratch = empty((len(thetas), size), dtype)
+    base_buf = empty((size,), dtype)
     for start in range(0, n, BLOCK):
         stop = min(start + BLOCK, n)
-        base_block = theta0[start:stop].to(dtype)
+        base_block = base_buf[:stop - start].copy_(theta0[start:stop])
         taus = scratch[:, :stop - start]
         for i, theta in enumerate(thetas):
             torch.sub(theta[start:stop], base_block, out=taus[i])
@@ -133,10 +247,12 @@ def trim(tau: torch.Tensor, density: float) -> torch.Tensor:
         return tau
     if k == 0:
         return torch.zeros_like(tau)
-    mag = magnitude_bits(tau)
-    (cut,) = find_cuts(lambda: ([b] for _, b in _flat_blocks(mag)), k)
-    drop = torch.cat([cut.drop(b) for _, b in _flat_blocks(mag)])
-    return tau.masked_fill(drop.reshape(tau.shape), 0.0)
+    mag = magnitude_bits(tau).reshape(-1)
+    (cut,) = find_cuts([(s, lambda s=s: [mag[s:s + BLOCK]]) for s in range(0, n, BLOCK)], k, n,
+                       8 * tau.element_size())
+    out = tau.clone().reshape(-1)
+    cut.apply(out, 0, torch.empty_like(out))
+    return out.reshape(tau.shape)
 
 
 def elect(contributions: torch.Tensor, consensus: Consensus) -> torch.Tensor:
@@ -147,23 +263,45 @@ def elect(contributions: torch.Tensor, consensus: Consensus) -> torch.Tensor:
 
 
 def disjoint_merge(taus: torch.Tensor, weights: torch.Tensor, consensus: Consensus,
-                   normalize: bool) -> torch.Tensor:
+                   normalize: bool, work: torch.Tensor | None = None) -> torch.Tensor:
     """TIES steps 2 and 3 on stacked (already trimmed or dropped) task vectors [T, ...].
 
     m_i = [sign(τ_i) = s], merged = Σ w_i m_i τ_i / Σ w_i m_i (0 where no input agrees), or the
-    numerator alone with ``normalize=False``.
+    numerator alone with ``normalize=False``. With weights of 1 and ``sum`` consensus (the
+    usual case) ``taus`` is overwritten and the result is written in ``work``, a buffer of
+    at least [3, b] for the b entries of each τ_i.
     """
-    ones = bool((weights == 1).all())  # weights of 1 (the usual case) multiply nothing
+    if consensus == "sum" and bool((weights == 1).all()):
+        flat = taus.reshape(len(taus), -1)
+        if work is None:
+            work = torch.empty((3, flat.shape[1]), dtype=taus.dtype, device=taus.device)
+        merged = _disjoint_sum(flat, normalize, work[:, :flat.shape[1]])
+        return merged.reshape(taus.shape[1:])
     w = weights.reshape(-1, *([1] * (taus.dim() - 1)))
-    weighted = taus if ones else taus * w
+    weighted = taus * w
     s = elect(weighted, consensus)
     agree = (taus.sign() == s).to(taus.dtype)
     merged = (weighted * agree).sum(0)
     if normalize:
-        divisor = agree.sum(0) if ones else (w * agree).sum(0)
-        divisor[divisor == 0] = 1
-        merged /= divisor
+        divisor = (w * agree).sum(0)
+        merged /= torch.where(divisor == 0, 1.0, divisor)
     return merged
+
+
+def _disjoint_sum(taus: torch.Tensor, normalize: bool, work: torch.Tensor) -> torch.Tensor:
+    """:func:`disjoint_merge` for weights of 1 and ``sum`` consensus, in place on ``taus``
+    [T, b] (``work``: [3, b]): s = sign(Σ τ_i) (+1 for 0), |τ_i| of the agreeing entries are
+    max(s·τ_i, 0), and the merged entry is s times their sum (divided by their count with
+    ``normalize``)."""
+    s, merged, count = work
+    torch.sum(taus, 0, out=s)
+    s.sign_().add_(0.5).sign_()  # -1, 0, +1 -> -1, +1, +1
+    taus.mul_(s).clamp_(min=0)
+    torch.sum(taus, 0, out=merged)
+    if normalize:
+        torch.sum(taus.sign_(), 0, out=count)
+        merged.div_(count.clamp_(min=1))
+    return merged.mul_(s)
 
 
 def _stack_weights(schedules: list[Schedule], name: str, like: torch.Tensor) -> torch.Tensor:
@@ -206,21 +344,26 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
     dens, ws, lam = _prepare("ties", base, models, density, weights, lambda_, layer_pattern)
 
     nodes = [base.node, *(m.node for m in models)]
-    # The cuts of the tensor being computed: a row-wise node gets its rows block by block,
-    # in order, and the cuts count the tied entries kept so far.
+    # The cuts of the tensor being computed, found by its block holding row 0, which the
+    # engine computes before the others.
     current: dict[str, list[Cut]] = {}
 
     def cuts_of(name: str, ctx: EvalContext, k: int) -> list[Cut]:
         if ctx.rows is None or ctx.rows[0] == 0 or name not in current:
             dtype = ctx.compute_dtype
 
-            def blocks() -> Iterator[list[torch.Tensor]]:
-                for _, (theta0, *thetas) in ctx.pieces(nodes, name):
-                    base_block = theta0.reshape(-1).to(dtype)
-                    yield [magnitude_bits(t.reshape(-1).to(dtype) - base_block) for t in thetas]
+            def read(rows: tuple[int, int]) -> list[torch.Tensor]:
+                theta0, *thetas = ctx.piece(nodes, name, rows)
+                base_block = theta0.reshape(-1).to(dtype)
+                return [magnitude_bits(t.reshape(-1).to(dtype) - base_block) for t in thetas]
 
+            n = n_of(name)
+            row = n // max(nodes[0].spec(name).shape[0], 1) if nodes[0].spec(name).shape else n
+            pieces = [(rows[0] * row, lambda rows=rows: read(rows))
+                      for rows in ctx.piece_rows(nodes, name)]
             current.clear()
-            current[name] = find_cuts(blocks, k) if 0 < k < n_of(name) else []
+            current[name] = find_cuts(pieces, k, n, 8 * dtype.itemsize, ctx.map) \
+                if 0 < k < n else []
         return current[name]
 
     def n_of(name: str) -> int:
@@ -233,15 +376,18 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
         cuts = cuts_of(name, ctx, k)
         w = torch.tensor([s(name) for s in ws], dtype=dtype, device=ts[0].device)
         scale = lam(name)
+        first = ctx.rows[0] * (ts[0].numel() // max(ctx.rows[1], 1)) if ctx.rows else 0
         out = ctx.empty((ts[0].numel(),), dtype)
-        for start, base_block, taus in task_vector_blocks(ts, dtype):
+        work = ctx.empty((3, min(BLOCK, ts[0].numel())), dtype)
+        for start, base_block, taus in task_vector_blocks(ts, dtype, ctx.empty):
             for i, cut in enumerate(cuts):
-                taus[i].masked_fill_(cut.drop(magnitude_bits(taus[i])), 0.0)
+                cut.apply(taus[i], first + start, work[0])
             if k == 0:
                 taus.zero_()
-            merged = disjoint_merge(taus, w, consensus, normalize)
-            torch.add(base_block, merged if scale == 1 else merged * scale,
-                      out=out[start:start + taus.shape[1]])
+            merged = disjoint_merge(taus, w, consensus, normalize, work)
+            if scale != 1:
+                merged.mul_(scale)
+            torch.add(base_block, merged, out=out[start:start + taus.shape[1]])
         return out.reshape(ts[0].shape)
 
     return Weights(ElementwiseNode(
@@ -250,15 +396,78 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
         rowwise=True, convert=False))
 
 
+# DARE's drops are a hash of each entry's position, not draws from a generator's sequence:
+# counter-based like Philox, so any block of a tensor can be computed alone, on any thread, and
+# the CPU and a GPU drop the same entries. Entry j of model i's task vector in tensor ``name``
+# is kept iff the top 31 bits of h(j mod 2³², key) fall below density·2³¹, where h is Chris
+# Wellons's lowbias32 integer hash (without its last xorshift, which leaves the top bits as they
+# are) of the low half of j xor a 32-bit key from SHA-256 of (seed, model, name, j div 2³²).
+_MIX1 = 0x7FEB352D
+_MIX2 = 0x846CA68B - (1 << 32)  # as a signed 32-bit number
+_RAMPS: dict[torch.device, torch.Tensor] = {}
+
+
+def dare_key(seed: int, name: str, model: int, high: int = 0) -> int:
+    """The 32-bit key (as a signed number) of model ``model``'s drops in tensor ``name``, for
+    the flat indices j with j div 2³² = ``high``."""
+    digest = hashlib.sha256(f"{seed}\0dare:{model}\0{name}\0{high}".encode()).digest()
+    return int.from_bytes(digest[:4], "little", signed=True)
+
+
+def keep_threshold(density: float) -> int:
+    """Entries whose 31-bit hash is below this are kept: the kept fraction is this / 2³¹,
+    ``density`` to within 5e-10."""
+    return round(density * (1 << 31))
+
+
+def _ramp(n: int, device: torch.device) -> torch.Tensor:
+    ramp = _RAMPS.get(device)
+    if ramp is None or len(ramp) < n:
+        ramp = torch.arange(max(n, BLOCK), dtype=torch.int32, device=device)
+        _RAMPS[device] = ramp
+    return ramp[:n]
+
+
+def drop_entries(tau: torch.Tensor, start: int, density: float, key: Callable[[int], int],
+                 scratch: torch.Tensor | None = None) -> None:
+    """Zero in place the entries of ``tau`` (a flat block at flat index ``start`` of one
+    task vector) that DARE drops, ``key(high)`` giving the keys (see :func:`dare_key`).
+    ``scratch``: two int32 buffers [2, ≥ n]."""
+    n = tau.numel()
+    if scratch is None:
+        scratch = torch.empty((2, n), dtype=torch.int32, device=tau.device)
+    ints = _INT_VIEW[tau.element_size()]
+    limit = keep_threshold(density)
+    done = 0
+    while done < n:
+        high, low = divmod(start + done, 1 << 32)
+        m = min(n - done, (1 << 32) - low, 1 << 30)  # the same high half throughout
+        x, t = scratch[0, :m], scratch[1, :m]
+        torch.add(_ramp(m, tau.device), low - (1 << 32) if low >= 1 << 31 else low, out=x)
+        x.bitwise_xor_(key(high))
+        # x ^= x >>> 16; x *= M1; x ^= x >>> 15; x *= M2 (>>> : logical shift, by masking)
+        x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF))
+        x.mul_(_MIX1)
+        x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=t).bitwise_and_(0x1FFFF))
+        x.mul_(_MIX2)
+        # (x >>> 1) − limit is negative exactly for the kept entries: its sign, spread by an
+        # arithmetic shift, is the mask that keeps them.
+        x.bitwise_right_shift_(1).bitwise_and_(0x7FFFFFFF).sub_(limit).bitwise_right_shift_(31)
+        block = tau.reshape(-1)[done:done + m].view(ints)
+        block.bitwise_and_(x if ints == torch.int32 else x.to(ints))
+        done += m
+
+
 def drop_and_rescale(tau: torch.Tensor, density: float, rescale: Rescale,
-                     generator: torch.Generator) -> torch.Tensor:
-    """DARE on one task vector: keep each entry with probability ``density`` (drop with
-    p = 1 − density), then rescale survivors by 1/density (``inverse_density``) or so that
-    ‖τ‖₁ is unchanged (``l1``, as mergekit; no rescale when either norm is below 1e-7)."""
+                     key: Callable[[int], int]) -> torch.Tensor:
+    """DARE on one whole task vector: keep each entry with probability ``density`` (drop
+    with p = 1 − density; which, from ``key`` as :func:`drop_entries`), then rescale survivors
+    by 1/density (``inverse_density``) or so that ‖τ‖₁ is unchanged (``l1``, as mergekit; no
+    rescale when either norm is below 1e-7)."""
     if density >= 1.0:
         return tau
-    keep = torch.rand(tau.shape, generator=generator, device=tau.device) < density
-    dropped = tau * keep
+    dropped = tau.clone()
+    drop_entries(dropped, 0, density, key)
     if rescale == "inverse_density":
         return dropped / density
     before, after = tau.abs().sum(), dropped.abs().sum()
@@ -272,54 +481,54 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
           consensus: Consensus | None, normalize: bool, layer_pattern: str | None) -> Weights:
     dens, ws, lam = _prepare(op, base, models, density, weights, lambda_, layer_pattern)
 
-    def combine(taus: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def combine(taus: torch.Tensor, w: torch.Tensor, work: torch.Tensor | None = None
+                ) -> torch.Tensor:
         if consensus is not None:
-            return disjoint_merge(taus, w, consensus, normalize)
-        merged = (taus * w.reshape(-1, *([1] * (taus.dim() - 1)))).sum(0)
+            return disjoint_merge(taus, w, consensus, normalize, work)
+        flat = taus.reshape(len(taus), -1)
+        out = work[0, :flat.shape[1]] if work is not None else None
+        merged = torch.sum(flat.mul_(w.reshape(-1, 1)), 0, out=out).reshape(taus.shape[1:])
         if normalize:
             total = w.sum()
             merged /= total if total.abs() >= 1e-8 else 1.0
         return merged
 
+    def keys(ctx: EvalContext, name: str) -> list[Callable[[int], int]]:
+        return [lambda high, i=i: dare_key(ctx.seed, name, i, high)
+                for i in range(len(models))]
+
     def whole(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         # The l1 rescale needs the norms of whole task vectors.
         theta0 = ts[0]
         d = dens(name)
-        taus = torch.stack([
-            drop_and_rescale(t - theta0, d, rescale, ctx.generator(name, f"dare:{i}"))
-            for i, t in enumerate(ts[1:])])
+        taus = torch.stack([drop_and_rescale(t - theta0, d, rescale, key)
+                            for t, key in zip(ts[1:], keys(ctx, name), strict=True)])
         return theta0 + combine(taus, _stack_weights(ws, name, theta0)) * lam(name)
 
-    # The generators of the tensor being computed and the row they have drawn up to: a
-    # row-wise node gets its rows block by block, in order.
-    drawn: dict[str, tuple[int, list[torch.Generator]]] = {}
-
     def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
-        # Inverse-density rescale is entry by entry: blocks of the stored inputs, each
-        # model's draws taken block after block from its generator (the same sequence as
-        # one draw for the whole tensor).
+        # Inverse-density rescale is entry by entry: blocks of the stored inputs, converted
+        # block by block, each entry dropped by the hash of its position. Every combination
+        # is homogeneous in the τ_i, so the 1/density rescale is applied once, to the result.
         dtype = ctx.compute_dtype
         d = dens(name)
-        first, count = ctx.rows or (0, 0)
-        if first == 0 or name not in drawn:
-            drawn.clear()
-            drawn[name] = (0, [ctx.generator(name, f"dare:{i}") for i in range(len(ts) - 1)])
-        row, gens = drawn[name]
-        if row != first:
-            raise RuntimeError(f"{op}: tensor {name!r}: rows from {first} asked for, "
-                               f"draws are at row {row}")
-        drawn[name] = (first + count, gens)
         w = torch.tensor([s(name) for s in ws], dtype=dtype, device=ts[0].device)
         scale = lam(name)
-        out = ctx.empty((ts[0].numel(),), dtype)
-        for start, base_block, taus in task_vector_blocks(ts, dtype):
+        n = ts[0].numel()
+        first = ctx.rows[0] * (n // max(ctx.rows[1], 1)) if ctx.rows else 0
+        model_keys = keys(ctx, name)
+        out = ctx.empty((n,), dtype)
+        work = ctx.empty((3, min(BLOCK, n)), dtype)
+        bits = ctx.empty((2, min(BLOCK, n)), torch.int32)
+        for start, base_block, taus in task_vector_blocks(ts, dtype, ctx.empty):
             if d < 1.0:
-                for tau, gen in zip(taus, gens, strict=True):
-                    tau.mul_(torch.rand(tau.shape, generator=gen, device=tau.device) < d)
-                    tau.div_(d)
-            merged = combine(taus, w)
-            torch.add(base_block, merged if scale == 1 else merged * scale,
-                      out=out[start:start + taus.shape[1]])
+                for tau, key in zip(taus, model_keys, strict=True):
+                    drop_entries(tau, first + start, d, key, bits)
+            merged = combine(taus, w, work)
+            if d < 1.0:
+                merged.div_(d)
+            if scale != 1:
+                merged.mul_(scale)
+            torch.add(base_block, merged, out=out[start:start + taus.shape[1]])
         return out.reshape(ts[0].shape)
 
     extra: dict[str, object] = {"rescale": rescale, "normalize": normalize}
@@ -340,7 +549,8 @@ def dare_linear(base: Weights, models: Sequence[Weights], density: Scheduled,
 
     τ̃_i = drop_and_rescale(θ_i − θ₀), each entry dropped with p = 1 − density and survivors
     scaled by 1/(1 − p); θ = θ₀ + λ Σ w_i τ̃_i (divided by Σ w_i with ``normalize=True``).
-    Drops are drawn from a generator seeded by (recipe seed, tensor name, model index).
+    Which entries are dropped is a hash of (recipe seed, model index, tensor name, entry
+    position): see :func:`drop_entries`.
     """
     return _dare("dare_linear", base, models, density, weights, lambda_, rescale, None,
                  normalize, layer_pattern)
