@@ -30,9 +30,12 @@ DEFAULT_PREFETCH_BYTES = 128 * 1024 * 1024
 # Row-wise graphs read, compute and write large tensors in pieces of about this many elements
 # (8 MB per bf16 input), so memory does not grow with the largest tensor ...
 ROW_BLOCK_ELEMENTS = 4 * 1024 * 1024
-# ... and evaluate each piece in blocks of about this many elements, so that the float32
-# conversions of the inputs are still in the CPU's cache when the arithmetic reads them.
-CACHE_BLOCK_ELEMENTS = 64 * 1024
+# ... and evaluate each piece in blocks of about this many elements, small enough that the float32
+# conversions of the inputs are still in the CPU's cache when the arithmetic reads them, large
+# enough that Python's per-operation overhead (under the GIL, which the compute threads share)
+# is small: measured on 2 cores, 256K beat 64K by 1.3x for task arithmetic and 1.7x for DARE
+# on two threads (four 67M-element bf16 inputs).
+CACHE_BLOCK_ELEMENTS = 256 * 1024
 
 
 @dataclass
