@@ -364,11 +364,45 @@ def render(results: list[SizeResult], command: str, cache_note: str, repeat: int
             floor = f"{ours.wall_s / r.floor.wall_s:.2f}" if ours and ours.ok else "n/a"
             lines.append(f"| {m} | {_cell(ours)} | {_cell(theirs)} | {ratio} | {floor} |")
         lines.append("")
+        if r.size != "tiny":  # startup dominates the tiny size: no target applies
+            lines += _targets(r, methods)
         for m, text in r.agreement.items():
             what = "ours" if "cold" in m else "ours vs mergekit (bf16 outputs)"
             lines.append(f"- {m}, {what}: {text}")
         lines.append("")
     return "\n".join(lines)
+
+
+# DESIGN.md's targets: (most wall time / the I/O floor's, least speed-up over mergekit).
+TARGETS = {"linear": (1.5, 4.0), "task_arithmetic": (1.5, 4.0), "ties": (None, 10.0),
+           "dare_ties": (None, 10.0)}
+MEMORY_TARGET = 1.5e9  # bytes of peak resident memory, at 1B (and constant in model size)
+
+
+def _targets(r: SizeResult, methods: list[str]) -> list[str]:
+    """One line per method: each target, its figure here, met or missed."""
+    def verdict(ok: bool) -> str:
+        return "met" if ok else "**missed**"
+
+    lines = ["Targets (DESIGN.md):", ""]
+    for m in methods:
+        ours, theirs = r.runs.get(("ours", m)), r.runs.get(("mergekit", m))
+        if m not in TARGETS or not ours or not ours.ok:
+            continue
+        most_floor, least_speedup = TARGETS[m]
+        parts = []
+        if most_floor is not None:
+            ratio = ours.wall_s / r.floor.wall_s
+            parts.append(f"{ratio:.2f}x the I/O floor (at most {most_floor}x: "
+                         f"{verdict(ratio <= most_floor)})")
+        if theirs and theirs.ok:
+            speedup = theirs.wall_s / ours.wall_s
+            parts.append(f"{speedup:.1f}x faster than mergekit (at least {least_speedup:.0f}x: "
+                         f"{verdict(speedup >= least_speedup)})")
+        parts.append(f"peak {_gb(ours.peak_rss)} (under {MEMORY_TARGET / 1e9} GB: "
+                     f"{verdict(ours.peak_rss < MEMORY_TARGET)})")
+        lines.append(f"- {m}: " + "; ".join(parts))
+    return [*lines, ""]
 
 
 def _version(package: str) -> str:
