@@ -1,7 +1,8 @@
 """A lazy view of a model: config.json, tokenizer files and the tensor table from headers.
 
 Opening a checkpoint reads headers only; tensor bytes are read one tensor at a time with
-positional reads (``os.preadv``), straight into the buffer the tensor will use.
+positional reads (``os.preadv``), straight into the buffer the tensor will use; large reads of
+files not already in the page cache bypass it (``directio``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from surgery.checkpoint import directio
 from surgery.checkpoint.header import Header, TensorInfo, read_header
 from surgery.errors import CheckpointError
 
@@ -48,6 +50,8 @@ class Checkpoint:
     revision: str | None = None
     tokenizer_files: list[Path] = field(default_factory=list)
     _fds: dict[Path, int] = field(default_factory=dict, repr=False)
+    # O_DIRECT descriptors, or None for files read through the page cache.
+    _direct_fds: dict[Path, int | None] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -76,31 +80,105 @@ class Checkpoint:
                 self._fds[path] = fd
             return fd
 
+    def _direct_fd(self, path: Path) -> int | None:
+        """A descriptor for direct reads of ``path``, or None when its reads should go through
+        the page cache (no O_DIRECT here, or the file is mostly cached already)."""
+        if path not in self._direct_fds:
+            self._fd(path)  # fetches a remote file first
+        with self._lock:
+            if path not in self._direct_fds:
+                fd = directio.open_direct(path, os.O_RDONLY)
+                if fd is not None and directio.mostly_cached(fd):
+                    os.close(fd)
+                    fd = None
+                self._direct_fds[path] = fd
+            return self._direct_fds[path]
+
+    def _direct_span(self, info: TensorInfo, offset: int, nbytes: int) -> tuple[int, int] | None:
+        """The aligned file range a direct read of these bytes takes, or None for a read
+        through the page cache."""
+        start = info.start + offset
+        if nbytes < directio.DIRECT_MIN_BYTES or start % info.dtype.itemsize \
+                or self._direct_fd(info.file) is None:
+            return None
+        return directio.span(start, nbytes)
+
+    def read_size(self, name: str, rows: tuple[int, int] | None = None) -> int:
+        """Bytes of the buffer :meth:`read` needs as ``out`` for this tensor or row range."""
+        info = self.info(name)
+        _, offset, nbytes = _row_range(info, rows)
+        if self._direct_span(info, offset, nbytes) is None:
+            return nbytes
+        # Whatever the range's offset, so that pieces of one size reuse one buffer size.
+        return directio.buffer_size(nbytes)
+
     def read(self, name: str, out: torch.Tensor | None = None,
              rows: tuple[int, int] | None = None) -> torch.Tensor:
         """Read one tensor from disk into a fresh CPU tensor of its stored dtype, or into
-        ``out`` (a contiguous CPU uint8 tensor of exactly the bytes read) when given.
-        ``rows=(start, count)`` reads only those rows (first dimension), one contiguous range."""
+        ``out`` (a contiguous CPU uint8 tensor of :meth:`read_size` bytes) when given; the
+        result may be a view into part of ``out``. ``rows=(start, count)`` reads only those
+        rows (first dimension), one contiguous range."""
         info = self.info(name)
         shape, offset, nbytes = _row_range(info, rows)
-        if out is not None and nbytes:
-            view = memoryview(out.numpy())
-            buf = out
+        if nbytes == 0:
+            return torch.empty(shape, dtype=info.dtype)
+        direct = self._direct_span(info, offset, nbytes)
+        if direct is not None:
+            size = directio.buffer_size(nbytes)
+            buf = out if out is not None else torch.empty(size, dtype=torch.uint8)
+            if buf.numel() < size:
+                raise ValueError(f"{name}: read buffer of {buf.numel()} bytes, {size} needed")
+            got = self._read_direct(info, name, direct, info.start + offset + nbytes,
+                                    directio.aligned(buf, direct[1] - direct[0]))
+            if got is not None:
+                skip = info.start + offset - direct[0]
+                return got.narrow(0, skip, nbytes).view(info.dtype).view(shape)
+            # The file system refused the direct read: read the plain way from now on.
+            buf = buf.narrow(0, 0, nbytes)
+        elif out is not None:
+            buf = out.narrow(0, 0, nbytes)
         else:
-            buf = bytearray(nbytes)
-            view = memoryview(buf)
-        fd = self._fd(info.file)
+            buf = torch.empty(nbytes, dtype=torch.uint8)
+        self._read_into(self._fd(info.file), info, name, info.start + offset,
+                        memoryview(buf.numpy()))
+        return buf.view(info.dtype).view(shape)
+
+    def _read_direct(self, info: TensorInfo, name: str, direct: tuple[int, int], end: int,
+                     region: torch.Tensor) -> torch.Tensor | None:
+        """Read the aligned range ``direct`` (of which bytes up to ``end`` are needed) into
+        ``region``; None when the file system refuses direct reads of this file."""
+        lo, _ = direct
+        fd = self._direct_fd(info.file)
+        view = memoryview(region.numpy())
         done = 0
-        while done < nbytes:
-            got = os.preadv(fd, [view[done:]], info.start + offset + done)
+        try:
+            while lo + done < end:
+                if (lo + done) % directio.ALIGN:  # a short read mid-file: finish it cached
+                    self._read_into(self._fd(info.file), info, name, lo + done,
+                                    view[done:end - lo])
+                    break
+                got = os.preadv(fd, [view[done:]], lo + done)
+                if got <= 0:
+                    raise CheckpointError(f"{info.file}: tensor {name!r} is truncated on disk")
+                done += got
+        except OSError as e:
+            if e.errno != 22:  # EINVAL: this file system wants other alignment
+                raise
+            with self._lock:
+                self._direct_fds[info.file] = None
+            assert fd is not None
+            os.close(fd)
+            return None
+        return region
+
+    @staticmethod
+    def _read_into(fd: int, info: TensorInfo, name: str, start: int, view: memoryview) -> None:
+        done = 0
+        while done < len(view):
+            got = os.preadv(fd, [view[done:]], start + done)
             if got <= 0:
                 raise CheckpointError(f"{info.file}: tensor {name!r} is truncated on disk")
             done += got
-        if nbytes == 0:
-            return torch.empty(shape, dtype=info.dtype)
-        if isinstance(buf, torch.Tensor):
-            return buf.view(info.dtype).view(shape)
-        return torch.frombuffer(buf, dtype=info.dtype).reshape(shape)
 
     def missing(self, files: list[Path] | None = None) -> list[Path]:
         """Weight files (all, or of ``files``) that must be downloaded before reading."""
@@ -119,11 +197,12 @@ class Checkpoint:
 
     def __post_init__(self) -> None:
         # Closes the descriptors when the checkpoint is collected or at interpreter exit.
-        self._finalizer = weakref.finalize(self, _close_fds, self._fds)
+        self._finalizer = weakref.finalize(self, _close_all, self._fds, self._direct_fds)
 
     def close(self) -> None:
         with self._lock:
             _close_fds(self._fds)
+            _close_fds(self._direct_fds)
 
     def __hash__(self) -> int:
         return id(self)
@@ -145,10 +224,16 @@ def _row_range(info: TensorInfo, rows: tuple[int, int] | None
     return (count, *info.shape[1:]), start * row_bytes, count * row_bytes
 
 
-def _close_fds(fds: dict[Path, int]) -> None:
+def _close_fds(fds: dict[Path, int] | dict[Path, int | None]) -> None:
     for fd in fds.values():
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
     fds.clear()
+
+
+def _close_all(*tables: dict[Path, int] | dict[Path, int | None]) -> None:
+    for fds in tables:
+        _close_fds(fds)
 
 
 def _read_json(path: Path) -> dict:
@@ -238,6 +323,9 @@ class PickleCheckpoint(Checkpoint):
     """
 
     state: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    def read_size(self, name: str, rows: tuple[int, int] | None = None) -> int:
+        return _row_range(self.info(name), rows)[2]
 
     def read(self, name: str, out: torch.Tensor | None = None,
              rows: tuple[int, int] | None = None) -> torch.Tensor:

@@ -137,7 +137,7 @@ class Prefetcher:
                 fetched: Fetched = {}
                 for ck, n in job.reads:
                     if self.pool is not None:  # straight into a reused (pinned for CUDA) buffer
-                        t = ck.read(n, self.pool.take(job.read_bytes(ck, n)), job.rows)
+                        t = ck.read(n, self.pool.take(ck.read_size(n, job.rows)), job.rows)
                     else:
                         t = ck.read(n, rows=job.rows)
                         t = t.pin_memory() if self.pin else t

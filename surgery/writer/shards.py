@@ -1,5 +1,6 @@
 """Writing safetensors shards as a stream: the header first (all shapes are known from the
-plan), then each tensor's bytes as it is computed. Nothing is held beyond the tensor in hand."""
+plan), then each tensor's bytes as it is computed, through two 8 MB staging buffers written
+around the page cache (``directio.SequentialFile``). Nothing is held beyond the tensor in hand."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ import contextlib
 import hashlib
 import json
 import math
-import os
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from surgery.checkpoint import DTYPE_NAMES, dtype_size
+from surgery.checkpoint.directio import SequentialFile
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?i?B?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "B": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
@@ -99,12 +100,12 @@ class ShardWriter:
         self.rows_left = 0
         self.sha = hashlib.sha256()
         self.finished = False
-        self.file = open(path, "wb")
+        self.file = SequentialFile(path)
         self._write(encode_header(tensors, metadata))
 
-    def _write(self, data: bytes | memoryview) -> None:
+    def _write(self, data: bytes | torch.Tensor) -> None:
+        self.sha.update(data if isinstance(data, bytes) else tensor_bytes(data))
         self.file.write(data)
-        self.sha.update(data)
 
     def add(self, name: str, t: torch.Tensor) -> bool:
         """Write the next planned tensor, whole or as its next block of rows (first
@@ -117,7 +118,8 @@ class ShardWriter:
             raise RuntimeError(f"{self.path.name}: tensor {name!r} does not match the plan")
         if self.current is None:
             self.current, self.rows_left = planned, (planned.shape or (1,))[0]
-        self._write(tensor_bytes(t))
+        if t.numel():
+            self._write(t.reshape(-1).view(torch.uint8))
         self.rows_left -= rows
         if self.rows_left:
             return False
@@ -127,9 +129,7 @@ class ShardWriter:
     def finish(self) -> str:
         if self.current is not None or next(self.expected, None) is not None:
             raise RuntimeError(f"{self.path.name}: ended before all planned tensors were written")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
+        self.file.finish()
         self.finished = True
         return self.sha.hexdigest()
 
@@ -138,8 +138,8 @@ class ShardWriter:
         A finished shard stays: it may be recorded already (interrupted while recording)."""
         if self.finished:
             return
-        with contextlib.suppress(OSError):  # flushing a full disk fails; the caller says why
-            self.file.close()
+        with contextlib.suppress(OSError):  # closing on a full disk fails; the caller says why
+            self.file.abort()
         self.path.unlink(missing_ok=True)
 
 
