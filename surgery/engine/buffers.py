@@ -8,7 +8,9 @@ shapes layer after layer, so the engine keeps freed buffers by size and hands th
 
 from __future__ import annotations
 
+import itertools
 import threading
+from collections import deque
 
 import torch
 
@@ -16,21 +18,25 @@ import torch
 class BufferPool:
     """Freed flat uint8 CPU tensors, most recently freed first, holding at most ``limit``
     bytes: when full, the longest-unused buffers are dropped, so the sizes of the first
-    tensors (embeddings) do not crowd out those that recur (every layer's)."""
+    tensors (embeddings) do not crowd out those that recur (every layer's). Free buffers are
+    kept by size, so taking and giving cost the same however many are held."""
 
     def __init__(self, limit: int, pin: bool = False) -> None:
         self.limit = limit
         self.pin = pin
         self.held = 0
-        self.free: list[torch.Tensor] = []
+        # size -> (when freed, buffer), oldest first; a model has few distinct sizes, so
+        # finding the oldest of all is a short scan of the sizes' first entries.
+        self.free: dict[int, deque[tuple[int, torch.Tensor]]] = {}
+        self.clock = itertools.count()
         self.lock = threading.Lock()
 
     def take(self, nbytes: int) -> torch.Tensor:
         with self.lock:
-            for i in range(len(self.free) - 1, -1, -1):
-                if self.free[i].numel() == nbytes:
-                    self.held -= nbytes
-                    return self.free.pop(i)
+            same = self.free.get(nbytes)
+            if same:
+                self.held -= nbytes
+                return same.pop()[1]
         return torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.pin)
 
     def tensor(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
@@ -42,11 +48,15 @@ class BufferPool:
 
     def give(self, t: torch.Tensor) -> None:
         """Return the buffer behind a tensor made by :meth:`take` or :meth:`tensor`."""
-        flat = t.reshape(-1).view(torch.uint8)
-        if flat.numel() == 0 or flat.numel() > self.limit:
+        # The whole buffer, also when ``t`` views part of it (a read's aligned span).
+        flat = torch.empty(0, dtype=torch.uint8, device=t.device).set_(t.untyped_storage())
+        size = flat.numel()
+        if size == 0 or size > self.limit:
             return
         with self.lock:
-            self.free.append(flat)
-            self.held += flat.numel()
+            self.free.setdefault(size, deque()).append((next(self.clock), flat))
+            self.held += size
             while self.held > self.limit:
-                self.held -= self.free.pop(0).numel()
+                oldest = min(self.free, key=lambda n: self.free[n][0][0] if self.free[n]
+                             else float("inf"))
+                self.held -= self.free[oldest].popleft()[1].numel()
