@@ -138,6 +138,8 @@ class SequentialFile:
     def write(self, data: bytes | torch.Tensor) -> None:
         """Append ``data``: bytes, or a flat uint8 CPU tensor (copied by torch, which lets
         the other threads run meanwhile)."""
+        if not len(data):
+            return
         src = data if isinstance(data, torch.Tensor) else torch.frombuffer(
             bytearray(data), dtype=torch.uint8)
         done = 0

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from surgery.checkpoint import Checkpoint
+from surgery.checkpoint import Checkpoint, directio
 from surgery.checkpoint.hashing import cached_sha256
 from surgery.engine.stream import (
     DEFAULT_PREFETCH_BYTES,
@@ -291,9 +291,9 @@ def estimate_peak_bytes(root: Node, dtype: torch.dtype | None = None,
                         prefetch_bytes: int = DEFAULT_PREFETCH_BYTES) -> int:
     """Upper estimate of peak resident memory of a CPU run: the runtime, reads in flight (the
     prefetch budget, or one job if larger), the pool of reused buffers (as large as the budget),
-    and for the worst job its reads, one float32 value per graph node and two queued outputs.
-    A job is a whole tensor, or a row piece of about ``ROW_BLOCK_ELEMENTS`` elements when the
-    graph is row-wise."""
+    for the worst job its reads, one float32 value per graph node and two queued outputs, and
+    the shard writer's staging buffers. A job is a whole tensor, or a row piece of about
+    ``ROW_BLOCK_ELEMENTS`` elements when the graph is row-wise."""
     nodes = [n for n in root.walk() if n.inputs]
     rowwise = is_rowwise(root)
     worst_job = worst_read = 0
@@ -308,4 +308,5 @@ def estimate_peak_bytes(root: Node, dtype: torch.dtype | None = None,
         worst_read = max(worst_read, read)
         worst_job = max(worst_job, read + len(nodes) * numel * 4 + 2 * out_size)
     in_flight = max(prefetch_bytes, worst_read)
-    return RUNTIME_BASE_BYTES + in_flight + prefetch_bytes + worst_job
+    staging = 2 * directio.STAGE_BYTES  # the shard writer's two staging buffers
+    return RUNTIME_BASE_BYTES + in_flight + prefetch_bytes + worst_job + staging
