@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -230,7 +231,8 @@ def task_vector_blocks(ts: list[torch.Tensor], dtype: torch.dtype, empty: Empty 
         base_block = base_buf[:stop - start].copy_(theta0[start:stop])
         taus = scratch[:, :stop - start]
         for i, theta in enumerate(thetas):
-            torch.sub(theta[start:stop], base_block, out=taus[i])
+            # Convert, then subtract in place: twice as fast as one mixed-dtype subtraction.
+            taus[i].copy_(theta[start:stop]).sub_(base_block)
         yield start, base_block, taus
 
 
@@ -428,32 +430,46 @@ def _ramp(n: int, device: torch.device) -> torch.Tensor:
     return ramp[:n]
 
 
+# Entries hashed per step: the two int32 buffers (1 MB) stay in a core's L2 cache; measured on
+# the 2-core VM, 128K was 15% faster per entry than 256K (and 32K slower again, from Python's
+# per-operation overhead).
+HASH_CHUNK = 128 * 1024
+LITTLE_ENDIAN = sys.byteorder == "little"
+
+
 def drop_entries(tau: torch.Tensor, start: int, density: float, key: Callable[[int], int],
                  scratch: torch.Tensor | None = None) -> None:
     """Zero in place the entries of ``tau`` (a flat block at flat index ``start`` of one
     task vector) that DARE drops, ``key(high)`` giving the keys (see :func:`dare_key`).
-    ``scratch``: two int32 buffers [2, ≥ n]."""
+    ``scratch``: two int32 buffers [2, ≥ min(n, HASH_CHUNK)]."""
     n = tau.numel()
     if scratch is None:
-        scratch = torch.empty((2, n), dtype=torch.int32, device=tau.device)
+        scratch = torch.empty((2, min(n, HASH_CHUNK)), dtype=torch.int32, device=tau.device)
     ints = _INT_VIEW[tau.element_size()]
+    flat = tau.reshape(-1)
     limit = keep_threshold(density)
     done = 0
     while done < n:
         high, low = divmod(start + done, 1 << 32)
-        m = min(n - done, (1 << 32) - low, 1 << 30)  # the same high half throughout
+        # The same high half throughout a step.
+        m = min(n - done, (1 << 32) - low, HASH_CHUNK, scratch.shape[1])
         x, t = scratch[0, :m], scratch[1, :m]
         torch.add(_ramp(m, tau.device), low - (1 << 32) if low >= 1 << 31 else low, out=x)
         x.bitwise_xor_(key(high))
-        # x ^= x >>> 16; x *= M1; x ^= x >>> 15; x *= M2 (>>> : logical shift, by masking)
-        x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF))
+        # x ^= x >>> 16 (>>> : logical shift): the high 16-bit half xor-ed into the low one
+        if LITTLE_ENDIAN:
+            halves = x.view(torch.int16).view(m, 2)  # [low, high]
+            halves[:, 0].bitwise_xor_(halves[:, 1])
+        else:
+            x.bitwise_xor_(torch.bitwise_right_shift(x, 16, out=t).bitwise_and_(0xFFFF))
+        # x *= M1; x ^= x >>> 15 (by masking an arithmetic shift); x *= M2
         x.mul_(_MIX1)
         x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=t).bitwise_and_(0x1FFFF))
         x.mul_(_MIX2)
         # (x >>> 1) − limit is negative exactly for the kept entries: its sign, spread by an
         # arithmetic shift, is the mask that keeps them.
         x.bitwise_right_shift_(1).bitwise_and_(0x7FFFFFFF).sub_(limit).bitwise_right_shift_(31)
-        block = tau.reshape(-1)[done:done + m].view(ints)
+        block = flat[done:done + m].view(ints)
         block.bitwise_and_(x if ints == torch.int32 else x.to(ints))
         done += m
 
@@ -518,7 +534,7 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
         model_keys = keys(ctx, name)
         out = ctx.empty((n,), dtype)
         work = ctx.empty((3, min(BLOCK, n)), dtype)
-        bits = ctx.empty((2, min(BLOCK, n)), torch.int32)
+        bits = ctx.empty((2, min(HASH_CHUNK, n)), torch.int32)
         for start, base_block, taus in task_vector_blocks(ts, dtype, ctx.empty):
             if d < 1.0:
                 for tau, key in zip(taus, model_keys, strict=True):
