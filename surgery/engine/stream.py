@@ -13,7 +13,7 @@ import os
 import queue
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -203,29 +203,35 @@ class Workers:
             if self.count > 1 else None
 
     def map(self, fn: Callable[[object], object], items: Iterable[object]) -> list[object]:
-        """``[fn(x) for x in items]``, the items dealt out in contiguous runs, one per thread."""
+        """``[fn(x) for x in items]``, each thread taking the next item as it is free (so a
+        thread slowed by others' work on a shared core does not hold the rest up)."""
         items = list(items)
         if self.pool is None or len(items) < 2:
             return [fn(x) for x in items]
-        runs = _split(items, min(self.count, len(items)))
-        futures = [self.pool.submit(lambda run=run: [fn(x) for x in run]) for run in runs[1:]]
+        out: list[object] = [None] * len(items)
+        taken = itertools.count()  # next() on a count is atomic under the GIL
+        failed: list[BaseException] = []
+
+        def drain() -> None:
+            while not failed and (i := next(taken)) < len(items):
+                try:
+                    out[i] = fn(items[i])
+                except BaseException as e:
+                    failed.append(e)
+
+        futures = [self.pool.submit(drain) for _ in range(min(self.count, len(items)) - 1)]
         try:
-            out = [fn(x) for x in runs[0]]
+            drain()
         finally:
-            rest = [f.result() for f in futures]  # waits for all, raises the first error
-        for part in rest:
-            out.extend(part)
+            for f in futures:
+                f.result()  # waits for all
+        if failed:
+            raise failed[0]
         return out
 
     def close(self) -> None:
         if self.pool is not None:
             self.pool.shutdown()
-
-
-def _split(items: Sequence[object], parts: int) -> list[Sequence[object]]:
-    size, extra = divmod(len(items), parts)
-    bounds = [i * size + min(i, extra) for i in range(parts + 1)]
-    return [items[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def _upload(fetched: Fetched, device: torch.device, stream: torch.cuda.Stream
@@ -383,10 +389,13 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
                 for buf in part.scratch:
                     pool.give(buf)
 
-            # The first block alone, with all workers at hand for whatever whole-tensor
-            # statistic it computes; then the others, shared among the workers.
-            block(0, workers)
-            workers.map(block, range(step, rows, step))
+            if first == 0:
+                # The tensor's first block alone, with all workers at hand for whatever
+                # whole-tensor statistic it computes; then the others, shared among them.
+                block(0, workers)
+                workers.map(block, range(step, rows, step))
+            else:
+                workers.map(block, range(0, rows, step))
         else:
             t = ctx.value(root, name)
             if tuple(t.shape) != spec.shape:
