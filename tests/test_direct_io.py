@@ -4,6 +4,7 @@ alignment and size, and a merge must give byte-identical shards either way."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 from pathlib import Path
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 
 from surgery import load, ties
 from surgery.checkpoint import directio, open_checkpoint
+from surgery.checkpoint.hashing import file_sha256
 from surgery.engine.buffers import BufferPool
 from surgery.writer import PlannedTensor, ShardWriter
 
@@ -192,3 +194,13 @@ def test_merges_are_byte_identical_with_and_without_direct_io(
     # and the direct-written output is what safetensors reads
     got = load_file(str(tmp_path / "ta-auto" / "model.safetensors"))
     assert got["model.embed_tokens.weight"].shape == (4100, 1024)
+
+
+@pytest.mark.parametrize("chunk", [8192, 1 << 20])
+def test_file_hashes_read_around_the_cache_are_the_files_sha256(
+        tmp_path: Path, direct: None, chunk: int) -> None:
+    path = tmp_path / "model.safetensors"
+    _awkward_file(path)  # 6 MB, not a multiple of the block size
+    assert path.stat().st_size % directio.ALIGN
+    _uncache(path)
+    assert file_sha256(path, chunk) == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import mmap
 import os
 import threading
 from pathlib import Path
+
+from surgery.checkpoint import directio
 
 _LOCK = threading.Lock()
 
@@ -19,12 +22,30 @@ def cache_dir() -> Path:
 
 
 def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+    """SHA-256 of a file, read around the page cache unless the file is mostly in it
+    (:mod:`surgery.checkpoint.directio`): hashing a model's inputs on its first run then
+    costs the disk's time, not the cache's CPU, which the merge running beside it needs."""
     sha = hashlib.sha256()
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
+    view = memoryview(mmap.mmap(-1, chunk))  # page-aligned, as direct reads need
+    fd = directio.open_direct(path, os.O_RDONLY)
+    if fd is not None and directio.mostly_cached(fd):
+        os.close(fd)
+        fd = None
+    plain = os.open(path, os.O_RDONLY)
+    try:
+        offset = 0
+        while True:
+            # A direct read goes on only from an aligned offset (a short read ends there).
+            use = fd if fd is not None and offset % directio.ALIGN == 0 else plain
+            n = os.preadv(use, [view], offset)
+            if not n:
+                break
             sha.update(view[:n])
+            offset += n
+    finally:
+        os.close(plain)
+        if fd is not None:
+            os.close(fd)
     return sha.hexdigest()
 
 
