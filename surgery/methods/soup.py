@@ -86,10 +86,14 @@ def task_arithmetic(base: Weights, models: Sequence[Weights],
     def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         ws, divisor, lambda_ = per_tensor[name]
         theta0 = ts[0]
-        acc = torch.sub(ts[1], theta0, out=ctx.empty_like(theta0)).mul_(ws[0])
+        # Multiplications by a weight of 1 are skipped (exact: x·1 = x), a pass each.
+        acc = torch.sub(ts[1], theta0, out=ctx.empty_like(theta0))
+        if ws[0] != 1.0:
+            acc.mul_(ws[0])
         delta = ctx.empty_like(theta0) if len(ts) > 2 else None
         for t, w in zip(ts[2:], ws[1:], strict=True):
-            acc.add_(torch.sub(t, theta0, out=delta).mul_(w))
+            tau = torch.sub(t, theta0, out=delta)
+            acc.add_(tau if w == 1.0 else tau.mul_(w))
         if normalize:
             acc.div_(divisor)
         if lambda_ != 1.0:
