@@ -206,7 +206,8 @@ def _lowbias31(j: int, key: int) -> int:
     return x >> 1
 
 
-@pytest.mark.parametrize("start", [0, (1 << 31) - 3, (1 << 32) - 3, 5 << 32])
+@pytest.mark.parametrize("start", [0, 40_000, (1 << 16) - 3, (1 << 31) - 3, (1 << 32) - 3,
+                                   5 << 32, (5 << 32) + (7 << 16) + 2])
 def test_dare_drops_follow_the_position_hash(start: int) -> None:
     density = 0.37
     key = dare_key(3, "model.layers.0.mlp.up_proj.weight", 1, start >> 32)
