@@ -87,11 +87,7 @@ class Checkpoint:
             self._fd(path)  # fetches a remote file first
         with self._lock:
             if path not in self._direct_fds:
-                fd = directio.open_direct(path, os.O_RDONLY)
-                if fd is not None and directio.mostly_cached(fd):
-                    os.close(fd)
-                    fd = None
-                self._direct_fds[path] = fd
+                self._direct_fds[path] = directio.open_uncached(path)
             return self._direct_fds[path]
 
     def _direct_span(self, info: TensorInfo, offset: int, nbytes: int) -> tuple[int, int] | None:

@@ -75,6 +75,16 @@ def open_direct(path: str | os.PathLike[str], flags: int, mode: int = 0o644) -> 
         raise
 
 
+def open_uncached(path: str | os.PathLike[str]) -> int | None:
+    """A descriptor for direct reads of ``path``, or None when its reads should go through
+    the page cache (no O_DIRECT here, or the file is mostly cached already)."""
+    fd = open_direct(path, os.O_RDONLY)
+    if fd is not None and mostly_cached(fd):
+        os.close(fd)
+        return None
+    return fd
+
+
 @cache
 def _libc() -> ctypes.CDLL | None:
     if not sys.platform.startswith("linux"):

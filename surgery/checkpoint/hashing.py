@@ -27,10 +27,7 @@ def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
     costs the disk's time, not the cache's CPU, which the merge running beside it needs."""
     sha = hashlib.sha256()
     view = memoryview(mmap.mmap(-1, chunk))  # page-aligned, as direct reads need
-    fd = directio.open_direct(path, os.O_RDONLY)
-    if fd is not None and directio.mostly_cached(fd):
-        os.close(fd)
-        fd = None
+    fd = directio.open_uncached(path)
     plain = os.open(path, os.O_RDONLY)
     try:
         offset = 0
