@@ -237,3 +237,33 @@ def test_dare_drops_are_independent_between_models_and_neighbours() -> None:
         assert abs((k[1:] * k[:-1]).mean().item() - d * d) < 5 * sigma  # neighbours
         assert abs((k[1024:] * k[:-1024]).mean().item() - d * d) < 5 * sigma  # rows apart
     assert abs((kept[0] * kept[1]).mean().item() - d * d) < 5 * sigma  # models
+
+
+def test_bracket_in_numpy_equals_torch() -> None:
+    g = torch.Generator().manual_seed(5)
+    flat = torch.randint(0, 1 << 20, (10_000,), generator=g, dtype=torch.int32)
+    for lo, hi in ((0, 1), (1000, 5000), (300_000, 300_001), (1 << 20, 1 << 21)):
+        above, index, values = ties_dare._bracket(flat, lo, hi)
+        want = ties_dare._bracket_torch(flat, lo, hi)
+        assert above == want[0] == int((flat >= hi).sum())
+        assert torch.equal(index, want[1]) and torch.equal(values, want[2])
+        assert torch.equal(values, flat[(flat >= lo) & (flat < hi)])
+
+
+@pytest.mark.parametrize("density", [0.1, 0.3, 0.5, 0.8])
+def test_trim_with_infinities_and_nans_matches_a_stable_sort_of_magnitude_bits(
+        density: float) -> None:
+    # Magnitudes order as their bits: NaN above ±inf above every finite value. A cut at
+    # infinity or NaN is applied by bits, not by hardshrink.
+    g = torch.Generator().manual_seed(3)
+    tau = torch.randn(2000, generator=g)
+    special = torch.randperm(2000, generator=g)
+    tau[special[:300]] = float("inf")
+    tau[special[300:500]] = -float("inf")
+    tau[special[500:800]] = float("nan")
+    k = int(density * tau.numel())
+    bits = tau.abs().view(torch.int32)
+    order = torch.sort(-bits.long(), stable=True).indices[:k]
+    want = torch.zeros_like(tau)
+    want[order] = tau[order]
+    assert torch.equal(trim(tau, density).view(torch.int32), want.view(torch.int32))

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -57,19 +59,28 @@ class Cut:
         """Zero the entries the trim drops in ``tau``, a flat block at flat index ``start``
         of the task vector, in place (``scratch``: a flat buffer like ``tau``)."""
         n = tau.numel()
-        scratch = scratch[:n]
         split = min(max(self.tie_limit - start, 0), n)  # ties kept before here, dropped after
         if split:
             _zero_below(tau[:split], self.bits, scratch[:split])
         if split < n:
-            _zero_below(tau[split:], self.bits + 1, scratch[split:])
+            _zero_below(tau[split:], self.bits + 1, scratch[split:n])
 
 
 def _zero_below(tau: torch.Tensor, limit: int, scratch: torch.Tensor) -> None:
-    """Zero the entries of ``tau`` whose magnitude bits are below ``limit``, in place: the
-    sign bit of (limit − 1 − bits) is set exactly where bits ≥ limit (no overflow, both are
-    non-negative), and spread by an arithmetic shift it is the mask that keeps them."""
+    """Zero the entries of ``tau`` whose magnitude bits are below ``limit``, in place.
+
+    Those are the entries with |τ| ≤ the float whose bits are limit − 1, which is what
+    ``hardshrink`` zeroes, in one pass (it writes +0, as the mask below does). When that float
+    is not finite (a cut at infinity or NaN), a mask from the bits instead: the sign bit of
+    (limit − 1 − bits) is set exactly where bits ≥ limit (no overflow, both are non-negative),
+    and spread by an arithmetic shift it keeps them."""
+    if limit <= 0:
+        return  # every magnitude's bits are at least 0
     ints = _INT_VIEW[tau.element_size()]
+    below = torch.tensor([limit - 1], dtype=ints).view(tau.dtype).item()
+    if math.isfinite(below):
+        torch.hardshrink(tau, below, out=tau)
+        return
     mask = torch.abs(tau, out=scratch).view(ints)
     mask.neg_().add_(limit - 1).bitwise_right_shift_(8 * tau.element_size() - 1)
     tau.view(ints).bitwise_and_(mask)
@@ -111,25 +122,23 @@ def find_cuts(pieces: Sequence[Piece], k: int, n: int, width: int = 32,
 def _one_pass_cuts(pieces: Sequence[Piece], k: int, n: int,
                    map_: Callable[[Callable, Sequence], list]) -> list[Cut] | None:
     first = pieces[0][1]()
-    centres = []
+    brackets = []
     for flat in first:  # the estimated top 16 bits of the k-th largest, from the first piece
         rank = min(max(round(k * flat.numel() / n), 1), flat.numel())
-        kth = torch.kthvalue(flat, flat.numel() - rank + 1).values
-        centres.append(int(kth) >> 16)
+        centre = int(torch.kthvalue(flat, flat.numel() - rank + 1).values) >> 16
+        brackets.append((max(centre - BRACKET_BINS, 0) << 16, (centre + BRACKET_BINS + 1) << 16))
 
     def scan(piece: Piece, bits: list[torch.Tensor] | None = None
              ) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         out = []
-        for flat, centre in zip(bits or piece[1](), centres, strict=True):
-            off = (flat >> 16).sub_(centre)  # top digit less the estimate's
-            above = int((off > BRACKET_BINS).sum())
-            near = torch.nonzero(off.abs_() <= BRACKET_BINS).flatten()
-            out.append((above, near + piece[0], flat[near]))
+        for flat, (lo, hi) in zip(bits or piece[1](), brackets, strict=True):
+            above, near, values = _bracket(flat, lo, hi)
+            out.append((above, near + piece[0], values))
         return out
 
     per_piece = [scan(pieces[0], first), *map_(scan, pieces[1:])]
     cuts = []
-    for i in range(len(centres)):
+    for i, (lo, _) in enumerate(brackets):
         # The k-th largest is among the entries near the estimate when fewer than k are
         # above them and at least k are above or near.
         rank = k - sum(p[i][0] for p in per_piece)
@@ -139,10 +148,10 @@ def _one_pass_cuts(pieces: Sequence[Piece], k: int, n: int,
             return None
         # Largest first, ties by lower index (the indices are in order): the rank-th is the
         # cut and the last tie kept. Only the entries of its top digit need sorting.
-        digits = (bits >> 16) - (centres[i] - BRACKET_BINS)
+        digits = (bits >> 16) - (lo >> 16)
         above = torch.bincount(digits, minlength=2 * BRACKET_BINS + 1).flip(0).cumsum(0)
         top = int(torch.nonzero(above >= rank).min())  # bins from the top
-        digit = 2 * BRACKET_BINS - top
+        digit = len(above) - 1 - top
         rank -= int(above[top - 1]) if top else 0
         mine = digits == digit
         index, bits = index[mine], bits[mine]
@@ -151,6 +160,48 @@ def _one_pass_cuts(pieces: Sequence[Piece], k: int, n: int,
         tie_limit = int(index[at]) + 1 if threshold else n
         cuts.append(Cut(threshold, tie_limit))
     return cuts
+
+
+_LOCAL = threading.local()
+
+
+def _thread_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                   device: torch.device) -> torch.Tensor:
+    """A buffer of this thread's, reused by its next call with the same ``name``: at least
+    ``shape`` (its leading part is returned), grown when too small."""
+    buffers = _LOCAL.__dict__.setdefault("buffers", {})
+    key = (name, dtype, device)
+    buf = buffers.get(key)
+    if buf is None or buf.dim() != len(shape) or any(
+            have < want for have, want in zip(buf.shape, shape, strict=True)):
+        buf = torch.empty(shape, dtype=dtype, device=device)
+        buffers[key] = buf
+    for d, size in enumerate(shape):
+        buf = buf.narrow(d, 0, size)
+    return buf
+
+
+def _bracket(flat: torch.Tensor, lo: int, hi: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """Of the non-negative integers ``flat``: how many are ≥ ``hi``, and the flat indices and
+    values of those in [lo, hi) (``lo`` < ``hi``). On the CPU with numpy, whose comparisons
+    into reused masks and whose nonzero run several times faster than torch's."""
+    if flat.device.type != "cpu":
+        return _bracket_torch(flat, lo, hi)
+    values = flat.numpy()
+    masks = _thread_buffer("bracket", (2, len(values)), torch.bool, flat.device).numpy()
+    top = np.greater_equal(values, hi, out=masks[0])
+    near = np.greater_equal(values, lo, out=masks[1])
+    np.not_equal(near, top, out=near)  # lo ≤ value < hi, as every value ≥ hi is ≥ lo
+    index = np.flatnonzero(near)
+    return int(np.count_nonzero(top)), torch.from_numpy(index), torch.from_numpy(values[index])
+
+
+def _bracket_torch(flat: torch.Tensor, lo: int, hi: int
+                   ) -> tuple[int, torch.Tensor, torch.Tensor]:
+    """:func:`_bracket` in torch, on any device."""
+    top = flat >= hi
+    near = torch.nonzero((flat >= lo) & ~top).flatten()
+    return int(top.sum()), near, flat[near]
 
 
 def radix_cuts(pieces: Sequence[Piece], k: int, n: int, width: int = 32,
@@ -354,9 +405,13 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
             dtype = ctx.compute_dtype
 
             def read(rows: tuple[int, int]) -> list[torch.Tensor]:
+                # Into this thread's buffers: each piece is scanned before the next is read.
                 theta0, *thetas = ctx.piece(nodes, name, rows)
-                base_block = theta0.reshape(-1).to(dtype)
-                return [magnitude_bits(t.reshape(-1).to(dtype) - base_block) for t in thetas]
+                size = theta0.numel()
+                buf = _thread_buffer("ties-read", (len(nodes), size), dtype, theta0.device)
+                base_block = buf[0].copy_(theta0.reshape(-1))
+                return [buf[i].copy_(t.reshape(-1)).sub_(base_block).abs_().view(
+                    _INT_VIEW[dtype.itemsize]) for i, t in enumerate(thetas, 1)]
 
             n = n_of(name)
             row = n // max(nodes[0].spec(name).shape[0], 1) if nodes[0].spec(name).shape else n
