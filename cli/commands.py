@@ -73,9 +73,11 @@ def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None
         click.echo(f"wrote {res.path} ({len(res.shards)} shard(s){reused})")
         if profile:
             p = res.profile
+            stats = (f", on whole-tensor statistics {p.statistics_wait_s:.2f}s; statistics "
+                     f"thread: computing {p.statistics_s:.2f}s" if p.statistics_s else "")
             click.echo(f"  wall {p.wall_s:.2f}s ({', '.join(p.passes)} pass(es)); compute "
                        f"thread: waiting on reads {p.read_s:.2f}s, computing "
-                       f"{p.compute_s:.2f}s, waiting on the writer {p.write_wait_s:.2f}s; "
+                       f"{p.compute_s:.2f}s, waiting on the writer {p.write_wait_s:.2f}s{stats}; "
                        f"writer thread: writing and hashing {p.write_s:.2f}s; read "
                        f"{human_bytes(p.bytes_read)}, wrote {human_bytes(p.bytes_written)}")
     if plot:

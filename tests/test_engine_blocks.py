@@ -89,3 +89,54 @@ def test_shard_writer_takes_row_blocks_in_order(tmp_path: Path) -> None:
     writer.finish()
     saved = load_file(str(tmp_path / "s.safetensors"))
     assert torch.equal(saved["a"], t) and float(saved["b"]) == 5.0
+
+
+def _peak_scaled(inputs: list[node.Node], calls: list[tuple[str, str]]) -> node.ElementwiseNode:
+    """x / max |x| over the whole tensor: a statistic (the maximum, from pieces) that every
+    block needs; ``calls`` records (tensor, thread) of each time it is computed."""
+
+    def peak(name: str, ctx: node.EvalContext) -> float:
+        import threading
+
+        calls.append((name, threading.current_thread().name))
+        return max(float(t.abs().max()) for _, (t,) in ctx.pieces(inputs[:1], name)) or 1.0
+
+    return node.ElementwiseNode(inputs, lambda _, ts, __, top: ts[0] / top, "peak",
+                                rowwise=True, statistic=peak)
+
+
+def test_statistics_are_computed_once_per_tensor_ahead_and_shared_by_its_blocks(
+        three_models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stream, "ROW_BLOCK_ELEMENTS", 5)
+    monkeypatch.setattr(stream, "CACHE_BLOCK_ELEMENTS", 3)
+    monkeypatch.setattr(node, "PIECE_ELEMENTS", 4)
+    base = load(str(three_models[0]))
+    inner: list[tuple[str, str]] = []
+    outer: list[tuple[str, str]] = []
+    # A statistic computed from a node that needs one itself.
+    w = type(base)(_peak_scaled([_peak_scaled([base.node], inner)], outer))
+    w.save(tmp_path / "out", device="cpu", threads=2)
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    floats = [n for n in base.names if base[n].is_floating_point()]
+    for name in floats:
+        x = base[name].float()
+        want = x / (float(x.abs().max()) or 1.0)
+        want = want / (float(want.abs().max()) or 1.0)
+        torch.testing.assert_close(saved[name], want, rtol=0, atol=0, msg=name)
+    for calls in (inner, outer):
+        assert sorted(n for n, _ in calls) == sorted(floats)  # once each
+        assert {t for _, t in calls} == {"surgery-statistics_0"}
+
+
+def test_a_failing_statistic_fails_the_save_and_writes_nothing(
+        three_models: list[Path], tmp_path: Path) -> None:
+    base = load(str(three_models[0]))
+
+    def broken(name: str, ctx: node.EvalContext) -> None:
+        raise ValueError(f"{name}: no statistic")
+
+    w = type(base)(node.ElementwiseNode([base.node], lambda _, ts, __, ___: ts[0], "broken",
+                                        rowwise=True, statistic=broken))
+    with pytest.raises(ValueError, match="no statistic"):
+        w.save(tmp_path / "out", device="cpu")
+    assert not (tmp_path / "out").exists()

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from surgery import linear, load
+from surgery import linear, load, ties
 from surgery.engine import estimate_peak_bytes
 from tests.conftest import ROOT, write_checkpoint
 
@@ -19,9 +19,11 @@ from tests.conftest import ROOT, write_checkpoint
 # test runner), while VmHWM belongs to the new address space.
 RUN = """
 import json, sys
-from surgery import linear, load
+from surgery import linear, load, ties
 a, b, c = (load(p) for p in sys.argv[2:5])
-merged = linear([a, b, c]) if sys.argv[1] == "linear" else a + 0.5 * (b - a) - c / 4
+how = sys.argv[1]
+merged = (linear([a, b, c]) if how == "linear" else ties(a, [b, c], density=0.2)
+          if how == "ties" else a + 0.5 * (b - a) - c / 4)
 merged.save(sys.argv[5], dtype="bfloat16")
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps(int(hwm.split()[1]) * 1024))
@@ -44,16 +46,18 @@ def _peak(how: str, paths: list[str], out: Path) -> int:
     return int(json.loads(res.stdout.strip().splitlines()[-1]))
 
 
-@pytest.mark.parametrize("how", ["linear", "arithmetic"])
+@pytest.mark.parametrize("how", ["linear", "arithmetic", "ties"])
 def test_estimate_bounds_measured_peak_and_peak_is_flat(tmp_path: Path, how: str) -> None:
     """Also for the Python operators (a + 0.5 * (b - a) - c / 4), which stream row pieces
-    like the merge methods."""
+    like the merge methods, and for TIES, whose trim thresholds are whole-tensor statistics
+    computed a tensor ahead."""
     small = _models(tmp_path, 8 * 1024)     # a 32 MB largest tensor per input
     large = _models(tmp_path, 32 * 1024)    # a 128 MB largest tensor per input
     peak_small = _peak(how, small, tmp_path / "out-small")
     peak_large = _peak(how, large, tmp_path / "out-large")
     a, b, c = (load(p) for p in large)
-    graph = linear([a, b, c]) if how == "linear" else a + 0.5 * (b - a) - c / 4
+    graph = (linear([a, b, c]) if how == "linear" else ties(a, [b, c], density=0.2)
+             if how == "ties" else a + 0.5 * (b - a) - c / 4)
     estimate = estimate_peak_bytes(graph.node, torch.bfloat16)
     assert peak_large <= estimate < 3 * peak_large, (peak_small, peak_large, estimate)
     # Reading 4x more per tensor (3 x 384 MB of inputs) adds well under one input tensor.

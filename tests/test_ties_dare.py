@@ -144,23 +144,43 @@ def test_trim_matches_a_stable_sort_on_quantised_values_with_many_ties(
 @pytest.mark.parametrize("skew", [1.0, 1e-3, 1e3])
 def test_one_pass_selection_and_its_fallback_match_a_stable_sort(
         monkeypatch: pytest.MonkeyPatch, skew: float) -> None:
-    # The first piece estimates the threshold: a first piece of much smaller (or larger)
-    # magnitudes than the rest sends the one-pass selection back to the radix passes.
-    monkeypatch.setattr(ties_dare, "BLOCK", 256)
+    # A sample of the pieces estimates the threshold: sampled pieces of much smaller (or
+    # larger) magnitudes than the rest send the one-pass selection back to the radix passes.
+    # (Pieces large enough that the sample's bracket holds few of their entries.)
+    monkeypatch.setattr(ties_dare, "BLOCK", 4096)
     fallbacks = []
     radix = ties_dare.radix_cuts
     monkeypatch.setattr(ties_dare, "radix_cuts", lambda *a: fallbacks.append(1) or radix(*a))
     g = torch.Generator().manual_seed(2)
-    tau = (torch.randn(5000, generator=g) * 4).round() / 4  # many ties
-    tau[:256] *= skew
+    tau = (torch.randn(100_000, generator=g) * 1024).round() / 256  # many ties
+    sampled = ties_dare.sample_pieces(-(-100_000 // 4096))
+    assert sampled == [0, 6, 12, 18]
+    for i in sampled:
+        tau[i * 4096:(i + 1) * 4096] *= skew
     for density in (0.2, 0.77, 0.01):
         k = int(density * tau.numel())
         order = torch.sort(-tau.abs(), stable=True).indices[:k]
         want = torch.zeros_like(tau)
         want[order] = tau[order]
         assert torch.equal(trim(tau, density), want), density
-        if density == 0.77:  # a first piece like the rest estimates well
+        if density == 0.77:  # sampled pieces like the rest estimate well
             assert len(fallbacks) == (0 if skew == 1.0 else 2)
+
+
+def test_a_few_distinct_values_go_to_the_radix_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Task vectors of a few distinct values put more than NEAR_LIMIT of a piece's entries
+    # next to the threshold: rather than collect them all, the selection counts by radix.
+    monkeypatch.setattr(ties_dare, "BLOCK", 256)
+    fallbacks = []
+    radix = ties_dare.radix_cuts
+    monkeypatch.setattr(ties_dare, "radix_cuts", lambda *a: fallbacks.append(1) or radix(*a))
+    tau = (torch.randn(5000, generator=torch.Generator().manual_seed(2)) * 4).round() / 4
+    k = int(0.3 * tau.numel())
+    order = torch.sort(-tau.abs(), stable=True).indices[:k]
+    want = torch.zeros_like(tau)
+    want[order] = tau[order]
+    assert torch.equal(trim(tau, 0.3), want)
+    assert fallbacks == [1]
 
 
 def test_ties_in_small_blocks_equals_one_block(three_models: list[Path],
@@ -267,3 +287,18 @@ def test_trim_with_infinities_and_nans_matches_a_stable_sort_of_magnitude_bits(
     want = torch.zeros_like(tau)
     want[order] = tau[order]
     assert torch.equal(trim(tau, density).view(torch.int32), want.view(torch.int32))
+
+
+def test_the_sample_bracket_holds_the_kth_largest_of_the_whole() -> None:
+    g = torch.Generator().manual_seed(4)
+    whole = torch.randn(1 << 20, generator=g).abs().view(torch.int32)
+    sample = whole[::4]
+    for density in (1e-5, 0.01, 0.2, 0.5, 0.9, 1 - 1e-5):
+        k = max(int(density * whole.numel()), 1)
+        kth = int(torch.sort(whole, descending=True).values[k - 1])
+        lo, hi = ties_dare.sample_bracket(sample, k, whole.numel())
+        assert lo <= kth < hi, density
+        inside = int(((whole >= lo) & (whole < hi)).sum())
+        assert inside < 0.02 * whole.numel(), (density, inside)
+    assert ties_dare.sample_bracket(sample, 1, whole.numel())[1] == (1 << 31) - 1
+    assert ties_dare.sample_bracket(sample, whole.numel() - 1, whole.numel())[0] == 0

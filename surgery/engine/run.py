@@ -21,12 +21,13 @@ from surgery.engine.stream import (
     Profile,
     ProgressFn,
     StreamOptions,
+    default_threads,
     is_rowwise,
     resolve_device,
     stream_tensors,
 )
 from surgery.errors import RunError, UsageError
-from surgery.expr.node import Node
+from surgery.expr.node import PIECE_ELEMENTS, Node, statistic_requests
 from surgery.writer import (
     OutputDir,
     PlannedTensor,
@@ -309,4 +310,21 @@ def estimate_peak_bytes(root: Node, dtype: torch.dtype | None = None,
         worst_job = max(worst_job, read + len(nodes) * numel * 4 + 2 * out_size)
     in_flight = max(prefetch_bytes, worst_read)
     staging = 2 * directio.STAGE_BYTES  # the shard writer's two staging buffers
-    return RUNTIME_BASE_BYTES + in_flight + prefetch_bytes + worst_job + staging
+    return (RUNTIME_BASE_BYTES + in_flight + prefetch_bytes + worst_job + staging
+            + _statistics_bytes(root, rowwise))
+
+
+def _statistics_bytes(root: Node, rowwise: bool) -> int:
+    """Whole-tensor statistics (see ``ElementwiseNode``): what computing the largest holds,
+    and on each of the threads computing them (twice the compute threads, a tensor ahead,
+    in a row-wise graph), a piece of every input it reads, as stored and as float32, and
+    the comparison masks of a scan."""
+    worst = pieces = 0
+    for name in root.names():
+        requests = statistic_requests(root, name)
+        if not requests:
+            continue
+        worst = max(worst, sum(node.statistic_bytes(sub) for node, sub in requests))
+        inputs = len(root.reads(name))
+        pieces = max(pieces, inputs * PIECE_ELEMENTS * (8 + 4) + 2 * PIECE_ELEMENTS)
+    return worst + (2 * default_threads() if rowwise else 1) * pieces

@@ -14,7 +14,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +22,7 @@ import torch
 from surgery.checkpoint import Checkpoint
 from surgery.engine.buffers import BufferPool
 from surgery.errors import UsageError
-from surgery.expr.node import EvalContext, LoadNode, Node, Reduction
+from surgery.expr.node import EvalContext, LoadNode, Node, Reduction, statistic_requests
 
 # The reader runs at most this many bytes ahead of the computation, or one job's reads when a
 # job needs more (a whole-tensor job of a graph that is not row-wise).
@@ -59,12 +59,16 @@ class Profile:
     the parts overlap: ``read_s`` is the time the computation waited for the reader,
     ``compute_s`` the time spent computing (reductions and outputs), ``write_s`` the time the
     writer spent writing and hashing shards, ``write_wait_s`` the time finished tensors waited
-    for the writer to take them."""
+    for the writer to take them. Whole-tensor statistics computed ahead (see
+    :class:`Lookahead`) took ``statistics_s`` on their thread, and the computation waited
+    ``statistics_wait_s`` for them."""
 
     read_s: float = 0.0
     compute_s: float = 0.0
     write_s: float = 0.0
     write_wait_s: float = 0.0
+    statistics_s: float = 0.0
+    statistics_wait_s: float = 0.0
     wall_s: float = 0.0
     bytes_read: int = 0
     bytes_written: int = 0
@@ -234,6 +238,69 @@ class Workers:
             self.pool.shutdown()
 
 
+
+
+
+
+class Lookahead:
+    """The whole-tensor statistics of a row-wise graph's nodes (see ``ElementwiseNode``),
+    computed on a thread of their own one tensor ahead of the computation: they read their
+    pieces from the checkpoints, so those reads overlap the computing of the tensor before.
+    :meth:`of` gives a tensor's statistics, for the contexts of all its blocks."""
+
+    def __init__(self, root: Node, names: list[str], opts: StreamOptions, threads: int) -> None:
+        self.root = root
+        self.opts = opts
+        # (A scalar is computed whole, its statistics with it.)
+        self.requests = {n: r for n in dict.fromkeys(names)
+                         if root.spec(n).shape and (r := statistic_requests(root, n))}
+        self.order = list(self.requests)
+        self.position = {n: i for i, n in enumerate(self.order)}
+        self.futures: dict[str, Future[dict]] = {}
+        self.submitted = 0
+        self.current: tuple[str | None, dict] = (None, {})
+        self.pool = ThreadPoolExecutor(1, "surgery-statistics", initializer=torch.set_num_threads,
+                                       initargs=(1,)) if self.order else None
+        # Threads of their own, among which each statistic shares its pieces (ctx.map).
+        self.workers = Workers(threads) if self.order else None
+
+    def of(self, name: str) -> dict:
+        """The statistics of tensor ``name`` (waiting for them), with the next tensor's
+        started; the same dict for every call until another tensor is asked for. Tensors
+        must be asked for in the order of ``names``."""
+        if self.current[0] == name:
+            return self.current[1]
+        stats: dict = {}
+        if self.pool is not None and name in self.requests:
+            ahead = min(self.position[name] + 1, len(self.order) - 1)
+            while self.submitted <= ahead:
+                n = self.order[self.submitted]
+                self.futures[n] = self.pool.submit(self._compute, n)
+                self.submitted += 1
+            t0 = time.perf_counter()
+            stats = self.futures.pop(name).result()
+            self.opts.profile.statistics_wait_s += time.perf_counter() - t0
+        self.current = (name, stats)
+        return stats
+
+    def _compute(self, name: str) -> dict:
+        t0 = time.perf_counter()
+        spec = self.root.spec(name)
+        # Rows set, nothing fetched: the statistics read their pieces from the checkpoints.
+        ctx = EvalContext(name, self.opts.device, {}, self.opts.seed, self.opts.compute_dtype,
+                          rows=(0, spec.shape[0]), workers=self.workers)
+        for node, sub in self.requests[name]:
+            ctx.statistic(node, sub)
+        self.opts.profile.statistics_s += time.perf_counter() - t0
+        return ctx.statistics
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+        if self.workers is not None:
+            self.workers.close()
+
+
 def _upload(fetched: Fetched, device: torch.device, stream: torch.cuda.Stream
             ) -> tuple[Fetched, torch.cuda.Event]:
     """Start copying pinned CPU tensors to the GPU on a side stream; the event marks the end."""
@@ -283,8 +350,10 @@ def _stream(jobs: list[Job], opts: StreamOptions, phase: str,
                     t.record_stream(current)
             ctx = EvalContext(job.name, opts.device, dict(fetched), opts.seed,
                               opts.compute_dtype, pool=pool if not cuda else None)
+            stats_waited = prof.statistics_wait_s
             waited = work(job, ctx) or 0.0
-            prof.compute_s += time.perf_counter() - t1 - waited
+            stats_waited = prof.statistics_wait_s - stats_waited
+            prof.compute_s += time.perf_counter() - t1 - waited - stats_waited
             prof.write_wait_s += waited
             if pool is not None:
                 # work() has copied its output off these buffers (synchronously on CUDA, so the
@@ -370,32 +439,30 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
     pool = BufferPool(budget, pin=cuda)
 
     workers = Workers(1 if cuda else opts.threads or default_threads())
+    # A row-wise tensor comes in several jobs, which share its whole-tensor statistics,
+    # computed ahead on twice as many threads as compute blocks: they wait on their reads.
+    lookahead = Lookahead(root, names, opts, 2 * workers.count) if rowwise else None
 
     def work(job: Job, ctx: EvalContext) -> float:
         name = job.name
         spec = root.spec(name)
-        if rowwise and spec.shape:
+        if lookahead is not None and spec.shape:
+            stats = lookahead.of(name)
             first, rows = job.rows or (0, spec.shape[0])
             out = pool.tensor((rows, *spec.shape[1:]), out_dtype(name))
             step = max(1, CACHE_BLOCK_ELEMENTS * spec.shape[0] // max(spec.numel, 1))
 
-            def block(start: int, parallel: Workers | None = None) -> None:
+            def block(start: int) -> None:
                 n = min(step, rows - start)
                 part = EvalContext(name, ctx.device, {k: v.narrow(0, start, n) for k, v in
                                                       ctx.fetched.items()},
                                    ctx.seed, ctx.compute_dtype, pool=ctx.pool,
-                                   rows=(first + start, n), workers=parallel)
+                                   rows=(first + start, n), statistics=stats)
                 out.narrow(0, start, n).copy_(part.value(root, name))
                 for buf in part.scratch:
                     pool.give(buf)
 
-            if first == 0:
-                # The tensor's first block alone, with all workers at hand for whatever
-                # whole-tensor statistic it computes; then the others, shared among them.
-                block(0, workers)
-                workers.map(block, range(step, rows, step))
-            else:
-                workers.map(block, range(0, rows, step))
+            workers.map(block, range(0, rows, step))
         else:
             t = ctx.value(root, name)
             if tuple(t.shape) != spec.shape:
@@ -430,6 +497,8 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
             error.append(e)
         finally:
             workers.close()
+            if lookahead is not None:
+                lookahead.close()
             results.put(end)
 
     producer = threading.Thread(target=produce, name="surgery-compute", daemon=True)

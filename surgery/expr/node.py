@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import math
+import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -70,6 +71,9 @@ class EvalContext:
     rows: tuple[int, int] | None = None
     # The engine's worker threads (a ``Workers``), where this context may use them.
     workers: Any = None
+    # Whole-tensor statistics of nodes (see ``ElementwiseNode``), by (id(node), name): shared
+    # by the contexts of one tensor's blocks, and filled ahead by the engine where it can.
+    statistics: dict[tuple[int, str], Any] = field(default_factory=dict)
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
         """``[fn(x) for x in items]``, shared among the engine's worker threads when this
@@ -115,6 +119,15 @@ class EvalContext:
         self.scratch.append(out)
         return out
 
+    def statistic(self, node: ElementwiseNode, name: str) -> Any:
+        """``node``'s whole-tensor statistic of tensor ``name``: the one the engine computed
+        ahead, else computed now (from :meth:`pieces`) and kept for the tensor's other
+        blocks."""
+        key = (id(node), name)
+        if key not in self.statistics:
+            self.statistics[key] = node.statistic(name, self)  # type: ignore[misc]
+        return self.statistics[key]
+
     def generator(self, name: str, salt: str) -> torch.Generator:
         return seeded_generator(self.seed, name, salt, device=str(self.device))
 
@@ -142,16 +155,35 @@ class EvalContext:
         step = max(1, PIECE_ELEMENTS * shape[0] // max(math.prod(shape), 1))
         return [(start, min(step, shape[0] - start)) for start in range(0, shape[0], step)]
 
-    def piece(self, nodes: Sequence[Node], name: str, rows: tuple[int, int]
-              ) -> list[torch.Tensor]:
+    def piece(self, nodes: Sequence[Node], name: str, rows: tuple[int, int],
+              reuse: bool = False) -> list[torch.Tensor]:
         """The values of ``nodes`` over ``rows`` of tensor ``name`` (one of
-        :meth:`piece_rows`); safe to call from several threads at once."""
+        :meth:`piece_rows`); safe to call from several threads at once. With ``reuse``, what
+        is read from the checkpoints goes into buffers of the calling thread, reused by its
+        next such call: the values are then valid until that call (fresh memory costs a
+        page fault per 4 KB)."""
         if self.rows is None:
             return [self.value(n, name).narrow(0, *rows) for n in nodes]
-        fetched = {(id(ck), n): ck.read(n, rows=rows)
-                   for node in nodes for ck, n in node.reads(name)}
-        part = EvalContext(name, self.device, fetched, self.seed, self.compute_dtype, rows=rows)
+        reads = dict.fromkeys((ck, n) for node in nodes for ck, n in node.reads(name))
+        fetched = {(id(ck), n): ck.read(n, _read_buffer(i, ck.read_size(n, rows)) if reuse
+                                        else None, rows)
+                   for i, (ck, n) in enumerate(reads)}
+        part = EvalContext(name, self.device, fetched, self.seed, self.compute_dtype, rows=rows,
+                           statistics=self.statistics)
         return [part.value(n, name) for n in nodes]
+
+
+_LOCAL = threading.local()
+
+
+def _read_buffer(i: int, size: int) -> torch.Tensor:
+    """The calling thread's ``i``-th read buffer for :meth:`EvalContext.piece`, of at least
+    ``size`` bytes (grown when smaller; the whole buffer is returned)."""
+    buffers: dict[int, torch.Tensor] = _LOCAL.__dict__.setdefault("read_buffers", {})
+    buf = buffers.get(i)
+    if buf is None or buf.numel() < size:
+        buf = buffers[i] = torch.empty(size, dtype=torch.uint8)
+    return buf
 
 
 class Node(ABC):
@@ -261,6 +293,9 @@ class LoadNode(Node):
 
 
 TensorFn = Callable[[str, list[torch.Tensor], EvalContext], torch.Tensor]
+# The statistic of a node that has one, and its fn, which gets the statistic as well.
+StatisticFn = Callable[[str, EvalContext], Any]
+StatisticTensorFn = Callable[[str, list[torch.Tensor], EvalContext, Any], torch.Tensor]
 
 
 class ElementwiseNode(Node):
@@ -270,19 +305,31 @@ class ElementwiseNode(Node):
     node is built. Integer and bool buffers are copied from the first input, never combined.
     ``rowwise`` says that the engine may compute a tensor in blocks of rows, to bound its
     memory: ``fn`` then gets those rows of the inputs, and ``ctx.rows`` says which they are.
-    The block holding row 0 is computed first and alone (whole-tensor statistics, from
-    :meth:`EvalContext.pieces`, belong there); the others may then be computed on several
-    threads at once, in any order, so random draws must be a function of the entry's position,
-    not of what was drawn before. With ``convert=False`` ``fn`` gets the floating inputs in
-    their own dtypes and converts them itself (block by block, to save memory).
+    The blocks may be computed on several threads at once, in any order, so random draws must
+    be a function of the entry's position, not of what was drawn before. With
+    ``convert=False`` ``fn`` gets the floating inputs in their own dtypes and converts them
+    itself (block by block, to save memory).
+
+    A node whose blocks need a whole-tensor statistic gives ``statistic(name, ctx)``, which
+    computes it from :meth:`EvalContext.pieces`; ``fn`` then gets it as a fourth argument
+    (``statistic_bytes(name)``: at most how much memory that holds).
+    It is computed once per tensor, before the tensor's first block: for a row-wise graph on
+    the CPU the engine computes it on a thread of its own while the tensor before is being
+    computed, so its reads overlap that computation.
     """
 
-    def __init__(self, inputs: list[Node], fn: TensorFn, op: str,
+    def __init__(self, inputs: list[Node], fn: TensorFn | StatisticTensorFn, op: str,
                  params: dict[str, Any] | None = None, reference: str | None = None,
-                 rowwise: bool = False, convert: bool = True) -> None:
+                 rowwise: bool = False, convert: bool = True,
+                 statistic: StatisticFn | None = None,
+                 statistic_bytes: Callable[[str], int] | None = None) -> None:
         super().__init__()
         self.rowwise = rowwise
         self.convert = convert
+        self.statistic = statistic
+        # At most how much memory computing the statistic of a tensor holds, for the plan's
+        # peak-memory estimate (beyond the pieces it reads).
+        self.statistic_bytes = statistic_bytes or (lambda name: 0)
         self.reference = reference
         if not inputs:
             raise UsageError(f"{op}: needs at least one model")
@@ -313,7 +360,30 @@ class ElementwiseNode(Node):
         tensors = [first, *(ctx.value(n, name) for n in self.inputs[1:])]
         if self.convert:
             tensors = [ctx.to_compute(t) for t in tensors]
-        return self.fn(name, tensors, ctx)
+        if self.statistic is not None:
+            return self.fn(name, tensors, ctx, ctx.statistic(self, name))  # type: ignore[call-arg]
+        return self.fn(name, tensors, ctx)  # type: ignore[call-arg]
+
+
+def statistic_requests(root: Node, name: str) -> list[tuple[ElementwiseNode, str]]:
+    """The (node, tensor name) pairs whose whole-tensor statistics computing output tensor
+    ``name`` of ``root`` needs, inputs first (a statistic may be computed from nodes that
+    need one themselves)."""
+    out: list[tuple[ElementwiseNode, str]] = []
+    seen: set[tuple[int, str]] = set()
+
+    def visit(node: Node, sub: str) -> None:
+        if (id(node), sub) in seen:
+            return
+        seen.add((id(node), sub))
+        for child, child_name in node.input_names(sub):
+            visit(child, child_name)
+        if isinstance(node, ElementwiseNode) and node.statistic is not None \
+                and is_mergeable(node.spec(sub).dtype):
+            out.append((node, sub))
+
+    visit(root, name)
+    return out
 
 
 def check_compatible(inputs: tuple[Node, ...], op: str) -> None:
