@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -242,6 +243,26 @@ def test_dare_drops_follow_the_position_hash(start: int) -> None:
         3, "model.layers.0.mlp.up_proj.weight", 1, (start + i) >> 32)) < limit else 0.0
             for i in range(4096)]
     assert tau.tolist() == want
+
+
+@pytest.mark.parametrize("start", [0, (1 << 16) - 3, (1 << 32) - (3 << 16),
+                                   (1 << 32) - (3 << 16) - 7])
+def test_dare_drops_over_many_spans_follow_the_position_hash(start: int) -> None:
+    # Steps of several whole spans, one of them across 2^32, against the hash in numpy.
+    n, density = 5 * (1 << 16) + 123, 0.61
+    tau = torch.ones(n)
+    ties_dare.drop_entries(tau, start, density, lambda high: dare_key(7, "w", 2, high))
+    j = np.arange(start, start + n, dtype=np.uint64)
+    keys = np.array([dare_key(7, "w", 2, h) & 0xFFFFFFFF for h in (j >> np.uint64(32))],
+                    dtype=np.uint64)
+    m = np.uint64(0xFFFFFFFF)
+    x = (j ^ keys) & m
+    x ^= x >> np.uint64(16)
+    x = (x * np.uint64(0x7FEB352D)) & m
+    x ^= x >> np.uint64(15)
+    x = (x * np.uint64(0x846CA68B)) & m
+    kept = (x >> np.uint64(1)) < ties_dare.keep_threshold(density)
+    assert torch.equal(tau, torch.from_numpy(kept.astype(np.float32)))
 
 
 def test_dare_drops_are_independent_between_models_and_neighbours() -> None:

@@ -537,9 +537,11 @@ def _ramp(n: int, device: torch.device) -> torch.Tensor:
     return ramp[:n]
 
 
-# Entries hashed per step: at most one aligned span of 2¹⁶ positions, whose high 16 bits are the
-# same throughout (see drop_entries); the two int32 buffers (512 KB) stay in a core's L2 cache.
+# The hash's first step folds into the key over an aligned span of 2¹⁶ positions, whose high
+# 16 bits are the same throughout (see drop_entries); the rest of it runs over up to
+# HASH_STEP entries at a time (several whole spans), in two int32 buffers (1 MB).
 HASH_SPAN = 1 << 16
+HASH_STEP = 1 << 17
 
 
 def _signed32(v: int) -> int:
@@ -551,30 +553,40 @@ def drop_entries(tau: torch.Tensor, start: int, density: float, key: Callable[[i
                  scratch: torch.Tensor | None = None) -> None:
     """Zero in place the entries of ``tau`` (a flat block at flat index ``start`` of one
     task vector) that DARE drops, ``key(high)`` giving the keys (see :func:`dare_key`).
-    ``scratch``: two int32 buffers [2, ≥ min(n, HASH_SPAN)].
+    ``scratch``: two int32 buffers [2, ≥ min(n, HASH_STEP)].
 
     Within a span of positions j whose high 16 bits agree, the hash's first step
     x ^= x >>> 16 (x = j ^ key) xors the same constant into every entry, so it folds into the
-    key: the step costs one xor of the position ramp (two off a span's start)."""
+    key: the step costs one xor of the position ramp per span (two off a span's start), and
+    the other steps run over several spans at once."""
     n = tau.numel()
     if scratch is None:
-        scratch = torch.empty((2, min(n, HASH_SPAN)), dtype=torch.int32, device=tau.device)
+        scratch = torch.empty((2, min(n, HASH_STEP)), dtype=torch.int32, device=tau.device)
     ints = _INT_VIEW[tau.element_size()]
     flat = tau.reshape(-1)
     limit = keep_threshold(density)
+    keys: dict[int, int] = {}
     done = 0
     while done < n:
-        high, low = divmod(start + done, 1 << 32)
-        offset = low % HASH_SPAN  # the span never crosses a multiple of 2³², nor of 2¹⁶
-        m = min(n - done, HASH_SPAN - offset, scratch.shape[1])
-        x, t = scratch[0, :m], scratch[1, :m]
-        k = key(high) & 0xFFFFFFFF
-        # j = (low − offset) | (offset + i); x ^ (x >>> 16) = j ^ key ^ (high 16 bits of it)
-        folded = _signed32((low - offset) ^ k ^ (((low >> 16) ^ (k >> 16)) & 0xFFFF))
-        if offset:
-            torch.add(_ramp(m, tau.device), offset, out=x).bitwise_xor_(folded)
+        # Whole spans from a span's start, as many as fit; else up to the next span's start.
+        offset = (start + done) % HASH_SPAN
+        if offset or n - done < HASH_SPAN or scratch.shape[1] < HASH_SPAN:
+            m = min(n - done, HASH_SPAN - offset, scratch.shape[1])
         else:
-            torch.bitwise_xor(_ramp(m, tau.device), folded, out=x)
+            m = min((n - done) // HASH_SPAN, scratch.shape[1] // HASH_SPAN) * HASH_SPAN
+        x, t = scratch[0, :m], scratch[1, :m]
+        for at in range(0, m, HASH_SPAN):  # a span never crosses a multiple of 2³²
+            high, low = divmod(start + done + at, 1 << 32)
+            k = keys.get(high)
+            if k is None:
+                k = keys[high] = key(high) & 0xFFFFFFFF
+            # j = (low − offset) | (offset + i); x ^ (x >>> 16) = j ^ key ^ (its high 16 bits)
+            folded = _signed32((low - offset) ^ k ^ (((low >> 16) ^ (k >> 16)) & 0xFFFF))
+            span = x[at:at + HASH_SPAN]
+            if offset:
+                torch.add(_ramp(len(span), tau.device), offset, out=span).bitwise_xor_(folded)
+            else:
+                torch.bitwise_xor(_ramp(len(span), tau.device), folded, out=span)
         # x *= M1; x ^= x >>> 15 (>>> : logical shift, an arithmetic one masked); x *= M2
         x.mul_(_MIX1)
         x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=t).bitwise_and_(0x1FFFF))
@@ -647,7 +659,7 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
         model_keys = keys(ctx, name)
         out = ctx.empty((n,), dtype)
         work = ctx.empty((3, min(BLOCK, n)), dtype)
-        bits = ctx.empty((2, min(HASH_SPAN, n)), torch.int32)
+        bits = ctx.empty((2, min(HASH_STEP, n)), torch.int32)
         for start, base_block, taus in task_vector_blocks(ts, dtype, ctx.empty):
             if d < 1.0:
                 for tau, key in zip(taus, model_keys, strict=True):
