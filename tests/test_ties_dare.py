@@ -323,3 +323,15 @@ def test_the_sample_bracket_holds_the_kth_largest_of_the_whole() -> None:
         assert inside < 0.02 * whole.numel(), (density, inside)
     assert ties_dare.sample_bracket(sample, 1, whole.numel())[1] == (1 << 31) - 1
     assert ties_dare.sample_bracket(sample, whole.numel() - 1, whole.numel())[0] == 0
+
+
+def test_the_keep_mask_in_numpy_equals_torch() -> None:
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(-(1 << 31), (1 << 31) - 1, (50_000,), generator=g, dtype=torch.int32)
+    for density in (0.0001, 0.2, 0.5, 0.9999):
+        limit = ties_dare.keep_threshold(density)
+        a, b = x.clone(), x.clone()
+        ties_dare._keep_mask(a, torch.empty_like(a), limit)
+        ties_dare._keep_mask_numpy(b, torch.empty_like(b), limit)
+        assert torch.equal(a, b), density
+        assert set(a.unique().tolist()) <= {-1, 0}

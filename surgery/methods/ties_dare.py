@@ -587,16 +587,33 @@ def drop_entries(tau: torch.Tensor, start: int, density: float, key: Callable[[i
                 torch.add(_ramp(len(span), tau.device), offset, out=span).bitwise_xor_(folded)
             else:
                 torch.bitwise_xor(_ramp(len(span), tau.device), folded, out=span)
-        # x *= M1; x ^= x >>> 15 (>>> : logical shift, an arithmetic one masked); x *= M2
-        x.mul_(_MIX1)
-        x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=t).bitwise_and_(0x1FFFF))
-        x.mul_(_MIX2)
-        # (x >>> 1) − limit is negative exactly for the kept entries: its sign, spread by an
-        # arithmetic shift, is the mask that keeps them.
-        x.bitwise_right_shift_(1).bitwise_and_(0x7FFFFFFF).sub_(limit).bitwise_right_shift_(31)
+        (_keep_mask_numpy if x.device.type == "cpu" else _keep_mask)(x, t, limit)
         block = flat[done:done + m].view(ints)
         block.bitwise_and_(x if ints == torch.int32 else x.to(ints))
         done += m
+
+
+def _keep_mask(x: torch.Tensor, t: torch.Tensor, limit: int) -> None:
+    """The rest of the hash of the int32 ``x`` and the keep mask from it, in place: -1 where
+    the top 31 bits fall below ``limit``, else 0 (``t``: scratch like ``x``)."""
+    # x *= M1; x ^= x >>> 15 (>>> : logical shift, an arithmetic one masked); x *= M2
+    x.mul_(_MIX1)
+    x.bitwise_xor_(torch.bitwise_right_shift(x, 15, out=t).bitwise_and_(0x1FFFF))
+    x.mul_(_MIX2)
+    # (x >>> 1) − limit is negative exactly for the kept entries: its sign, spread by an
+    # arithmetic shift, is the mask that keeps them.
+    x.bitwise_right_shift_(1).bitwise_and_(0x7FFFFFFF).sub_(limit).bitwise_right_shift_(31)
+
+
+def _keep_mask_numpy(x: torch.Tensor, t: torch.Tensor, limit: int) -> None:
+    """:func:`_keep_mask` on the CPU, in numpy: its unsigned 32-bit integers shift logically,
+    which saves the two masks torch's arithmetic shifts need, and its calls cost less."""
+    xu, tu = x.numpy().view(np.uint32), t.numpy().view(np.uint32)
+    np.multiply(xu, _MIX1, out=xu)
+    np.bitwise_xor(xu, np.right_shift(xu, 15, out=tu), out=xu)
+    np.multiply(xu, _MIX2 & 0xFFFFFFFF, out=xu)
+    xi = np.right_shift(xu, 1, out=xu).view(np.int32)
+    np.right_shift(np.subtract(xi, limit, out=xi), 31, out=xi)
 
 
 def drop_and_rescale(tau: torch.Tensor, density: float, rescale: Rescale,
