@@ -238,10 +238,6 @@ class Workers:
             self.pool.shutdown()
 
 
-
-
-
-
 class Lookahead:
     """The whole-tensor statistics of a row-wise graph's nodes (see ``ElementwiseNode``),
     computed on a thread of their own one tensor ahead of the computation: they read their

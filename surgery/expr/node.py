@@ -165,9 +165,9 @@ class EvalContext:
         if self.rows is None:
             return [self.value(n, name).narrow(0, *rows) for n in nodes]
         reads = dict.fromkeys((ck, n) for node in nodes for ck, n in node.reads(name))
-        fetched = {(id(ck), n): ck.read(n, _read_buffer(i, ck.read_size(n, rows)) if reuse
-                                        else None, rows)
-                   for i, (ck, n) in enumerate(reads)}
+        fetched = {(id(ck), n): ck.read(n, thread_buffer(
+            f"piece-read-{i}", (ck.read_size(n, rows),), torch.uint8, torch.device("cpu"))
+            if reuse else None, rows) for i, (ck, n) in enumerate(reads)}
         part = EvalContext(name, self.device, fetched, self.seed, self.compute_dtype, rows=rows,
                            statistics=self.statistics)
         return [part.value(n, name) for n in nodes]
@@ -176,13 +176,18 @@ class EvalContext:
 _LOCAL = threading.local()
 
 
-def _read_buffer(i: int, size: int) -> torch.Tensor:
-    """The calling thread's ``i``-th read buffer for :meth:`EvalContext.piece`, of at least
-    ``size`` bytes (grown when smaller; the whole buffer is returned)."""
-    buffers: dict[int, torch.Tensor] = _LOCAL.__dict__.setdefault("read_buffers", {})
-    buf = buffers.get(i)
-    if buf is None or buf.numel() < size:
-        buf = buffers[i] = torch.empty(size, dtype=torch.uint8)
+def thread_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype,
+                  device: torch.device) -> torch.Tensor:
+    """A buffer of the calling thread's, reused by its next call with the same ``name``,
+    dtype and device: the leading ``shape`` of it (grown when too small)."""
+    buffers = _LOCAL.__dict__.setdefault("buffers", {})
+    key = (name, dtype, device)
+    buf = buffers.get(key)
+    if buf is None or buf.dim() != len(shape) or any(
+            have < want for have, want in zip(buf.shape, shape, strict=True)):
+        buf = buffers[key] = torch.empty(shape, dtype=dtype, device=device)
+    for d, size in enumerate(shape):
+        buf = buf.narrow(d, 0, size)
     return buf
 
 

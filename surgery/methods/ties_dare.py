@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import math
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -15,7 +14,7 @@ from pydantic import Field
 
 from surgery.errors import UsageError
 from surgery.expr import ElementwiseNode, EvalContext, Weights
-from surgery.expr.node import PIECE_ELEMENTS
+from surgery.expr.node import PIECE_ELEMENTS, thread_buffer
 from surgery.methods.schedule import (
     Depth,
     Schedule,
@@ -132,10 +131,11 @@ def find_cuts(pieces: Sequence[Piece], k: int, n: int, width: int = 32,
     ``n`` entries in all, ``width`` bits each; ``map_`` may share the pieces among threads).
 
     For float32 magnitudes of several pieces, one pass: a sample of the pieces (see
-    :func:`sample_pieces`) estimates the top 16 bits of the k-th largest, and the pass counts
-    the entries above a bracket around the estimate while it collects those within, among
-    which the k-th largest then lies (found exactly, with the indices of its ties); when the
-    estimate was too far off, :func:`radix_cuts` reads them again."""
+    :func:`sample_pieces`) brackets the k-th largest (:func:`sample_bracket`), and the pass
+    counts the entries above the bracket while it collects those within, among which the k-th
+    largest then lies (found exactly, with the indices of its ties); when the bracket missed
+    it, or holds too many entries (see ``NEAR_LIMIT``), :func:`radix_cuts` reads them
+    again."""
     if width == 32 and len(pieces) > 1:
         cuts = _one_pass_cuts(pieces, k, n, map_)
         if cuts is not None:
@@ -210,25 +210,6 @@ def _kth_largest(values: torch.Tensor, rank: int) -> int:
     return int(torch.kthvalue(values, at + 1).values)
 
 
-_LOCAL = threading.local()
-
-
-def _thread_buffer(name: str, shape: tuple[int, ...], dtype: torch.dtype,
-                   device: torch.device) -> torch.Tensor:
-    """A buffer of this thread's, reused by its next call with the same ``name``: at least
-    ``shape`` (its leading part is returned), grown when too small."""
-    buffers = _LOCAL.__dict__.setdefault("buffers", {})
-    key = (name, dtype, device)
-    buf = buffers.get(key)
-    if buf is None or buf.dim() != len(shape) or any(
-            have < want for have, want in zip(buf.shape, shape, strict=True)):
-        buf = torch.empty(shape, dtype=dtype, device=device)
-        buffers[key] = buf
-    for d, size in enumerate(shape):
-        buf = buf.narrow(d, 0, size)
-    return buf
-
-
 def _bracket(flat: torch.Tensor, lo: int, hi: int) -> tuple[int, torch.Tensor, torch.Tensor]:
     """Of the non-negative integers ``flat``: how many are ≥ ``hi``, and the flat indices (as
     int32) and values of those in [lo, hi) (``lo`` < ``hi``). On the CPU with numpy, whose
@@ -236,7 +217,7 @@ def _bracket(flat: torch.Tensor, lo: int, hi: int) -> tuple[int, torch.Tensor, t
     if flat.device.type != "cpu":
         return _bracket_torch(flat, lo, hi)
     values = flat.numpy()
-    masks = _thread_buffer("bracket", (2, len(values)), torch.bool, flat.device).numpy()
+    masks = thread_buffer("bracket", (2, len(values)), torch.bool, flat.device).numpy()
     top = np.greater_equal(values, hi, out=masks[0])
     near = np.greater_equal(values, lo, out=masks[1])
     np.not_equal(near, top, out=near)  # lo ≤ value < hi, as every value ≥ hi is ≥ lo
@@ -461,7 +442,7 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
             # Into this thread's buffers: each piece is scanned before the next is read.
             theta0, *thetas = ctx.piece(nodes, name, rows, reuse=True)
             size = theta0.numel()
-            buf = _thread_buffer("ties-read", (len(nodes), size), dtype, theta0.device)
+            buf = thread_buffer("ties-read", (len(nodes), size), dtype, theta0.device)
             base_block = buf[0].copy_(theta0.reshape(-1))
             return [buf[i].copy_(t.reshape(-1)).sub_(base_block).abs_().view(
                 _INT_VIEW[dtype.itemsize]) for i, t in enumerate(thetas, 1)]
