@@ -110,3 +110,42 @@ def test_scheduled_weights_and_lambda(tmp_path: Path) -> None:
                                          "matches no tensor"):
         task_arithmetic(base, [m1, m2], weights=[1.0, [{"match": "attention", "value": 1.0},
                                                        {"match": "*", "value": 0.5}]])
+
+
+def test_mixed_stored_dtypes_match_mergekits_formula(tmp_path: Path) -> None:
+    # Inputs stored as bfloat16, float16 and float32, each method converting them itself
+    # (one 640K-element tensor: the engine computes it in row pieces and cache-sized blocks).
+    g = torch.Generator().manual_seed(3)
+    shape = (1280, 512)
+    dtypes = [torch.bfloat16, torch.float16, torch.float32, torch.bfloat16]
+    stored = [(torch.randn(shape, generator=g) * s).to(d)
+              for s, d in zip((0.02, 0.03, 0.05, 0.02), dtypes, strict=True)]
+    stored.append(torch.tensor([2.0], dtype=torch.bfloat16))  # ("b"): a one-element tensor
+    models = [load(write_checkpoint(tmp_path / f"m{i}", {"w": t, "b": stored[4] + i}))
+              for i, t in enumerate(stored[:4])]
+    theta = [t.float() for t in stored[:4]]
+    weights, lam = [1.0, 0.6, 0.3], 0.7
+    # mergekit: stacked task vectors times weights, summed over the models; θ₀ + λ·Σ
+    taus = torch.stack([t - theta[0] for t in theta[1:]])
+    w = torch.tensor(weights).view(3, 1, 1)
+    for normalize in (False, True):
+        want = (taus * w).sum(dim=0)
+        if normalize:
+            want = want / w.sum()
+        want = theta[0] + want * lam
+        ta = task_arithmetic(models[0], models[1:], weights, lambda_=lam, normalize=normalize)
+        ta.save(tmp_path / f"ta-{normalize}", dtype="float32")
+        assert torch.equal(load(tmp_path / f"ta-{normalize}")["w"], want)
+    unit = task_arithmetic(models[0], models[1:])
+    unit.save(tmp_path / "unit", dtype="float32")
+    assert torch.equal(load(tmp_path / "unit")["w"], theta[0] + taus.sum(dim=0))
+    assert load(tmp_path / "unit")["b"].tolist() == [8.0]  # 2 + (1 + 2 + 3)
+    # mergekit's linear: a float32 zero tensor, addcmul_(θᵢ, wᵢ) for each model, / Σ wᵢ
+    soup_w = [0.5, 0.2, 0.2, 0.1]
+    want = torch.zeros(shape)
+    for t, sw in zip(theta, soup_w, strict=True):
+        want.addcmul_(t, torch.tensor(sw))
+    linear(models, soup_w).save(tmp_path / "soup", dtype="float32")
+    assert torch.equal(load(tmp_path / "soup")["w"], want / torch.tensor(soup_w).sum())
+    linear(models, soup_w, normalize=False).save(tmp_path / "raw", dtype="float32")
+    assert torch.equal(load(tmp_path / "raw")["w"], want)
