@@ -171,12 +171,15 @@ class Run:
 
 
 def measure(cmd: list[str], inputs: list[Path], log: Path, hashes: Path | None = None,
-            repeat: int = 1, cold_hashes: bool = False) -> Run:
+            repeat: int = 1, cold_hashes: bool = False, output: Path | None = None) -> Run:
     """Run ``cmd`` cold ``repeat`` times, each in its own process; the run of median wall
     time (wall time, CPU time and peak RSS from wait4). ``hashes``: the input-hash cache
-    directory the process uses, emptied before each run with ``cold_hashes``."""
+    directory the process uses, emptied before each run with ``cold_hashes``. ``output``:
+    removed before each run, untimed, so that no run pays for deleting the last one's."""
     runs = []
     for _ in range(repeat):
+        if output is not None:
+            shutil.rmtree(output, ignore_errors=True)
         if hashes is not None and cold_hashes:
             shutil.rmtree(hashes, ignore_errors=True)
         runs.append(_measure_once(cmd, inputs, log, hashes))
@@ -263,7 +266,7 @@ def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
             result.floors[(key, mode)] = measure(
                 [sys.executable, "-m", "bench.iofloor", mode, str(floor_dir), str(out_bytes),
                  str(SHARD_BYTES), *map(str, inputs)], inputs, work / "floor.log",
-                repeat=repeat)
+                repeat=repeat, output=floor_dir)
             shutil.rmtree(floor_dir, ignore_errors=True)
     warm = cache / "hashes"
     os.environ["WEIGHT_SURGERY_CACHE"] = str(warm)
@@ -288,7 +291,8 @@ def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
             result.runs[("ours", label)] = measure(
                 [sys.executable, "-c", "from surgery_cli.main import run; run()", "apply",
                  str(recipe), "--force", "--quiet", "--profile"], files,
-                work / f"ours-{method}.log", hashes, repeat, cold_hashes=hashes is cold)
+                work / f"ours-{method}.log", hashes, repeat, cold_hashes=hashes is cold,
+                output=out)
             outs["ours"] = out
         if "ours" in outs and result.runs[("ours", label)].ok:
             digest = _digests(outs["ours"])
@@ -312,7 +316,7 @@ def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
                 [sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()",
                  str(mk_yaml), str(out), "--lazy-unpickle", "--out-shard-size", "1B",
                  "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
-                 "--random-seed", "0"], files, work / f"mergekit-{method}.log")
+                 "--random-seed", "0"], files, work / f"mergekit-{method}.log", output=out)
             outs["mergekit"] = out
         if method in SAME_SEMANTICS and len(outs) == 2 and all(
                 result.runs[(k, method)].ok for k in outs):
