@@ -38,11 +38,14 @@ def test_shards_index_and_side_files(three_models: list[Path], tmp_path: Path) -
     prov = json.loads((out / "provenance.json").read_text())
     assert [i["source"] for i in prov["inputs"]] == [str(p) for p in three_models]
     assert all(len(f["sha256"]) == 64 for i in prov["inputs"] for f in i["files"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # save's default, "auto"
+    assert prov["device"] == device
     with safe_open(str(out / res.shards[0]), "pt") as f:
         meta = json.loads(f.metadata()["weight_surgery"])
     assert meta["inputs"][0]["source"] == str(three_models[0])
     card = (out / "README.md").read_text()
     assert card.startswith("---\n") and "arXiv 2203.05482" in card
+    assert f"computed on the {device}, seed 0." in card
     assert not (tmp_path / "out.partial").exists()
 
 

@@ -93,13 +93,16 @@ def _input_record(ck: Checkpoint) -> dict[str, Any]:
 
 
 def provenance_record(root: Node, seed: int, dtype: torch.dtype | None,
-                      recipe_text: str | None) -> dict[str, Any]:
+                      recipe_text: str | None, device: torch.device) -> dict[str, Any]:
     """What made this output, without absolute machine state (no times, no host names), so
-    that the record, and therefore the shards, are the same on every rerun."""
+    that the record, and therefore the shards, are the same on every rerun. The kind of
+    device computed on is recorded: a GPU may round a fused multiply-add once where the CPU
+    rounds twice, so its float32 results can differ from the CPU's in the last bit."""
     return {
         "toolkit": {"name": "weight-surgery", "version": version_of("weight-surgery")},
         "versions": {p: version_of(p) for p in ("torch", "safetensors", "transformers")},
         "seed": seed,
+        "device": device.type,
         "dtype": str(dtype).removeprefix("torch.") if dtype else None,
         "inputs": [_input_record(ck) for ck in dict.fromkeys(root.checkpoints())],
         "operations": [n.op for n in root.walk()],
@@ -181,7 +184,7 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
     out = OutputDir(Path(path), force=force, inputs=[ck.root for ck in checkpoints])
     shards = plan_output(root, out_dtype, shard_bytes)
     fnames = shard_names(len(shards))
-    provenance = provenance_record(root, seed, out_dtype, recipe_text)
+    provenance = provenance_record(root, seed, out_dtype, recipe_text, dev)
     if extra_provenance:
         provenance.update(extra_provenance)
     shard_meta = {"format": "pt",
@@ -189,7 +192,8 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
                       "toolkit", "seed", "dtype", "inputs", "recipe_sha256")}, sort_keys=True)}
     plan_doc = [[(t.name, t.shape, str(t.dtype)) for t in s] for s in shards]
     fingerprint = hashlib.sha256(json.dumps(
-        [plan_doc, shard_meta, provenance["expression"]], sort_keys=True, default=str
+        [plan_doc, shard_meta, provenance["expression"], provenance["device"]], sort_keys=True,
+        default=str
     ).encode()).hexdigest()
 
     reused = out.start(fingerprint)

@@ -95,7 +95,8 @@ def render_card(provenance: dict[str, Any], config: dict, recipe_text: str | Non
         lines += ["", f"## {section}", "", body.rstrip()]
     lines += ["", "## Reproduce", "",
               f"weight-surgery {provenance['toolkit']['version']}, torch "
-              f"{provenance['versions'].get('torch')}, seed {provenance['seed']}. "
-              "The same recipe and inputs give byte-identical shards; `provenance.json` holds "
-              "the full record.", ""]
+              f"{provenance['versions'].get('torch')}, computed on the {provenance['device']}, "
+              f"seed {provenance['seed']}. "
+              "The same recipe and inputs give byte-identical shards on the same kind of "
+              "device; `provenance.json` holds the full record.", ""]
     return "\n".join(lines)
