@@ -4,6 +4,7 @@ checkpoints (a base and three fine-tunes, bf16), each contender in its own proce
     python -m bench.merge                      # 1B, all methods, writes bench/RESULTS.md
     python -m bench.merge --size 0.5B,1B,2B    # how time and memory grow with model size
     python -m bench.merge --tiny --out /tmp/r.md
+    python -m bench.merge --device cuda        # on a GPU (both tools), bench/RESULTS-cuda.md
 
 Before every measured process the page cache is emptied (``sync`` and ``drop_caches`` when
 permitted, else ``posix_fadvise(DONTNEED)`` on the inputs), so every contender starts cold.
@@ -250,7 +251,7 @@ def _floor_key(method: str) -> str:
 
 
 def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
-               cache: Path, repeat: int = 1) -> SizeResult:
+               cache: Path, repeat: int = 1, device: str = "cpu") -> SizeResult:
     shape = SIZES[size]
     dirs = build_models(shape, cache / size)
     files = sorted(p for d in dirs.values() for p in d.glob("*.safetensors"))
@@ -287,7 +288,7 @@ def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
             recipe.write_text(
                 "inputs: " + json.dumps(ours_inputs) + f"\nsteps:\n  merged: {step}\n"
                 f"output: {{from: merged, path: {out}, dtype: bfloat16, shard_size: 2GB, "
-                "device: cpu}\n")
+                f"device: {device}}}\n")
             result.runs[("ours", label)] = measure(
                 [sys.executable, "-c", "from surgery_cli.main import run; run()", "apply",
                  str(recipe), "--force", "--quiet", "--profile"], files,
@@ -316,7 +317,8 @@ def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
                 [sys.executable, "-c", "from mergekit.scripts.run_yaml import main; main()",
                  str(mk_yaml), str(out), "--lazy-unpickle", "--out-shard-size", "1B",
                  "--no-copy-tokenizer", "--no-write-model-card", "--quiet",
-                 "--random-seed", "0"], files, work / f"mergekit-{method}.log", output=out)
+                 "--random-seed", "0", *(["--cuda"] if device == "cuda" else [])], files,
+                work / f"mergekit-{method}.log", output=out)
             outs["mergekit"] = out
         if method in SAME_SEMANTICS and len(outs) == 2 and all(
                 result.runs[(k, method)].ok for k in outs):
@@ -345,22 +347,25 @@ def _cell(run: Run | None) -> str:
     return f"{run.wall_s:.1f} s / {run.cpu_s:.1f} s / {_gb(run.peak_rss)}"
 
 
-def render(results: list[SizeResult], command: str, cache_note: str, repeat: int) -> str:
+def render(results: list[SizeResult], command: str, cache_note: str, repeat: int,
+           device: str = "cpu") -> str:
     repeat_note = (f"; the floor and our runs: the run of median wall time of {repeat}, "
                    "mergekit: one run" if repeat > 1 else "; one run each")
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     lines = [
-        "# Merge benchmark", "",
+        "# Merge benchmark" + (" on a GPU" if device == "cuda" else ""), "",
         f"Regenerate: `{command}`", "",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores, {_gb(mem)} RAM, "
         f"Linux {platform.release()}, Python {platform.python_version()}, "
         f"torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"mergekit {_version('mergekit')}.", "",
+        f"mergekit {_version('mergekit')}"
+        + (f"; GPU: {torch.cuda.get_device_name()}." if device == "cuda" else "."), "",
         "Inputs: synthetic Llama-shaped checkpoints in bf16 (hidden 2048, MLP 8192, vocabulary "
         "32000, untied head; the size sets the depth), a base and three fine-tunes (base + "
         "N(0, 0.002²) noise), in 2 GB shards. Output: bf16, float32 compute, 2 GB shards "
         "(mergekit: `--out-shard-size 1B` parameters, `dtype: float32`, `out_dtype: bfloat16`, "
-        "`--lazy-unpickle`, CPU). Linear averages the three fine-tunes; task arithmetic, TIES "
+        f"`--lazy-unpickle`, {'`--cuda`' if device == 'cuda' else 'CPU'}; ours: `device: "
+        f"{device}`). Linear averages the three fine-tunes; task arithmetic, TIES "
         "and DARE-TIES add their three task vectors to the base (weights 1, density 0.2).", "",
         f"Page cache: {cache_note}. I/O floor: one process reads every input file the "
         "method reads once (linear: the three fine-tunes; the others: the base too), in 16 MB "
@@ -450,7 +455,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tiny", action="store_true", help="the few-MB size (same as --size tiny)")
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--no-mergekit", action="store_true")
-    parser.add_argument("--out", type=Path, default=HERE / "RESULTS.md")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both tools compute (cuda: mergekit with --cuda)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: bench/RESULTS.md, or bench/RESULTS-cuda.md on cuda")
     parser.add_argument("--cache", type=Path, default=HERE / "cache")
     parser.add_argument("--repeat", type=int, default=1,
                         help="run the floor and ours this many times and report the median "
@@ -460,6 +468,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     sizes = ["tiny"] if args.tiny else [s.strip() for s in args.size.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: torch sees no CUDA device")
+    out_path = args.out or HERE / ("RESULTS-cuda.md" if args.device == "cuda" else "RESULTS.md")
     for name, known in (("size", SIZES), ("method", METHODS)):
         bad = [v for v in (sizes if name == "size" else methods) if v not in known]
         if bad:
@@ -472,14 +483,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         for size in sizes:
             results.append(bench_size(size, methods, not args.no_mergekit, work, args.cache,
-                                      args.repeat))
+                                      args.repeat, args.device))
             if size not in ("1B", "tiny") and not args.keep_cache:
                 shutil.rmtree(args.cache / size)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     command = "python -m bench.merge " + " ".join(sys.argv[1:] if argv is None else argv)
-    args.out.write_text(render(results, command.strip(), cache_note, args.repeat) + "\n")
-    print(args.out.read_text())
+    out_path.write_text(render(results, command.strip(), cache_note, args.repeat, args.device)
+                        + "\n")
+    print(out_path.read_text())
 
 
 if __name__ == "__main__":
