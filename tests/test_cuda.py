@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from bench.merge import Shape, build_models
 from surgery import (
     Weights,
     dare_linear,
@@ -26,56 +27,29 @@ from surgery import (
     ties,
 )
 from surgery.methods import ties_dare
-from tests.conftest import write_checkpoint
 
 DEVICE = os.environ.get("SURGERY_TEST_DEVICE", "cuda")
 pytestmark = pytest.mark.skipif(DEVICE == "cuda" and not torch.cuda.is_available(),
                                 reason="torch sees no CUDA device")
 
 
-def _llama(path: Path, seed: int, layers: int = 2, width: int = 512, base: Path | None = None
-           ) -> Path:
-    """A Llama-named checkpoint in bf16; a fine-tune of ``base`` when given (base + noise)."""
-    g = torch.Generator().manual_seed(seed)
-    like = load_file(str(base / "model.safetensors")) if base else None
-    tensors: dict[str, torch.Tensor] = {}
-    shapes = {"model.embed_tokens.weight": (1000, width), "model.norm.weight": (width,),
-              "lm_head.weight": (1000, width)}
-    for i in range(layers):
-        p = f"model.layers.{i}."
-        shapes.update({p + "self_attn.q_proj.weight": (width, width),
-                       p + "self_attn.k_proj.weight": (width // 4, width),
-                       p + "self_attn.v_proj.weight": (width // 4, width),
-                       p + "self_attn.o_proj.weight": (width, width),
-                       p + "mlp.gate_proj.weight": (2 * width, width),
-                       p + "mlp.up_proj.weight": (2 * width, width),
-                       p + "mlp.down_proj.weight": (width, 2 * width),
-                       p + "input_layernorm.weight": (width,),
-                       p + "post_attention_layernorm.weight": (width,)})
-    for name, shape in shapes.items():
-        if like is not None:
-            t = like[name].float() + torch.randn(shape, generator=g) * 0.002
-        else:
-            t = torch.randn(shape, generator=g) * 0.02 + (1.0 if len(shape) == 1 else 0.0)
-        tensors[name] = t.bfloat16()
-    return write_checkpoint(path, tensors, {"num_hidden_layers": layers,
-                                            "model_type": "llama"})
+def _models(root: Path, layers: int = 2, hidden: int = 512) -> dict[str, Path]:
+    """The benchmark's Llama-shaped base and three fine-tunes (bf16), small."""
+    return build_models(Shape(hidden=hidden, inter=2 * hidden, layers=layers, vocab=1000,
+                              kv=hidden // 4), root)
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory: pytest.TempPathFactory) -> list[Weights]:
-    root = tmp_path_factory.mktemp("gpu")
-    base = _llama(root / "base", 0)
-    return [load(str(base)), *(load(str(_llama(root / f"ft{i}", i, base=base)))
-                               for i in (1, 2, 3))]
+def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    return _models(tmp_path_factory.mktemp("gpu"))
 
 
 METHODS = ["linear", "task_arithmetic", "ties", "ties_weighted", "dare_ties", "dare_linear",
            "dare_l1", "slerp", "lines", "sparsify", "hft", "operators"]
 
 
-def _merges(ms: list[Weights]) -> dict[str, Weights]:
-    base, a, b, c = ms
+def _merges(paths: dict[str, Path]) -> dict[str, Weights]:
+    base, a, b, c = (load(str(paths[n])) for n in ("base", "ft1", "ft2", "ft3"))
     return {
         "linear": linear([a, b, c]),
         "task_arithmetic": task_arithmetic(base, [a, b, c], weights=[1.0, 0.5, 0.25],
@@ -95,7 +69,7 @@ def _merges(ms: list[Weights]) -> dict[str, Weights]:
 
 
 @pytest.mark.parametrize("method", METHODS)
-def test_a_save_on_the_gpu_equals_the_cpus(models: list[Weights], tmp_path: Path,
+def test_a_save_on_the_gpu_equals_the_cpus(models: dict[str, Path], tmp_path: Path,
                                            method: str) -> None:
     outs = []
     for i, device in enumerate(("cpu", DEVICE)):
@@ -103,7 +77,7 @@ def test_a_save_on_the_gpu_equals_the_cpus(models: list[Weights], tmp_path: Path
         merged = _merges(models)[method]
         merged.save(tmp_path / f"out{i}", dtype="float32", device=device, hash_inputs=False)
         outs.append(load_file(str(tmp_path / f"out{i}" / "model.safetensors")))
-    base = load_file(str(Path(models[0].node.checkpoints()[0].root) / "model.safetensors"))
+    base = load_file(str(models["base"] / "model.safetensors"))
     for name, want in outs[0].items():
         got = outs[1][name]
         # Elementwise float32 arithmetic; a GPU may fuse a multiply and an add (one rounding
@@ -159,10 +133,9 @@ def test_dare_drops_on_the_gpu_equal_the_cpus() -> None:
 def test_gpu_memory_does_not_grow_with_depth(tmp_path: Path) -> None:
     peaks = {}
     for layers in (2, 8):
-        base = _llama(tmp_path / f"base{layers}", 0, layers=layers, width=1024)
-        fts = [load(str(_llama(tmp_path / f"ft{layers}-{i}", i, layers=layers, width=1024,
-                               base=base))) for i in (1, 2, 3)]
-        merged = ties(load(str(base)), fts, density=0.2)
+        paths = _models(tmp_path / f"d{layers}", layers=layers, hidden=1024)
+        merged = ties(load(str(paths["base"])),
+                      [load(str(paths[n])) for n in ("ft1", "ft2", "ft3")], density=0.2)
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         merged.save(tmp_path / f"out{layers}", dtype="bfloat16", device="cuda",
