@@ -9,6 +9,7 @@ from surgery_cli.evaluation import evaluate, prune
 from surgery_cli.main import handle_errors, human_bytes, human_count
 from surgery_cli.progress import ProgressBar
 from surgery_cli.sparse import sparse
+from surgery_cli.train import TrainBar, distill_data, train
 
 
 @click.command()
@@ -37,6 +38,11 @@ def plan(recipe: str) -> None:
                        "(files already in the cache are not counted)")
         if out.push_to:
             click.echo(f"  then pushes to {out.push_to}")
+    for name, t in report.training:
+        click.echo(f"training {name}: {t.examples} examples ({t.truncated} truncated), about "
+                   f"{t.tokens_per_step:,.0f} tokens per update, {t.trainable} trainable; "
+                   f"estimated peak memory {human_bytes(t.memory_bytes)} (weights, gradients, "
+                   "AdamW moments, activations)")
     if report.reduction_passes:
         click.echo(f"whole-model statistics: {report.reduction_passes} reduction(s) computed "
                    "in a streaming pass before writing")
@@ -61,11 +67,14 @@ def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None
         raise UsageError(f"--plot draws a greedy-soup trajectory, but no output of {recipe} "
                          "comes from a greedy_soup step")
     bar = ProgressBar(enabled=not quiet)
+    training = TrainBar(enabled=not quiet)
     try:
         results = run_recipe(loaded, force=force, progress=bar, on_output=bar,
                              on_push=lambda p: click.echo(f"pushed {len(p.files)} files to "
-                                                          f"{p.repo_id}@{p.revision}: {p.url}"))
+                                                          f"{p.repo_id}@{p.revision}: {p.url}"),
+                             on_train=training)
     finally:
+        training.close()
         bar.close()
     for res in results:
         reused = f", {len(res.reused_shards)} reused from an interrupted run" \
@@ -194,4 +203,5 @@ def methods(name: str | None) -> None:
             click.echo(f"    {p.name}: {p.type}, {default}{about}")
 
 
-COMMANDS = [plan, apply, inspect, methods, evaluate, prune, sparse, push, diff]
+COMMANDS = [plan, apply, inspect, methods, evaluate, prune, sparse, push, diff, train,
+            distill_data]

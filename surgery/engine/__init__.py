@@ -5,6 +5,7 @@ from surgery.engine.run import (
     download_bytes,
     estimate_peak_bytes,
     needed_files,
+    output_fingerprint,
     parse_dtype,
     plan_output,
     save,
@@ -12,5 +13,5 @@ from surgery.engine.run import (
 from surgery.engine.stream import Profile, ProgressEvent, StreamOptions, resolve_device
 
 __all__ = ["Profile", "ProgressEvent", "SaveResult", "StreamOptions", "download_bytes",
-           "estimate_peak_bytes", "needed_files", "parse_dtype", "plan_output", "resolve_device",
-           "save"]
+           "estimate_peak_bytes", "needed_files", "output_fingerprint", "parse_dtype",
+           "plan_output", "resolve_device", "save"]

@@ -162,6 +162,33 @@ def download_bytes(root: Node) -> int:
     return sum(ck.known_size(f) for ck, fs in needed_files(root).items() for f in ck.missing(fs))
 
 
+def _shard_metadata(provenance: dict[str, Any]) -> dict[str, str]:
+    return {"format": "pt",
+            "weight_surgery": json.dumps({k: provenance[k] for k in (
+                "toolkit", "seed", "dtype", "inputs", "recipe_sha256")}, sort_keys=True)}
+
+
+def _fingerprint(shards: list[list[PlannedTensor]], shard_meta: dict[str, str],
+                 provenance: dict[str, Any]) -> str:
+    plan_doc = [[(t.name, t.shape, str(t.dtype)) for t in s] for s in shards]
+    return hashlib.sha256(json.dumps(
+        [plan_doc, shard_meta, provenance["expression"], provenance["device"]], sort_keys=True,
+        default=str
+    ).encode()).hexdigest()
+
+
+def output_fingerprint(root: Node, *, dtype: str | torch.dtype | None = None,
+                       shard_size: int | str = "5GB", device: str | torch.device | None = "auto",
+                       seed: int = 0, recipe_text: str | None = None) -> str:
+    """The fingerprint :func:`save` gives ``OUT.partial`` for these arguments: a producer that
+    works in ``OUT.partial`` before saving (the fine-tune step keeps its training state there)
+    starts the directory with it, so that the save keeps what it left."""
+    out_dtype = parse_dtype(dtype)
+    shards = plan_output(root, out_dtype, parse_size(shard_size))
+    provenance = provenance_record(root, seed, out_dtype, recipe_text, resolve_device(device))
+    return _fingerprint(shards, _shard_metadata(provenance), provenance)
+
+
 def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None,
          shard_size: int | str = "5GB", device: str | torch.device | None = "auto",
          seed: int = 0, force: bool = False, progress: ProgressFn | None = None,
@@ -185,16 +212,10 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
     shards = plan_output(root, out_dtype, shard_bytes)
     fnames = shard_names(len(shards))
     provenance = provenance_record(root, seed, out_dtype, recipe_text, dev)
+    shard_meta = _shard_metadata(provenance)
+    fingerprint = _fingerprint(shards, shard_meta, provenance)
     if extra_provenance:
         provenance.update(extra_provenance)
-    shard_meta = {"format": "pt",
-                  "weight_surgery": json.dumps({k: provenance[k] for k in (
-                      "toolkit", "seed", "dtype", "inputs", "recipe_sha256")}, sort_keys=True)}
-    plan_doc = [[(t.name, t.shape, str(t.dtype)) for t in s] for s in shards]
-    fingerprint = hashlib.sha256(json.dumps(
-        [plan_doc, shard_meta, provenance["expression"], provenance["device"]], sort_keys=True,
-        default=str
-    ).encode()).hexdigest()
 
     reused = out.start(fingerprint)
     for ck, files in needed_files(root).items():

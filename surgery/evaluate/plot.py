@@ -70,3 +70,24 @@ def plot_greedy_soup(result: GreedySoupResult, metric: str, path: str | Path) ->
     d = result.decisions
     return plot_soup_trajectory([x.candidate for x in d], [x.soup_score for x in d],
                                 [x.kept for x in d], metric, path)
+
+
+def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Training loss per update, with evaluation scores (when present) on a second axis."""
+    if not history:
+        raise UsageError("no training updates to plot")
+    plt, fig, ax = _figure("Fine-tuning loss")
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
+    ax.set_xlabel("update")
+    ax.set_ylabel("loss")
+    evals = [(h["step"], k, v) for h in history for k, v in h.items() if k.startswith("eval_")]
+    if evals:
+        other = ax.twinx()
+        for key in sorted({k for _, k, _ in evals}):
+            pts = [(s, v) for s, k, v in evals if k == key]
+            other.plot([s for s, _ in pts], [v for _, v in pts], "o--", color="tab:orange",
+                       label=key.removeprefix("eval_"))
+            other.set_ylabel(key.removeprefix("eval_"))
+        other.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    return _save(plt, fig, path)

@@ -23,12 +23,18 @@ Resolve = Callable[[str], Weights]
 
 @dataclass(frozen=True)
 class Operation:
+    """A recipe operation. ``model_fields`` name inputs or steps that yield models;
+    ``data_fields`` hold a data file's path or the name of a step that yields data
+    (``yields="data"``, such as ``distill_data``), whose value is then a data source."""
+
     name: str
     summary: str
     reference: str | None
     params: type[BaseModel]
     model_fields: tuple[str, ...]
-    build: Callable[[Any, Resolve], Weights]
+    build: Callable[[Any, Resolve], Any]
+    data_fields: tuple[str, ...] = ()
+    yields: Literal["model", "data"] = "model"
 
 
 def _build_linear(p: soup.LinearParams, get: Resolve) -> Weights:

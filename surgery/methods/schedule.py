@@ -117,28 +117,30 @@ def _literal_length(pattern: str, meta: set[str]) -> int:
     return count
 
 
-class _Matcher:
-    """One rule's test on a tensor name, and its specificity (higher wins)."""
+class NameMatcher:
+    """One ``match`` of a rule (an exact tensor name, a kind, a glob or ``re:<regex>``) as a
+    test on tensor names, and its specificity (higher wins). ``param`` names the parameter
+    in errors; ``names`` are the tensor names an exact name is looked up in."""
 
-    def __init__(self, param: str, rule: Rule, names: set[str]) -> None:
-        self.text = rule.match
-        if rule.match in names and not (_GLOB_META & set(rule.match)):
-            self.specificity: tuple[int, int] = (3, len(rule.match))
-            self.test: Callable[[str], bool] = rule.match.__eq__
-        elif rule.match in _KINDS:
+    def __init__(self, param: str, match: str, names: set[str]) -> None:
+        self.text = match
+        if match in names and not (_GLOB_META & set(match)):
+            self.specificity: tuple[int, int] = (3, len(match))
+            self.test: Callable[[str], bool] = match.__eq__
+        elif match in _KINDS:
             self.specificity = (1, 0)
-            self.test = lambda name: tensor_kind(name).value == rule.match
-        elif rule.match.startswith("re:"):
+            self.test = lambda name: tensor_kind(name).value == match
+        elif match.startswith("re:"):
             try:
-                regex = re.compile(rule.match[3:])
+                regex = re.compile(match[3:])
             except re.error as e:
-                raise UsageError(f"{param}: rule match {rule.match!r} is not a valid regex ({e})"
+                raise UsageError(f"{param}: rule match {match!r} is not a valid regex ({e})"
                                  ) from None
-            self.specificity = self._pattern(_literal_length(rule.match[3:], _REGEX_META))
+            self.specificity = self._pattern(_literal_length(match[3:], _REGEX_META))
             self.test = lambda name: regex.search(name) is not None
         else:
-            self.specificity = self._pattern(_literal_length(rule.match, _GLOB_META))
-            self.test = lambda name: fnmatch.fnmatchcase(name, rule.match)
+            self.specificity = self._pattern(_literal_length(match, _GLOB_META))
+            self.test = lambda name: fnmatch.fnmatchcase(name, match)
 
     @staticmethod
     def _pattern(literals: int) -> tuple[int, int]:
@@ -176,7 +178,7 @@ class Schedule:
         if default is not None:
             self._check_values(param, [default], check)
         name_set = set(names)
-        matchers = [_Matcher(param, r, name_set) for r in rules]
+        matchers = [NameMatcher(param, r.match, name_set) for r in rules]
         used = [False] * len(rules)
         for name in names:
             hits = [i for i, m in enumerate(matchers) if m.test(name)]

@@ -18,6 +18,19 @@ ANGULAR_REF = "The Unreasonable Ineffectiveness of the Deeper Layers, arXiv 2403
 BI_REF = "ShortGPT, arXiv 2403.03853"
 
 
+def score_table(scores: LayerScores, method: str, dropped: list[int], data: str | Path) -> str:
+    """The model-card section of a pruning: what was dropped, why, and every block's scores."""
+    rows = ["| block | angular distance (start of n-block run) | block influence |",
+            "|---:|---:|---:|"]
+    for i, bi in enumerate(scores.block_influence):
+        ang = f"{scores.angular[i]:.6f}" if i < len(scores.angular) else ""
+        rows.append(f"| {i} | {ang} | {bi:.6f} |")
+    ref = ANGULAR_REF if method == "angular" else BI_REF
+    return (f"Dropped blocks {dropped} of {len(scores.block_influence)} by `{method}` "
+            f"({ref}), scored on {scores.samples} samples ({scores.tokens} tokens) of "
+            f"`{Path(data).name}`, n = {scores.n}.\n\n" + "\n".join(rows))
+
+
 @dataclass
 class PruneResult:
     scores: LayerScores
@@ -38,15 +51,8 @@ def prune(model_dir: str | Path, n: int, data: str | Path, out: str | Path, *,
     scores = score_layers(model, tokenizer, records, n, batch_size, max_length, progress)
     del model
     dropped = scores.drop(method)
-    rows = ["| block | angular distance (start of n-block run) | block influence |",
-            "|---:|---:|---:|"]
-    for i, bi in enumerate(scores.block_influence):
-        ang = f"{scores.angular[i]:.6f}" if i < len(scores.angular) else ""
-        rows.append(f"| {i} | {ang} | {bi:.6f} |")
     ref = ANGULAR_REF if method == "angular" else BI_REF
-    section = (f"Dropped blocks {dropped} of {len(scores.block_influence)} by `{method}` "
-               f"({ref}), scored on {scores.samples} samples ({scores.tokens} tokens) of "
-               f"`{Path(data).name}`, n = {n}.\n\n" + "\n".join(rows))
+    section = score_table(scores, method, dropped, data)
     saved = save(drop_layers(load(model_dir), dropped).node, out, force=force, seed=seed,
                  extra_provenance={"pruning": {"method": method, "reference": ref,
                                                "data": str(data), "dropped": dropped,

@@ -23,8 +23,10 @@ from surgery.evaluate.operations import DATA_OPERATIONS
 from surgery.expr import LoadNode, Weights
 from surgery.methods.registry import OPERATIONS as STREAMING_OPERATIONS
 from surgery.methods.registry import Operation
+from surgery.prune.operations import PRUNE_OPERATIONS
 from surgery.recipe.schema import OutputSpec, RecipeDoc
 from surgery.recipe.yamlloc import Loc, Located, load_located
+from surgery.train.operations import TRAIN_OPERATIONS
 from surgery.writer import parse_size
 
 
@@ -43,7 +45,8 @@ class Recipe:
         return [(o, self.values[o.from_]) for o in self.doc.outputs()]
 
 
-OPERATIONS = {**STREAMING_OPERATIONS, **DATA_OPERATIONS}
+OPERATIONS = {**STREAMING_OPERATIONS, **DATA_OPERATIONS, **PRUNE_OPERATIONS,
+              **TRAIN_OPERATIONS}
 
 
 def suggest(word: str, choices: list[str]) -> str:
@@ -167,6 +170,7 @@ def parse_recipe(text: str, source: str = "recipe.yaml") -> tuple[Located, Recip
         raise located.error(("steps", name), "a step cannot have the name of an input")
     steps = {name: _parse_step(located, name, raw, doc.seed) for name, raw in doc.steps.items()}
     names = [*doc.inputs, *doc.steps]
+    data_steps = {n for n, (op, _) in steps.items() if op.yields == "data"}
     for name, (op, params) in steps.items():
         for fname in op.model_fields:
             value = getattr(params, fname)
@@ -174,18 +178,27 @@ def parse_recipe(text: str, source: str = "recipe.yaml") -> tuple[Located, Recip
             for i, ref in enumerate(refs):
                 if ref is None:
                     continue
+                key = op.params.model_fields[fname].alias or fname
+                loc: Loc = ("steps", name, key, i) if isinstance(value, list) else \
+                    ("steps", name, key)
                 if ref not in names:
-                    key = op.params.model_fields[fname].alias or fname
-                    loc: Loc = ("steps", name, key, i) if isinstance(value, list) else \
-                        ("steps", name, key)
                     raise located.error(loc, f"no input or step named {ref!r}"
                                         f"{suggest(ref, names)}")
+                if ref in data_steps:
+                    raise located.error(loc, f"step {ref!r} yields data, not a model")
+        for fname in op.data_fields:
+            ref = getattr(params, fname)
+            if ref in names and ref not in data_steps:
+                raise located.error(("steps", name, fname), f"{ref!r} is a model; give a "
+                                    "JSONL file or a step that yields data (distill_data)")
     _check_cycles(located, steps)
     for i, out in enumerate(doc.outputs()):
         at: Loc = ("output", i) if isinstance(doc.output, list) else ("output",)
         if out.from_ not in names:
             raise located.error((*at, "from"), f"no input or step named {out.from_!r}"
                                 f"{suggest(out.from_, names)}")
+        if out.from_ in data_steps:
+            raise located.error((*at, "from"), f"step {out.from_!r} yields data, not a model")
         if out.tokenizer_from is not None and out.tokenizer_from not in doc.inputs:
             raise located.error((*at, "tokenizer_from"), f"no input named {out.tokenizer_from!r}"
                                 f"{suggest(out.tokenizer_from, list(doc.inputs))}")
@@ -231,7 +244,7 @@ def _check_cycles(located: Located, steps: dict[str, tuple[Operation, BaseModel]
 
     def deps(name: str) -> list[str]:
         op, params = steps[name]
-        out: list[str] = []
+        out: list[str] = [getattr(params, f) for f in op.data_fields]
         for fname in op.model_fields:
             value = getattr(params, fname)
             out += [v for v in (value if isinstance(value, list) else [value]) if v]
@@ -274,6 +287,8 @@ def build_recipe(text: str, source: str = "recipe.yaml") -> Recipe:
 
     def get(name: str) -> Weights:
         if name not in values:
+            if name not in steps:  # a data field's file path (see Operation.data_fields)
+                raise KeyError(name)
             op, params = steps[name]
             try:
                 values[name] = op.build(params, get)

@@ -21,6 +21,8 @@ from surgery.hub import PushResult, push_folder
 from surgery.methods.greedy_soup import GreedySoupNode
 from surgery.recipe.build import Recipe
 from surgery.recipe.schema import PushSpec
+from surgery.train.loop import TrainCallback
+from surgery.train.operations import FinetuneNode, TrainingPlan
 from surgery.writer import parse_size
 
 
@@ -44,6 +46,7 @@ class PlanReport:
     outputs: list[OutputPlan] = field(default_factory=list)
     reduction_passes: int = 0
     pins: dict[str, str] = field(default_factory=dict)  # Hub input name -> commit hash
+    training: list[tuple[str, TrainingPlan]] = field(default_factory=list)
 
 
 def plan_recipe(recipe: Recipe) -> PlanReport:
@@ -64,7 +67,16 @@ def plan_recipe(recipe: Recipe) -> PlanReport:
             estimate_peak_bytes(weights.node, dtype), out.dtype, download_bytes(weights.node),
             _push_target(out.push_to_hub)))
         report.reduction_passes += sum(len(n.reductions()) > 0 for n in weights.node.walk())
+    report.training = [(name, node.plan()) for name, node in finetune_steps(recipe)]
     return report
+
+
+def finetune_steps(recipe: Recipe) -> list[tuple[str, FinetuneNode]]:
+    """The recipe's finetune steps that some output depends on, in step order."""
+    needed = {id(n) for _, weights in recipe.outputs() for n in weights.node.walk()}
+    return [(name, node) for name in recipe.steps
+            if isinstance(node := getattr(recipe.values[name], "node", None), FinetuneNode)
+            and id(node) in needed]
 
 
 @dataclass
@@ -81,7 +93,9 @@ def greedy_soup_steps(recipe: Recipe) -> list[GreedySoupStep]:
     """The recipe's greedy-soup steps that some output depends on, in step order."""
     needed = {id(n) for _, weights in recipe.outputs() for n in weights.node.walk()}
     found = []
-    for name, (_, params) in recipe.steps.items():
+    for name, (op, params) in recipe.steps.items():
+        if op.yields != "model":
+            continue
         node = recipe.values[name].node
         if isinstance(node, GreedySoupNode) and isinstance(params, GreedySoupParams) \
                 and id(node) in needed:
@@ -96,9 +110,13 @@ def _push_target(push: PushSpec | None) -> str | None:
 def run_recipe(recipe: Recipe, *, force: bool = False,
                progress: ProgressFn | None = None,
                on_output: ProgressFn | None = None,
-               on_push: Callable[[PushResult], None] | None = None) -> list[SaveResult]:
+               on_push: Callable[[PushResult], None] | None = None,
+               on_train: TrainCallback | None = None) -> list[SaveResult]:
     """Run every output of the recipe; each writes its own model directory, then is pushed
-    to the Hub when the output says ``push_to_hub``."""
+    to the Hub when the output says ``push_to_hub``. ``on_train`` gets the updates of the
+    finetune steps the outputs need."""
+    for _, node in finetune_steps(recipe):
+        node.on_event = on_train
     results = []
     for out, weights in recipe.outputs():
         tokenizer = recipe.checkpoints[out.tokenizer_from] if out.tokenizer_from else None

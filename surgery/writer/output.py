@@ -13,6 +13,9 @@ from surgery.checkpoint.hashing import file_sha256
 from surgery.errors import OutputExistsError, RunError
 
 MARKER = ".weight-surgery-partial.json"
+# Work a producer keeps in ``OUT.partial`` between runs (the fine-tune step's training state):
+# kept while the fingerprint matches, removed when the output is committed.
+SCRATCH = ".scratch"
 
 
 def _inside(child: Path, parent: Path) -> bool:
@@ -81,6 +84,13 @@ class OutputDir:
     def path(self, name: str) -> Path:
         return self.partial / name
 
+    def scratch(self) -> Path:
+        """A folder inside ``OUT.partial`` for state that lets a rerun resume; it never
+        reaches the final output."""
+        folder = self.partial / SCRATCH
+        folder.mkdir(exist_ok=True)
+        return folder
+
     def write_text(self, name: str, text: str) -> None:
         (self.partial / name).write_text(text, encoding="utf-8")
 
@@ -90,6 +100,7 @@ class OutputDir:
     def commit(self) -> Path:
         """Rename the complete output into place (replacing an old one only now)."""
         (self.partial / MARKER).unlink()
+        shutil.rmtree(self.partial / SCRATCH, ignore_errors=True)
         old = None
         if self.final.exists():
             old = self.final.with_name(f"{self.final.name}.old-{os.getpid()}")

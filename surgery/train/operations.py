@@ -1,0 +1,243 @@
+"""Recipe steps that train or make training data: ``op: finetune`` and ``op: distill_data``.
+
+Both work at write time, when an output first needs them, into content-addressed folders of
+the cache (``$WEIGHT_SURGERY_CACHE``): the key hashes the input files' bytes, the expression,
+the parameters and the data, so later steps stream from the result and a rerun reuses it.
+Planning reads no weights: names and shapes come from the input's headers and a model built on
+the meta device, and the data is read and tokenized to check it.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import Field
+
+from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.checkpoint.hashing import cache_dir
+from surgery.data import Record, read_records
+from surgery.errors import UsageError
+from surgery.expr import EvalContext, Node, TensorSpec, Weights
+from surgery.methods.registry import Operation, Resolve
+from surgery.methods.soup import Params
+from surgery.train.config import TrainConfig
+from surgery.train.data import Task, check_fits, classes, file_sha256, load_train_data, task_of
+from surgery.train.distill import DISTILL_REF, distill_data
+from surgery.train.loop import TrainCallback, card_section, finetune, memory_estimate
+from surgery.train.model import FINETUNE_REF, TrainedNode, content_key, trained_config
+
+
+class FinetuneParams(TrainConfig):
+    model: str
+    data: str = Field(description="JSONL file, or a distill_data step")
+
+
+class DistillDataParams(Params):
+    teacher: str
+    data: str = Field(description="prompt+completion JSONL file")
+    max_new_tokens: int = Field(128, ge=1)
+    batch_size: int = Field(8, ge=1)
+    max_length: int = Field(1024, ge=2)
+    device: str = "auto"
+
+
+class DistilledData:
+    """The file a ``distill_data`` step writes, made on first use into the cache."""
+
+    kind = "completion"
+
+    def __init__(self, teacher: Weights, params: DistillDataParams) -> None:
+        self.teacher = teacher
+        self.params = params
+        self.records = read_records(params.data)
+        if self.records[0].kind != "completion":
+            raise UsageError(f"{params.data}: distill_data regenerates completions; the file "
+                             f"holds {self.records[0].kind} records, not prompt+completion")
+        self.key = content_key(teacher.node, [file_sha256(params.data), params.model_dump(
+            exclude={"device"})])
+        self._path: Path | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        with self._lock:
+            if self._path is None:
+                target = cache_dir() / "data" / f"distilled-{self.key}.jsonl"
+                if not target.is_file():
+                    p = self.params
+                    distill_data(self.teacher, p.data, target, max_new_tokens=p.max_new_tokens,
+                                 batch_size=p.batch_size, max_length=p.max_length,
+                                 device=p.device)
+                self._path = target
+            return self._path
+
+
+def _meta_model(config: dict, task: Task, records: list[Record], where: str) -> Any:
+    """The model transformers would build for training, on the meta device (no memory)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    if "model_type" not in config:
+        raise UsageError(f"{where}: config.json has no model_type; transformers cannot build "
+                         "the model to train")
+    cfg = dict(config)
+    if task == "classification":
+        label2id, num_labels = classes(records, config)
+        cfg["num_labels"] = num_labels
+        if label2id:
+            cfg["label2id"] = label2id
+            cfg["id2label"] = {i: n for n, i in label2id.items()}
+        elif len(cfg.get("id2label") or {}) != num_labels:
+            cfg.pop("id2label", None)  # the head grows: the model's own maps no longer fit
+            cfg.pop("label2id", None)
+    try:
+        built = AutoConfig.for_model(**cfg)
+        with torch.device("meta"):
+            auto = AutoModelForSequenceClassification if task == "classification" else \
+                AutoModelForCausalLM
+            return auto.from_config(built)
+    except (ValueError, KeyError, TypeError) as e:
+        raise UsageError(f"{where}: transformers cannot build this model "
+                         f"({str(e).splitlines()[0]})") from None
+
+
+@dataclass
+class TrainingPlan:
+    """What ``surgery plan`` says of a finetune step."""
+
+    memory_bytes: int
+    tokens_per_step: float
+    examples: int
+    truncated: int
+    trainable: str
+
+
+class FinetuneNode(Node):
+    """The model ``op: finetune`` trains, trained (or found in the cache) on first use."""
+
+    op = "finetune"
+    reference = FINETUNE_REF
+
+    def __init__(self, source: Weights, data: str | DistilledData, config: TrainConfig) -> None:
+        super().__init__()
+        self.source = source
+        self.inputs = (source.node,)
+        self.data = data
+        self.settings = config
+        records = data.records if isinstance(data, DistilledData) else read_records(data)
+        self.task = task_of(records)
+        label = _label(source)
+        check_fits(self.task, source.config, self.data_name, label)
+        meta = _meta_model(source.config, self.task, records, label)
+        self.meta = meta
+        self.layout = TrainedNode(source.node, meta, trained_config(source.node, meta,
+                                                                    self.task), {})
+        data_key = data.key if isinstance(data, DistilledData) else file_sha256(data)
+        eval_key = file_sha256(config.eval_data) if config.eval_data else None
+        self.key = content_key(source.node, [config.model_dump(mode="json", exclude={"device"}),
+                                             data_key, eval_key])
+        self.on_event: TrainCallback | None = None
+        self._checkpoint: Checkpoint | None = None
+        self._lock = threading.Lock()
+
+    @property
+    def data_name(self) -> str:
+        return self.data.params.data if isinstance(self.data, DistilledData) else self.data
+
+    @property
+    def folder(self) -> Path:
+        return cache_dir() / "finetune" / self.key
+
+    @property
+    def checkpoint(self) -> Checkpoint:
+        with self._lock:
+            if self._checkpoint is None:
+                if not (self.folder / "config.json").is_file():
+                    data = self.data.path if isinstance(self.data, DistilledData) else self.data
+                    finetune(self.source, data, out=self.folder, progress=self.on_event,
+                             **self.settings.model_dump(exclude_unset=True))
+                self._checkpoint = open_checkpoint(str(self.folder))
+            return self._checkpoint
+
+    def plan(self) -> TrainingPlan:
+        """Tokenize the data (checking it) and estimate the run's memory."""
+        from transformers import AutoTokenizer
+
+        ck = next((c for c in self.source.node.checkpoints() if c.tokenizer_files), None)
+        if ck is None:
+            raise UsageError(f"{_label(self.source)}: no tokenizer files to train with")
+        tokenizer = AutoTokenizer.from_pretrained(str(ck.tokenizer_files[0].parent))
+        path = self.data.params.data if isinstance(self.data, DistilledData) else self.data
+        data = load_train_data(path, tokenizer, self.source.config,
+                               max_length=self.settings.max_length, chat=self.settings.chat,
+                               add_eos=self.settings.add_eos, model=_label(self.source))
+        from surgery.train.hooks import TrainableSet
+
+        names = [n for n, _ in self.meta.named_parameters()]
+        seed = self.settings.seed if self.settings.hft_seed is None else self.settings.hft_seed
+        chosen = set(TrainableSet(self.settings.trainable, seed).select(names))
+        trainable = sum(p.numel() for n, p in self.meta.named_parameters() if n in chosen)
+        per_example = data.tokens / max(1, len(data.examples))
+        return TrainingPlan(memory_estimate(self.meta, trainable, self.settings),
+                            per_example * self.settings.examples_per_step, len(data.examples),
+                            data.truncated, f"{trainable:,} of "
+                            f"{sum(p.numel() for p in self.meta.parameters()):,} parameters")
+
+    def params(self) -> dict[str, Any]:
+        return {"settings": self.settings.model_dump(mode="json", exclude_unset=True),
+                "data": Path(self.data_name).name, "cache_key": self.key}
+
+    def card_sections(self) -> dict[str, str]:
+        record = json.loads((self.folder / "provenance.json").read_text())["training"]
+        return {"Fine-tuning": card_section(record)}
+
+    def config(self) -> dict:
+        return self.checkpoint.config if self._checkpoint is not None else self.layout.config()
+
+    def _list_names(self) -> list[str]:
+        return self.layout.names()
+
+    def spec(self, name: str) -> TensorSpec:
+        return self.layout.spec(name)
+
+    def input_names(self, name: str) -> list[tuple[Node, str]]:
+        return []  # read from the trained checkpoint in compute, not from the input
+
+    def compute(self, name: str, ctx: EvalContext) -> torch.Tensor:
+        return ctx.read(self.checkpoint, name)
+
+
+def _label(w: Weights) -> str:
+    cks = w.node.checkpoints()
+    return cks[0].source if len(cks) == 1 and not w.node.inputs else f"result of {w.node.op}"
+
+
+def _build_finetune(p: FinetuneParams, get: Resolve) -> Weights:
+    settings = p.model_dump(include=p.model_fields_set - {"model", "data"})
+    config = TrainConfig.model_validate(settings)
+    try:  # a distill_data step (the recipe checked that no model goes by this name) ...
+        data: str | DistilledData = get(p.data)  # type: ignore[assignment]
+    except KeyError:  # ... or a file
+        data = p.data
+    return Weights(FinetuneNode(get(p.model), data, config))
+
+
+def _build_distill_data(p: DistillDataParams, get: Resolve) -> Any:
+    return DistilledData(get(p.teacher), p)
+
+
+TRAIN_OPERATIONS: dict[str, Operation] = {
+    op.name: op
+    for op in (
+        Operation("finetune", "Fine-tune a model on JSONL data (SFT, DFT, ASFT, masked "
+                  "thought, sorted; HFT or pattern trainable sets)", FINETUNE_REF,
+                  FinetuneParams, ("model",), _build_finetune, data_fields=("data",)),
+        Operation("distill_data", "Regenerate a prompt+completion file's completions with a "
+                  "teacher (self-data distillation)", DISTILL_REF, DistillDataParams,
+                  ("teacher",), _build_distill_data, yields="data"),
+    )
+}
