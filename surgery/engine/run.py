@@ -252,6 +252,8 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
                                                  None))
         if hasher:
             hasher.fill(provenance, checkpoints)
+        for key, records in _node_records(root).items():
+            provenance[key] = records[0] if len(records) == 1 else records
         sections = {k: v for n in root.walk() for k, v in n.card_sections().items()}
         sections.update(extra_sections or {})
         if sections:
@@ -279,6 +281,14 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
         stream.close()
     opts.profile.wall_s = time.perf_counter() - started
     return SaveResult(final, fnames, sorted(reused), opts.profile, provenance)
+
+
+def _node_records(root: Node) -> dict[str, list[Any]]:
+    records: dict[str, list[Any]] = {}
+    for node in root.walk():
+        for key, value in node.provenance_records().items():
+            records.setdefault(key, []).append(value)
+    return records
 
 
 def _out_of_memory(e: BaseException) -> bool:

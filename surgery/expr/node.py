@@ -235,6 +235,12 @@ class Node(ABC):
         """Model-card sections (title -> markdown) reporting choices this node made."""
         return {}
 
+    def provenance_records(self) -> dict[str, Any]:
+        """Records for the output's provenance.json (key -> JSON-able value) of work this
+        node did, such as a training run; two nodes giving one key give a list, in graph
+        order."""
+        return {}
+
     def reads(self, name: str) -> list[tuple[Checkpoint, str]]:
         """The leaf tensors computing ``name`` reads, in order, without duplicates."""
         seen: dict[tuple[int, str], tuple[Checkpoint, str]] = {}

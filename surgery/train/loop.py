@@ -414,6 +414,7 @@ def finetune(model: str | Path | Weights, data: str | Path, *, out: str | Path,
               "loss_first": history[0]["loss"] if history else None,
               "loss_last": history[-1]["loss"] if history else None,
               "history": history,
+              "resumed_from_update": trainer.resumed_from,
               "device": trainer.device.type, "model": source.label}
     saved = save(trainer.node, out, force=force, extra_provenance={"training": record},
                  extra_sections={"Fine-tuning": card_section(record)}, **save_args)

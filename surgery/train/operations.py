@@ -191,9 +191,15 @@ class FinetuneNode(Node):
         return {"settings": self.settings.model_dump(mode="json", exclude_unset=True),
                 "data": Path(self.data_name).name, "cache_key": self.key}
 
+    def _record(self) -> dict[str, Any]:
+        self.checkpoint  # noqa: B018  (trains first if needed)
+        return json.loads((self.folder / "provenance.json").read_text())["training"]
+
     def card_sections(self) -> dict[str, str]:
-        record = json.loads((self.folder / "provenance.json").read_text())["training"]
-        return {"Fine-tuning": card_section(record)}
+        return {"Fine-tuning": card_section(self._record())}
+
+    def provenance_records(self) -> dict[str, Any]:
+        return {"training": {**self._record(), "cache": str(self.folder)}}
 
     def config(self) -> dict:
         return self.checkpoint.config if self._checkpoint is not None else self.layout.config()
