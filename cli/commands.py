@@ -39,10 +39,12 @@ def plan(recipe: str) -> None:
         if out.push_to:
             click.echo(f"  then pushes to {out.push_to}")
     for name, t in report.training:
-        click.echo(f"training {name}: {t.examples} examples ({t.truncated} truncated), about "
-                   f"{t.tokens_per_step:,.0f} tokens per update, {t.trainable} trainable; "
-                   f"estimated peak memory {human_bytes(t.memory_bytes)} (weights, gradients, "
-                   "AdamW moments, activations)")
+        data = (f"{t.examples} examples ({t.truncated} truncated), about "
+                f"{t.tokens_per_step:,.0f} tokens per update" if t.tokens_per_step is not None
+                else "data made by an earlier step")
+        click.echo(f"training {name}: {data}, {t.trainable} trainable; estimated peak memory "
+                   f"{human_bytes(t.memory_bytes)} (weights, gradients, AdamW moments, "
+                   "activations)")
     if report.reduction_passes:
         click.echo(f"whole-model statistics: {report.reduction_passes} reduction(s) computed "
                    "in a streaming pass before writing")

@@ -106,7 +106,7 @@ def train(model: str, data: str, out: str, steps: int | None, epochs: float | No
 
     A one-step recipe around `op: finetune` (written into OUT as recipe.yaml): rerunning the
     same command after an interruption resumes from the last checkpoint."""
-    from surgery.errors import UsageError
+    from surgery.errors import RecipeError, UsageError
     from surgery.recipe.build import build_recipe
     from surgery.recipe.run import run_recipe
 
@@ -133,7 +133,10 @@ def train(model: str, data: str, out: str, steps: int | None, epochs: float | No
     doc = {"seed": seed, "inputs": {"model": model}, "steps": {"trained": step},
            "output": output}
     text = "# made by `surgery train`\n" + yaml.safe_dump(doc, sort_keys=False)
-    recipe = build_recipe(text, "surgery train")
+    try:
+        recipe = build_recipe(text, "surgery train")
+    except RecipeError as e:  # say it in the command's terms, not the recipe it wrote
+        raise UsageError(_option_error(e)) from None
     log = open(log_path, "w", encoding="utf-8") if log_path else None
     bar = TrainBar(not quiet, log)
     writing = ProgressBar(enabled=False)
@@ -152,6 +155,16 @@ def train(model: str, data: str, out: str, steps: int | None, epochs: float | No
 
         history = bar.history or _cached_history(recipe)
         click.echo(f"plot: {plot_loss_curve(history, plot)}")
+
+
+def _option_error(e: Any) -> str:
+    """A RecipeError of the one-step recipe as an error of an option (or of MODEL)."""
+    if e.key == "inputs.model":
+        return f"MODEL: {e.detail}"
+    parts = e.key.split(".")
+    if parts[:2] == ["steps", "trained"] and len(parts) > 2:
+        return f"--{parts[2].replace('_', '-')}: {e.detail}"
+    return e.detail or str(e)
 
 
 def _cached_history(recipe: Any) -> list[dict[str, Any]]:

@@ -29,7 +29,12 @@ class ShapeMismatchError(UsageError):
 
 
 class RecipeError(UsageError):
-    """A recipe is invalid; the message starts with the YAML location."""
+    """A recipe is invalid; the message starts with the YAML location. ``key`` is the dotted
+    recipe key at fault and ``detail`` the message without the location (for front ends that
+    write the recipe themselves, such as ``surgery train``)."""
+
+    key: str = ""
+    detail: str = ""
 
 
 class OutputExistsError(UsageError):

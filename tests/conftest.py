@@ -63,3 +63,10 @@ def surgery(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     if res.exception and not isinstance(res.exception, SystemExit):
         raise res.exception
     return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, res.stderr)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Content-addressed results (fine-tunes, distilled data, materialised models, file
+    hashes) go to a cache of this test session, never the user's."""
+    os.environ["WEIGHT_SURGERY_CACHE"] = str(tmp_path_factory.mktemp("cache"))

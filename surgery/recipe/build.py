@@ -103,7 +103,12 @@ def _validation_error(doc: Located, err: ValidationError, prefix: Loc,
         return doc.error(loc, f"unknown key{suggest(key, allowed) or extra}")
     if first["type"] == "missing":
         return doc.error(loc, "required key is missing")
-    return doc.error(loc, f"{first['msg']} (got {first.get('input')!r})")
+    if first["type"] == "value_error":  # a model's own check: its message says it all
+        return doc.error(loc, first["msg"].removeprefix("Value error, "))
+    hint = ""
+    if first["type"] == "literal_error" and isinstance(first.get("input"), str):
+        hint = suggest(first["input"], [str(v) for v in get_args(_walk(model, first["loc"])[1])])
+    return doc.error(loc, f"{first['msg']} (got {first.get('input')!r}){hint}")
 
 
 def _walk(model: type[BaseModel], loc: tuple[Any, ...]) -> tuple[Loc, Any]:

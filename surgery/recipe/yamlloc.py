@@ -30,7 +30,9 @@ class Located:
 
     def error(self, loc: Loc, message: str) -> RecipeError:
         path = ".".join(str(p) for p in loc)
-        return RecipeError(f"{self.where(loc)}: {path + ': ' if path else ''}{message}")
+        error = RecipeError(f"{self.where(loc)}: {path + ': ' if path else ''}{message}")
+        error.key, error.detail = path, message
+        return error
 
 
 def load_located(text: str, source: str) -> Located:

@@ -22,14 +22,17 @@ from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.checkpoint.hashing import cache_dir
 from surgery.data import Record, read_records
 from surgery.errors import UsageError
+from surgery.evaluate.layers import find_blocks
 from surgery.expr import EvalContext, Node, TensorSpec, Weights
 from surgery.methods.registry import Operation, Resolve
 from surgery.methods.soup import Params
 from surgery.train.config import TrainConfig
 from surgery.train.data import Task, check_fits, classes, file_sha256, load_train_data, task_of
 from surgery.train.distill import DISTILL_REF, distill_data
+from surgery.train.hooks import TrainableSet
 from surgery.train.loop import TrainCallback, card_section, finetune, memory_estimate
 from surgery.train.model import FINETUNE_REF, TrainedNode, content_key, trained_config
+from surgery.train.objectives import Sorted, exits, make_objective
 
 
 class FinetuneParams(TrainConfig):
@@ -110,9 +113,9 @@ class TrainingPlan:
     """What ``surgery plan`` says of a finetune step."""
 
     memory_bytes: int
-    tokens_per_step: float
-    examples: int
-    truncated: int
+    tokens_per_step: float | None  # None: the data is made by an earlier step
+    examples: int | None
+    truncated: int | None
     trainable: str
 
 
@@ -134,15 +137,36 @@ class FinetuneNode(Node):
         check_fits(self.task, source.config, self.data_name, label)
         meta = _meta_model(source.config, self.task, records, label)
         self.meta = meta
+        seed = config.seed if config.hft_seed is None else config.hft_seed
+        self.trainable = set(TrainableSet(config.trainable, seed).select(
+            [n for n, _ in meta.named_parameters()]))
         self.layout = TrainedNode(source.node, meta, trained_config(source.node, meta,
                                                                     self.task), {})
-        data_key = data.key if isinstance(data, DistilledData) else file_sha256(data)
-        eval_key = file_sha256(config.eval_data) if config.eval_data else None
-        self.key = content_key(source.node, [config.model_dump(mode="json", exclude={"device"}),
-                                             data_key, eval_key])
+        tokenizer = _tokenizer(source)
+        objective = make_objective(config, tokenizer, self.task)
+        if isinstance(objective, Sorted):
+            exits(len(find_blocks(meta)), objective.every)
+        # Tokenize now, so that data too long for max_length fails before anything is written
+        # (distilled data exists only once its step has run).
+        self.encoded = None if isinstance(data, DistilledData) else load_train_data(
+            data, tokenizer, source.config, max_length=config.max_length, chat=config.chat,
+            add_eos=config.add_eos, model=label)
         self.on_event: TrainCallback | None = None
         self._checkpoint: Checkpoint | None = None
+        self._key: str | None = None
         self._lock = threading.Lock()
+
+    @property
+    def key(self) -> str:
+        """The cache key: input files' bytes, expression, settings, data (hashed on first
+        use, not when planning)."""
+        if self._key is None:
+            data = self.data.key if isinstance(self.data, DistilledData) else \
+                file_sha256(self.data)
+            evals = file_sha256(self.settings.eval_data) if self.settings.eval_data else None
+            self._key = content_key(self.source.node, [
+                self.settings.model_dump(mode="json", exclude={"device"}), data, evals])
+        return self._key
 
     @property
     def data_name(self) -> str:
@@ -164,28 +188,19 @@ class FinetuneNode(Node):
             return self._checkpoint
 
     def plan(self) -> TrainingPlan:
-        """Tokenize the data (checking it) and estimate the run's memory."""
-        from transformers import AutoTokenizer
-
-        ck = next((c for c in self.source.node.checkpoints() if c.tokenizer_files), None)
-        if ck is None:
-            raise UsageError(f"{_label(self.source)}: no tokenizer files to train with")
-        tokenizer = AutoTokenizer.from_pretrained(str(ck.tokenizer_files[0].parent))
-        path = self.data.params.data if isinstance(self.data, DistilledData) else self.data
-        data = load_train_data(path, tokenizer, self.source.config,
-                               max_length=self.settings.max_length, chat=self.settings.chat,
-                               add_eos=self.settings.add_eos, model=_label(self.source))
-        from surgery.train.hooks import TrainableSet
-
-        names = [n for n, _ in self.meta.named_parameters()]
-        seed = self.settings.seed if self.settings.hft_seed is None else self.settings.hft_seed
-        chosen = set(TrainableSet(self.settings.trainable, seed).select(names))
-        trainable = sum(p.numel() for n, p in self.meta.named_parameters() if n in chosen)
+        """The run's memory estimate and tokens per update (from the tokenized data)."""
+        trainable = sum(p.numel() for n, p in self.meta.named_parameters()
+                        if n in self.trainable)
+        total = sum(p.numel() for p in self.meta.parameters())
+        memory = memory_estimate(self.meta, trainable, self.settings)
+        if self.encoded is None:  # distilled data: its length is known once it is made
+            return TrainingPlan(memory, None, None, None, f"{trainable:,} of {total:,} "
+                                "parameters")
+        data = self.encoded
         per_example = data.tokens / max(1, len(data.examples))
-        return TrainingPlan(memory_estimate(self.meta, trainable, self.settings),
-                            per_example * self.settings.examples_per_step, len(data.examples),
-                            data.truncated, f"{trainable:,} of "
-                            f"{sum(p.numel() for p in self.meta.parameters()):,} parameters")
+        return TrainingPlan(memory, per_example * self.settings.examples_per_step,
+                            len(data.examples), data.truncated,
+                            f"{trainable:,} of {total:,} parameters")
 
     def params(self) -> dict[str, Any]:
         return {"settings": self.settings.model_dump(mode="json", exclude_unset=True),
@@ -215,6 +230,15 @@ class FinetuneNode(Node):
 
     def compute(self, name: str, ctx: EvalContext) -> torch.Tensor:
         return ctx.read(self.checkpoint, name)
+
+
+def _tokenizer(source: Weights) -> Any:
+    from transformers import AutoTokenizer
+
+    ck = next((c for c in source.node.checkpoints() if c.tokenizer_files), None)
+    if ck is None:
+        raise UsageError(f"{_label(source)}: no tokenizer files to train with")
+    return AutoTokenizer.from_pretrained(str(ck.tokenizer_files[0].parent))
 
 
 def _label(w: Weights) -> str:
