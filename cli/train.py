@@ -137,7 +137,7 @@ def train(model: str, data: str, out: str, steps: int | None, epochs: float | No
         recipe = build_recipe(text, "surgery train")
     except RecipeError as e:  # say it in the command's terms, not the recipe it wrote
         raise UsageError(_option_error(e)) from None
-    log = open(log_path, "w", encoding="utf-8") if log_path else None
+    log = _open_log(log_path) if log_path else None
     bar = TrainBar(not quiet, log)
     writing = ProgressBar(enabled=False)
     try:
@@ -155,6 +155,16 @@ def train(model: str, data: str, out: str, steps: int | None, epochs: float | No
 
         history = bar.history or _cached_history(recipe)
         click.echo(f"plot: {plot_loss_curve(history, plot)}")
+
+
+def _open_log(path: str) -> TextIO:
+    from surgery.errors import UsageError
+
+    try:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "w", encoding="utf-8")
+    except OSError as e:
+        raise UsageError(f"{path}: cannot write the metrics log ({e.strerror})") from None
 
 
 def _option_error(e: Any) -> str:
