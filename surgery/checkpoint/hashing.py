@@ -7,6 +7,7 @@ import json
 import mmap
 import os
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from surgery.checkpoint import directio
@@ -21,10 +22,16 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
+class Cancelled(Exception):
+    """Hashing was stopped by its ``cancelled`` callable before the file's end."""
+
+
+def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024,
+                cancelled: Callable[[], bool] | None = None) -> str:
     """SHA-256 of a file, read around the page cache unless the file is mostly in it
     (:mod:`surgery.checkpoint.directio`): hashing a model's inputs on its first run then
-    costs the disk's time, not the cache's CPU, which the merge running beside it needs."""
+    costs the disk's time, not the cache's CPU, which the merge running beside it needs.
+    ``cancelled`` is asked before each chunk; when it says so, :class:`Cancelled` is raised."""
     sha = hashlib.sha256()
     view = memoryview(mmap.mmap(-1, chunk))  # page-aligned, as direct reads need
     fd = directio.open_uncached(path)
@@ -32,6 +39,8 @@ def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
     try:
         offset = 0
         while True:
+            if cancelled is not None and cancelled():
+                raise Cancelled(path)
             # A direct read goes on only from an aligned offset (a short read ends there).
             use = fd if fd is not None and offset % directio.ALIGN == 0 else plain
             n = os.preadv(use, [view], offset)
@@ -46,8 +55,9 @@ def file_sha256(path: Path, chunk: int = 16 * 1024 * 1024) -> str:
     return sha.hexdigest()
 
 
-def cached_sha256(path: Path) -> str:
-    """The file's SHA-256, from the cache when its size and mtime are unchanged."""
+def cached_sha256(path: Path, cancelled: Callable[[], bool] | None = None) -> str:
+    """The file's SHA-256, from the cache when its size and mtime are unchanged
+    (``cancelled`` as in :func:`file_sha256`)."""
     st = os.stat(path)
     key = f"{os.path.realpath(path)}:{st.st_size}:{st.st_mtime_ns}"
     store = cache_dir() / "sha256.json"
@@ -55,7 +65,7 @@ def cached_sha256(path: Path) -> str:
         cache = _load(store)
         if key in cache:
             return cache[key]
-    digest = file_sha256(path)
+    digest = file_sha256(path, cancelled=cancelled)
     with _LOCK:
         cache = _load(store)
         cache[key] = digest

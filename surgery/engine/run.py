@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from surgery.checkpoint import Checkpoint, directio
-from surgery.checkpoint.hashing import cached_sha256
+from surgery.checkpoint.hashing import Cancelled, cached_sha256
 from surgery.engine.stream import (
     DEFAULT_PREFETCH_BYTES,
     ROW_BLOCK_ELEMENTS,
@@ -121,15 +121,25 @@ class _InputHasher:
         self.files = sorted({f for ck in checkpoints for f in ck.files
                              if f not in self.digests and f.is_file()})
         self.error: OSError | None = None
+        self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="surgery-hash", daemon=True)
         self.thread.start()
 
     def _run(self) -> None:
         try:
             for f in self.files:
-                self.digests[f] = cached_sha256(f)
+                self.digests[f] = cached_sha256(f, cancelled=self.stop.is_set)
+        except Cancelled:
+            pass
         except OSError as e:
             self.error = e
+
+    def close(self) -> None:
+        """Stops hashing (within one chunk) and waits for the thread: a run that fails must
+        not leave it running into the interpreter's exit, where a thread still hashing when
+        the process ends can abort it."""
+        self.stop.set()
+        self.thread.join()
 
     def fill(self, provenance: dict[str, Any], checkpoints: list[Checkpoint]) -> None:
         self.thread.join()
@@ -279,6 +289,8 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
         ) from e
     finally:
         stream.close()
+        if hasher:
+            hasher.close()
     opts.profile.wall_s = time.perf_counter() - started
     return SaveResult(final, fnames, sorted(reused), opts.profile, provenance)
 
