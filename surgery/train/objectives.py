@@ -81,8 +81,15 @@ class Sft(Objective):
 
     def loss_sum(self, model: Any, batch: Batch, task: Task,
                  reference: Any | None) -> torch.Tensor:
-        z, y = scored(_forward(model, batch), batch, task)
-        return _nll(z, y).sum()
+        logits = _forward(model, batch)
+        if task == "classification":
+            return _nll(logits.float(), batch.labels).sum()
+        # Over every position, the ignored ones adding nothing: gathering the target rows
+        # first would cost two more logits-sized buffers in backward (the gather's and the
+        # shift's), which the allocator faults in afresh at every update.
+        shifted = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE)
+        return F.cross_entropy(logits.flatten(0, 1).float(), shifted.flatten(),
+                               ignore_index=IGNORE, reduction="sum")
 
 
 def dft_terms(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
