@@ -339,8 +339,8 @@ NOTES = """\
 Reading the figures: all three hold the same float32 weights, gradients and AdamW moments
 (16 bytes per parameter); the rest of the peak is the activations kept for backward, which
 the three share (the same transformers forward), so their peaks differ by library overhead
-only. Ours runs the LM head over every position and scores the completion positions'
-logits only; TRL 1.16 computes the
+only. Ours and the plain loop both run the LM head and one cross-entropy over every
+position, the prompt and pad positions ignored; TRL 1.16 computes the
 log-probabilities with its fused LM head and, at every update, its entropy and token-accuracy
 metrics; the plain loop lets transformers compute the loss over every position. Ours and the
 plain loop take the same batches, so their loss curves agree to float rounding; TRL tokenizes
