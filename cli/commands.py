@@ -59,8 +59,13 @@ def plan(recipe: str) -> None:
 @click.option("--profile", is_flag=True, help="Report time spent reading, computing, writing.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw the greedy-soup trajectory "
               "(each candidate soup's score, kept or rejected) into this PNG.")
+@click.option("--ray", "ray", metavar="ADDRESS", help="Write each output shard in a Ray task: "
+              "auto (the running cluster), local (start one here) or a cluster address.")
+@click.option("--ray-workers", type=click.IntRange(min=1),
+              help="CPUs of the cluster --ray local starts (default: all).")
 @handle_errors
-def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None) -> None:
+def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None,
+          ray: str | None, ray_workers: int | None) -> None:
     """Validate and run RECIPE, writing its output model(s)."""
     from surgery.errors import UsageError
     from surgery.recipe import greedy_soup_steps, load_recipe, run_recipe
@@ -76,7 +81,7 @@ def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None
         results = run_recipe(loaded, force=force, progress=bar, on_output=bar,
                              on_push=lambda p: click.echo(f"pushed {len(p.files)} files to "
                                                           f"{p.repo_id}@{p.revision}: {p.url}"),
-                             on_train=training)
+                             on_train=training, ray=ray, ray_workers=ray_workers)
     finally:
         training.close()
         bar.close()

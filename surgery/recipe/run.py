@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +112,8 @@ def run_recipe(recipe: Recipe, *, force: bool = False,
                progress: ProgressFn | None = None,
                on_output: ProgressFn | None = None,
                on_push: Callable[[PushResult], None] | None = None,
-               on_train: TrainCallback | None = None) -> list[SaveResult]:
+               on_train: TrainCallback | None = None, ray: str | None = None,
+               ray_workers: int | None = None) -> list[SaveResult]:
     """Run every output of the recipe; each writes its own model directory, then is pushed
     to the Hub when the output says ``push_to_hub``. ``on_train`` gets the updates of the
     finetune steps the outputs need."""
@@ -122,12 +124,19 @@ def run_recipe(recipe: Recipe, *, force: bool = False,
         tokenizer = recipe.checkpoints[out.tokenizer_from] if out.tokenizer_from else None
         if on_output:
             on_output(ProgressEvent("output", 0, 0, 0, 0, out.path))
-        results.append(save(
-            weights.node, out.path, dtype=out.dtype, shard_size=out.shard_size,
-            device=out.device, seed=recipe.doc.seed, force=force, progress=progress,
-            recipe_text=recipe.text, tokenizer_from=tokenizer,
-            extra_provenance={"recipe_name": Path(recipe.source).name},
-        ))
+        common = {"dtype": out.dtype, "shard_size": out.shard_size, "seed": recipe.doc.seed,
+                  "force": force, "progress": progress, "recipe_text": recipe.text,
+                  "tokenizer_from": tokenizer,
+                  "extra_provenance": {"recipe_name": Path(recipe.source).name}}
+        if ray is not None or out.executor == "ray":
+            from surgery.engine.distributed import save_ray
+
+            device = "cpu" if out.device == "auto" else out.device
+            results.append(save_ray(weights.node, out.path, device=device,
+                                    address=ray or os.environ.get("RAY_ADDRESS") or "local",
+                                    workers=ray_workers, **common))
+        else:
+            results.append(save(weights.node, out.path, device=out.device, **common))
         push = out.push_to_hub
         if push is not None:
             pushed = push_folder(results[-1].path, push.repo, private=push.private,
