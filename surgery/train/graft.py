@@ -54,11 +54,13 @@ from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
+import torch.nn.functional as F
 from pydantic import Field, ValidationError, field_validator
 
 from surgery.checkpoint import open_checkpoint
 from surgery.checkpoint.hashing import cache_dir
 from surgery.data import read_records
+from surgery.data.tokenize import IGNORE
 from surgery.engine import resolve_device, save
 from surgery.engine.run import SaveResult
 from surgery.errors import DataError, ShapeMismatchError, UsageError
@@ -80,7 +82,7 @@ from surgery.train.data import (
 from surgery.train.hooks import TrainableSet
 from surgery.train.loop import micro_batches
 from surgery.train.model import content_key, load_for_training, resolve_source
-from surgery.train.objectives import Sft, targets
+from surgery.train.objectives import targets
 
 GRAFT_REF = "Skill localization by grafting (Panigrahi et al.), arXiv 2302.06600"
 DEFAULT_GRAFTABLE = ("attention", "mlp")
@@ -196,6 +198,18 @@ class GraftEvent:
 GraftCallback = Callable[[GraftEvent], None]
 
 
+def task_loss_sum(model: Any, batch: Batch, task: str) -> torch.Tensor:
+    """The sum over the batch's targets of −log p_t (the ``sft`` objective's loss), in float32,
+    or in float64 for a float64 model (the finite-difference check)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    z = logits if logits.dtype == torch.float64 else logits.float()
+    if task == "classification":
+        return F.cross_entropy(z, batch.labels, reduction="sum")
+    shifted = F.pad(batch.labels[:, 1:], (0, 1), value=IGNORE)
+    return F.cross_entropy(z.flatten(0, 1), shifted.flatten(), ignore_index=IGNORE,
+                           reduction="sum")
+
+
 class _Grafted:
     """The transformers model called with given tensors in place of its own."""
 
@@ -306,7 +320,7 @@ class Grafter:
         mean), with the graph to S."""
         count = sum(targets(b, self.task) for b in batches)
         model = self.grafted(self.gamma())
-        return sum((Sft().loss_sum(model, b.to(self.device), self.task, None)
+        return sum((task_loss_sum(model, b.to(self.device), self.task)
                     for b in batches), torch.zeros((), device=self.device)) / count
 
     def step(self) -> float:
@@ -317,7 +331,7 @@ class Grafter:
         value = 0.0
         for b in passes:  # one graph per pass, as gradient accumulation in the fine-tune step
             model = self.grafted(self.gamma())
-            loss = Sft().loss_sum(model, b.to(self.device), self.task, None) / count
+            loss = task_loss_sum(model, b.to(self.device), self.task) / count
             loss.backward()
             value += float(loss.detach())
         with torch.no_grad():
@@ -345,7 +359,7 @@ class Grafter:
         for at in range(0, len(data.examples), size):
             b = make_batch(data, range(at, min(at + size, len(data.examples))), 0,
                            self.pad_id).to(self.device)
-            loss += float(Sft().loss_sum(model, b, self.task, None))
+            loss += float(task_loss_sum(model, b, self.task))
             count += targets(b, self.task)
             if self.task == "classification":
                 logits = model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
