@@ -67,6 +67,7 @@ def graft(base: str, finetuned: str, data: str, sparsity: float, out: str,
           quiet: bool) -> None:
     """Graft FINETUNED onto BASE: optimise a sparse mask of its update on DATA and write
     BASE + mask * (FINETUNED - BASE) to OUT."""
+    from surgery.train.graft import describe_score
     from surgery.train.graft import graft as run
 
     settings: dict[str, Any] = {"steps": steps, "lr": lr, "score_every": score_every,
@@ -85,5 +86,5 @@ def graft(base: str, finetuned: str, data: str, sparsity: float, out: str,
     if res.mask_path is not None:
         click.echo(f"wrote mask {res.mask_path}")
     click.echo(f"mask: {human_count(res.mask.count())} of {human_count(r.total)} graftable "
-               f"entries; best at step {r.best_step} (score {list(r.best_score)}); "
+               f"entries; best at step {r.best_step}: {describe_score(r.task, r.best_score)}; "
                f"{r.seconds_per_step:.3f} s per mask step")

@@ -555,17 +555,23 @@ def run_record(run: GraftRun, config: GraftConfig, data_sha: str,
             "history": run.history}
 
 
+def describe_score(task: str, score: Sequence[float]) -> str:
+    """A candidate's score in words (the sums over train and validation data)."""
+    if task == "classification":
+        return f"accuracy {score[0]:.4g}, loss {-score[1]:.4g} (train + validation)"
+    return f"mean loss {-score[0]:.4g} (train + validation)"
+
+
 def card_section(record: dict[str, Any]) -> str:
     s = record["settings"]
-    what = "train + validation accuracy" if record["task"] == "classification" else \
-        "train + validation loss"
     return "\n".join([
         f"Grafted ({GRAFT_REF}): θ0 + m ⊙ τ with a mask m of {record['kept']:,} of "
         f"{record['graftable_params']:,} graftable entries (sparsity {s['sparsity']:g}; set: "
         f"{s['trainable']}), optimised for {s['steps']} steps (lr {s['lr']:g}, c "
         f"{s['sigmoid_bias']:g}, seed {s['seed']}) on `{Path(record['data']['path']).name}`.",
         "",
-        f"- best mask at step {record['best_step']} by {what}: {record['best_score']}",
+        f"- best rounded mask at step {record['best_step']}: "
+        f"{describe_score(record['task'], record['best_score'])}",
         f"- other tensors: {s['rest']}'s values"])
 
 
