@@ -283,3 +283,60 @@ def test_cli_graft_and_its_errors(tmp_path: Path) -> None:
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: graft: sparsity: 2.0 is outside (0, 1]"
     assert not (tmp_path / "h").exists()
+
+
+RECIPE = """seed: 0
+inputs:
+  base: {base}
+  ft: {ft}
+steps:
+  g: {{op: graft, base: base, model: ft, data: {data}, sparsity: {sparsity}, steps: 5,
+      mask: {mask}}}
+output: {{from: g, path: {out}}}
+"""
+
+
+def test_recipe_graft_equals_the_python_api(tmp_path: Path) -> None:
+    from surgery.recipe.build import build_recipe
+    from surgery.recipe.run import run_recipe
+
+    base, ft, data = BERT / "base", BERT / "sentiment", DATA / "sentiment.jsonl"
+    text = RECIPE.format(base=base, ft=ft, data=data, sparsity=0.01,
+                         mask=tmp_path / "r.mask.safetensors", out=tmp_path / "r")
+    run_recipe(build_recipe(text, "g.yaml"))
+    api = graft(base, ft, data, sparsity=0.01, steps=5, out=tmp_path / "a",
+                mask_out=tmp_path / "a.mask.safetensors")
+    got, want = load_file(tmp_path / "r/model.safetensors"), load_file(api.path /
+                                                                          "model.safetensors")
+    assert set(got) == set(want) and all(torch.equal(got[n], want[n]) for n in got)
+    a, r = load_mask(tmp_path / "a.mask.safetensors"), load_mask(tmp_path / "r.mask.safetensors")
+    assert all(torch.equal(a.bits[n], r.bits[n]) for n in a.bits) and a.count() == 1310
+    assert "## Grafting" in (tmp_path / "r/README.md").read_text()
+
+
+def test_recipe_errors_name_the_step(tmp_path: Path) -> None:
+    from surgery.errors import RecipeError
+    from surgery.recipe.build import build_recipe
+
+    def fails(text: str) -> str:
+        with pytest.raises(RecipeError) as e:
+            build_recipe(text, "g.yaml")
+        assert "\n" not in str(e.value)
+        return str(e.value)
+
+    args = dict(base=BERT / "base", ft=BERT / "sentiment", data=DATA / "sentiment.jsonl",
+                mask="m.safetensors", out=tmp_path / "o")
+    msg = fails(RECIPE.format(**{**args, "sparsity": 0}))
+    assert msg.startswith("g.yaml:6:") and "sparsity" in msg and "outside (0, 1]" in msg
+    msg = fails(RECIPE.format(**{**args, "sparsity": 0.01, "data": DATA / "math.jsonl"}))
+    assert msg.startswith("g.yaml:6:") and "records train a causal language model" in msg
+    msg = fails(RECIPE.format(**{**args, "sparsity": 0.01, "ft": LLAMA / "math"}))
+    assert msg.startswith("g.yaml:6:") and "is a llama model, the base" in msg
+    stitch = f"""inputs: {{base: {LLAMA / 'base'}, math: {LLAMA / 'math'}}}
+steps:
+  s: {{op: graft_stitch, base: base, models: [math], masks: [a.safetensors, b.safetensors]}}
+output: {{from: s, path: {tmp_path / 'o'}}}
+"""
+    msg = fails(stitch)
+    assert msg.startswith("g.yaml:3:") and "1 model(s) but 2 mask(s)" in msg
+    assert not (tmp_path / "o").exists()
