@@ -20,6 +20,11 @@ mask as the bit-packed :class:`~surgery.methods.sparse.Mask` file.
 Multi-task stitching: θ0 + Σi (mi / cover) ⊙ τi, cover the number of masks holding the entry;
 entries no mask holds stay θ0 (:func:`graft_stitch`).
 
+Memory: beside the fine-tuned model, θ0, τ, S and S's gradient per graftable entry (float32:
+16 bytes each) and the base patch (1 byte); the kept mask is bit-packed. The model runs in
+float32 on every device (no bf16 autocast: ∂γ/∂S is about 1e-4, and a bf16 loss would lose
+the steps' signal).
+
 Where we differ from the reference code (``princeton-nlp/Skill-Localization-by-grafting``,
 ``graft_Trainer``), and why:
 
@@ -284,7 +289,6 @@ class Grafter:
         self.S = [torch.rand(t.shape, generator=gen, dtype=dtype).to(self.device)
                   .requires_grad_(True) for t in self.tau]
         self.consumed = 0
-        self.step_count = 0
 
     def train_config(self) -> TrainConfig:
         """The fine-tune step's settings that batching and loading read."""
@@ -315,23 +319,22 @@ class Grafter:
             tensors[name] = t0 + m.to(tau.dtype) * tau
         return _Grafted(self.model, tensors)
 
-    def loss(self, batches: Sequence[Batch]) -> torch.Tensor:
-        """The task loss of θ0 + γ ⊙ τ over an update's batches (a token- or example-weighted
-        mean), with the graph to S."""
-        count = sum(targets(b, self.task) for b in batches)
+    def loss(self, batches: Sequence[Batch], count: int | None = None) -> torch.Tensor:
+        """The task loss of θ0 + γ ⊙ τ over ``batches`` (a token- or example-weighted mean,
+        over ``count`` targets if given), with the graph to S."""
+        count = count or sum(targets(b, self.task) for b in batches)
         model = self.grafted(self.gamma())
-        return sum((task_loss_sum(model, b.to(self.device), self.task)
-                    for b in batches), torch.zeros((), device=self.device)) / count
+        return sum((task_loss_sum(model, b.to(self.device), self.task) for b in batches),
+                   torch.zeros((), device=self.device)) / count
 
     def step(self) -> float:
-        """One gradient step on S; the loss before it."""
+        """One gradient step S ← S − lr · ∂L/∂S; returns the loss before it."""
         passes, self.consumed = micro_batches(self.data, self.train_config(), self.consumed,
                                               self.pad_id)
         count = sum(targets(b, self.task) for b in passes)
         value = 0.0
         for b in passes:  # one graph per pass, as gradient accumulation in the fine-tune step
-            model = self.grafted(self.gamma())
-            loss = task_loss_sum(model, b.to(self.device), self.task) / count
+            loss = self.loss([b], count)
             loss.backward()
             value += float(loss.detach())
         with torch.no_grad():
@@ -339,7 +342,6 @@ class Grafter:
                 assert s.grad is not None
                 s.sub_(self.config.lr * s.grad)
                 s.grad = None
-        self.step_count += 1
         return value
 
     @torch.no_grad()
