@@ -85,6 +85,7 @@ def graft(base: str, finetuned: str, data: str, sparsity: float, out: str,
     click.echo(f"wrote {res.path}")
     if res.mask_path is not None:
         click.echo(f"wrote mask {res.mask_path}")
+    score = describe_score(r.task, r.best_score, eval_data is not None)
     click.echo(f"mask: {human_count(res.mask.count())} of {human_count(r.total)} graftable "
-               f"entries; best at step {r.best_step}: {describe_score(r.task, r.best_score)}; "
+               f"entries; best at step {r.best_step}: {score}; "
                f"{r.seconds_per_step:.3f} s per mask step")

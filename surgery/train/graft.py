@@ -557,11 +557,12 @@ def run_record(run: GraftRun, config: GraftConfig, data_sha: str,
             "history": run.history}
 
 
-def describe_score(task: str, score: Sequence[float]) -> str:
-    """A candidate's score in words (the sums over train and validation data)."""
+def describe_score(task: str, score: Sequence[float], validation: bool) -> str:
+    """A candidate's score in words (sums over the train and the validation data)."""
+    over = "train + validation" if validation else "train"
     if task == "classification":
-        return f"accuracy {score[0]:.4g}, loss {-score[1]:.4g} (train + validation)"
-    return f"mean loss {-score[0]:.4g} (train + validation)"
+        return f"accuracy {score[0]:.4g}, loss {-score[1]:.4g} ({over})"
+    return f"mean loss {-score[0]:.4g} ({over})"
 
 
 def card_section(record: dict[str, Any]) -> str:
@@ -573,7 +574,7 @@ def card_section(record: dict[str, Any]) -> str:
         f"{s['sigmoid_bias']:g}, seed {s['seed']}) on `{Path(record['data']['path']).name}`.",
         "",
         f"- best rounded mask at step {record['best_step']}: "
-        f"{describe_score(record['task'], record['best_score'])}",
+        f"{describe_score(record['task'], record['best_score'], bool(s['eval_data']))}",
         f"- other tensors: {s['rest']}'s values"])
 
 
