@@ -2,9 +2,11 @@
 are a choice of its objective, trainable set or data."""
 
 from surgery.train.config import TrainConfig
+from surgery.train.graft import GraftConfig, graft, graft_stitch
 from surgery.train.hooks import GradientMask, GradientTransform, TrainableSet
 from surgery.train.loop import TrainEvent, TrainingDiverged, TrainResult, finetune
 from surgery.train.objectives import Objective
 
 __all__ = ["GradientMask", "GradientTransform", "Objective", "TrainConfig", "TrainEvent",
            "TrainResult", "TrainableSet", "TrainingDiverged", "finetune"]
+__all__ += ["GraftConfig", "graft", "graft_stitch"]
