@@ -126,10 +126,12 @@ def test_graft_of_one_percent_keeps_most_of_the_gain_and_a_random_mask_does_not(
         tmp_path: Path) -> None:
     """tiny-bert sentiment, 40 records: base 0.55, fine-tune 1.00 (gain 0.45). The graft of 1%
     of the block weights scores 0.95 (88.9% of the gain: one record short of the issue's 90%,
-    which needs 39/40), 2% scores 1.00; a random 1% mask 0.70 (33%)."""
+    which needs 39/40; the two positive records ending "to be honest" stay wrong at every seed,
+    lr and step count tried), 2% scores 0.975 after 10 steps (1.00 after 40); a random 1% mask
+    0.70 (33%), the same as no block weight grafted at all (0.675) plus noise."""
     base, ft = BERT / "base", BERT / "sentiment"
     res = graft(base, ft, DATA / "sentiment.jsonl", sparsity=0.01, out=tmp_path / "g",
-                mask_out=tmp_path / "m.safetensors", steps=20, device="cpu")
+                mask_out=tmp_path / "m.safetensors", steps=10, device="cpu")
     acc_base, acc_ft, acc_graft = _acc(base), _acc(ft), _acc(res.path)
     assert (acc_base, acc_ft) == (0.55, 1.0)
     gain = (acc_graft - acc_base) / (acc_ft - acc_base)
@@ -158,7 +160,7 @@ def test_graft_of_one_percent_keeps_most_of_the_gain_and_a_random_mask_does_not(
     assert rand_gain <= 0.5 and gain - rand_gain >= 0.4
     # twice the budget keeps all of the gain
     two = graft(base, ft, DATA / "sentiment.jsonl", sparsity=0.02, out=tmp_path / "g2",
-                steps=20, device="cpu")
+                steps=10, device="cpu")
     assert (_acc(two.path) - acc_base) / (acc_ft - acc_base) >= 0.9
     card = (res.path / "README.md").read_text()
     assert "1,310 of 131,072 graftable entries" in card
