@@ -73,7 +73,7 @@ from surgery.expr import EvalContext, LoadNode, Node, TensorSpec, Weights
 from surgery.expr.node import check_compatible
 from surgery.methods.registry import Operation
 from surgery.methods.soup import Params
-from surgery.methods.sparse import Mask, load_mask, pack_bits, top_k_indices
+from surgery.methods.sparse import GlobalTopK, Mask, keep_top, load_mask, pack_bits
 from surgery.train.config import TrainConfig
 from surgery.train.data import (
     Batch,
@@ -283,8 +283,7 @@ class Grafter:
             t0 = self.base[name].to(self.device, dtype)
             self.theta0.append(t0)
             self.tau.append(own[name].detach() - t0)
-        self.patch = self._split(top_k_indices(
-            torch.cat([t.abs().flatten().cpu() for t in self.tau]), self.k))
+        self.patch = self._top_k(self.tau)
         gen = torch.Generator().manual_seed(config.seed)
         self.S = [torch.rand(t.shape, generator=gen, dtype=dtype).to(self.device)
                   .requires_grad_(True) for t in self.tau]
@@ -297,15 +296,20 @@ class Grafter:
                            max_length=c.max_length, seed=c.seed, chat=c.chat,
                            add_eos=c.add_eos)
 
-    def _split(self, flat_indices: torch.Tensor) -> list[torch.Tensor]:
-        """Boolean masks, one per graftable tensor, from indices into their concatenation."""
-        out, at = [], 0
-        flat = torch.zeros(self.total, dtype=torch.bool)
-        flat[flat_indices] = True
-        for t in self.tau:
-            n = t.numel()
-            out.append(flat[at:at + n].reshape(t.shape).to(self.device))
-            at += n
+    def _top_k(self, values: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Boolean masks of the K largest |values| over every graftable tensor together: one
+        global threshold, ties to the earlier tensor and the lower index (sparsify's
+        selection, in memory O(K))."""
+        reduction = GlobalTopK(self.base.node, self.names, self.k)
+        for name, v in zip(self.names, values, strict=True):
+            reduction.update(name, [v.detach()])
+        threshold = reduction.finalize()
+        out = []
+        for name, v in zip(self.names, values, strict=True):
+            flat = torch.zeros(v.numel(), dtype=torch.bool)
+            flat[keep_top(v.detach().abs().flatten().cpu(), threshold.value,
+                          threshold.ties.get(name, 0))] = True
+            out.append(flat.reshape(v.shape).to(self.device))
         return out
 
     def gamma(self) -> list[torch.Tensor]:
@@ -350,7 +354,7 @@ class Grafter:
         gamma = self.gamma()
         if self.config.rounding == "half":
             return [g > 0.5 for g in gamma]
-        return self._split(top_k_indices(torch.cat([g.flatten().cpu() for g in gamma]), self.k))
+        return self._top_k(gamma)
 
     @torch.no_grad()
     def _measure(self, model: _Grafted, data: TrainData) -> tuple[float, float]:
