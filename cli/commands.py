@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 from surgery_cli.evaluation import evaluate, prune
-from surgery_cli.graft import graft
+from surgery_cli.graft import GraftBar, graft
 from surgery_cli.main import handle_errors, human_bytes, human_count
 from surgery_cli.progress import ProgressBar
 from surgery_cli.sparse import sparse
@@ -71,13 +71,15 @@ def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None
                          "comes from a greedy_soup step")
     bar = ProgressBar(enabled=not quiet)
     training = TrainBar(enabled=not quiet)
+    grafting = GraftBar(enabled=not quiet)
     try:
         results = run_recipe(loaded, force=force, progress=bar, on_output=bar,
                              on_push=lambda p: click.echo(f"pushed {len(p.files)} files to "
                                                           f"{p.repo_id}@{p.revision}: {p.url}"),
-                             on_train=training)
+                             on_train=training, on_graft=grafting)
     finally:
         training.close()
+        grafting.close()
         bar.close()
     for res in results:
         reused = f", {len(res.reused_shards)} reused from an interrupted run" \

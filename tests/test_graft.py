@@ -305,7 +305,9 @@ def test_recipe_graft_equals_the_python_api(tmp_path: Path) -> None:
     base, ft, data = BERT / "base", BERT / "sentiment", DATA / "sentiment.jsonl"
     text = RECIPE.format(base=base, ft=ft, data=data, sparsity=0.01,
                          mask=tmp_path / "r.mask.safetensors", out=tmp_path / "r")
-    run_recipe(build_recipe(text, "g.yaml"))
+    events: list = []
+    run_recipe(build_recipe(text, "g.yaml"), on_graft=events.append)
+    assert [e.step for e in events] == [1, 2, 3, 4, 5] and events[-1].score is not None
     api = graft(base, ft, data, sparsity=0.01, steps=5, out=tmp_path / "a",
                 mask_out=tmp_path / "a.mask.safetensors")
     got, want = load_file(tmp_path / "r/model.safetensors"), load_file(api.path /
