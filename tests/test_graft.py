@@ -344,3 +344,23 @@ output: {{from: s, path: {tmp_path / 'o'}}}
     msg = fails(stitch)
     assert msg.startswith("g.yaml:3:") and "1 model(s) but 2 mask(s)" in msg
     assert not (tmp_path / "o").exists()
+
+
+def test_rest_base_and_half_rounding_on_tied_embeddings(tmp_path: Path) -> None:
+    """GPT-2 (tied embeddings, no lm_head tensor), text data, the embedding as the graftable
+    set, every other tensor from θ0, and the reference's rounding at 1/2."""
+    gpt2 = ROOT / "fixtures" / "tiny-gpt2"
+    res = graft(gpt2 / "base", gpt2 / "chat", DATA / "general.jsonl", sparsity=0.01,
+                out=tmp_path / "g", steps=2, score_every=1, trainable=["embedding"],
+                rest="base", rounding="half", device="cpu")
+    assert sorted(res.mask.shapes) == ["transformer.wpe.weight", "transformer.wte.weight"]
+    b, f = load_file(gpt2 / "base/model.safetensors"), load_file(gpt2 / "chat/model.safetensors")
+    out = load_file(res.path / "model.safetensors")
+    assert set(out) == set(b) and "lm_head.weight" not in out
+    for name in out:
+        if name in res.mask.shapes:
+            m = res.mask.dense(name)
+            assert torch.equal(out[name], b[name] + m.float() * (f[name] - b[name])), name
+        else:
+            assert torch.equal(out[name], b[name]), name
+    assert 0 < res.mask.count()
