@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 from surgery_cli.drift import drift_prior
 from surgery_cli.evaluation import evaluate, prune
+from surgery_cli.graft import GraftBar, graft
 from surgery_cli.lora import extract_lora
 from surgery_cli.main import handle_errors, human_bytes, human_count
 from surgery_cli.progress import ProgressBar
@@ -77,13 +78,16 @@ def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None
                          "comes from a greedy_soup step")
     bar = ProgressBar(enabled=not quiet)
     training = TrainBar(enabled=not quiet)
+    grafting = GraftBar(enabled=not quiet)
     try:
         results = run_recipe(loaded, force=force, progress=bar, on_output=bar,
                              on_push=lambda p: click.echo(f"pushed {len(p.files)} files to "
                                                           f"{p.repo_id}@{p.revision}: {p.url}"),
-                             on_train=training, ray=ray, ray_workers=ray_workers)
+                             on_train=training, on_graft=grafting, ray=ray,
+                             ray_workers=ray_workers)
     finally:
         training.close()
+        grafting.close()
         bar.close()
     for res in results:
         reused = f", {len(res.reused_shards)} reused from an interrupted run" \
@@ -213,4 +217,4 @@ def methods(name: str | None) -> None:
 
 
 COMMANDS = [plan, apply, inspect, methods, evaluate, prune, sparse, push, diff, train,
-            distill_data, drift_prior, extract_lora]
+            distill_data, drift_prior, extract_lora, graft]

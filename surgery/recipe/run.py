@@ -22,6 +22,7 @@ from surgery.hub import PushResult, push_folder
 from surgery.methods.greedy_soup import GreedySoupNode
 from surgery.recipe.build import Recipe
 from surgery.recipe.schema import PushSpec
+from surgery.train.graft import GraftCallback, GraftNode
 from surgery.train.loop import TrainCallback
 from surgery.train.operations import FinetuneNode, TrainingPlan
 from surgery.writer import parse_size
@@ -80,6 +81,14 @@ def finetune_steps(recipe: Recipe) -> list[tuple[str, FinetuneNode]]:
             and id(node) in needed]
 
 
+def graft_steps(recipe: Recipe) -> list[tuple[str, GraftNode]]:
+    """The recipe's graft steps that some output depends on, in step order."""
+    needed = {id(n) for _, weights in recipe.outputs() for n in weights.node.walk()}
+    return [(name, node) for name in recipe.steps
+            if isinstance(node := getattr(recipe.values[name], "node", None), GraftNode)
+            and id(node) in needed]
+
+
 @dataclass
 class GreedySoupStep:
     """A greedy-soup step that an output depends on; ``node.result`` holds its decision log
@@ -112,13 +121,16 @@ def run_recipe(recipe: Recipe, *, force: bool = False,
                progress: ProgressFn | None = None,
                on_output: ProgressFn | None = None,
                on_push: Callable[[PushResult], None] | None = None,
-               on_train: TrainCallback | None = None, ray: str | None = None,
+               on_train: TrainCallback | None = None,
+               on_graft: GraftCallback | None = None, ray: str | None = None,
                ray_workers: int | None = None) -> list[SaveResult]:
     """Run every output of the recipe; each writes its own model directory, then is pushed
     to the Hub when the output says ``push_to_hub``. ``on_train`` gets the updates of the
-    finetune steps the outputs need."""
+    finetune steps the outputs need, ``on_graft`` the mask steps of their graft steps."""
     for _, node in finetune_steps(recipe):
         node.on_event = on_train
+    for _, graft_node in graft_steps(recipe):
+        graft_node.trained.on_event = on_graft
     results = []
     for out, weights in recipe.outputs():
         tokenizer = recipe.checkpoints[out.tokenizer_from] if out.tokenizer_from else None
