@@ -15,7 +15,7 @@ from pydantic import Field
 from surgery.errors import ShapeMismatchError, UsageError
 from surgery.expr import EvalContext, Node, TensorSpec, Weights
 from surgery.methods.soup import Params
-from surgery.names import BLOCK_PATTERN, count_layers, layer_index
+from surgery.names import BLOCK_PATTERN, TensorKind, count_layers, layer_index, tensor_kind
 
 LAYER_SURGERY_REF = "Sorted Fine-Tuning (sub-model extraction), arXiv 2309.08968"
 LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
@@ -52,13 +52,17 @@ class LayerMapNode(Node):
     reference = LAYER_SURGERY_REF
 
     def __init__(self, sources: Sequence[tuple[Node, int]], op: str,
-                 params: dict | None = None) -> None:
+                 params: dict | None = None, head: Node | None = None) -> None:
         super().__init__()
         self.op = op
         self._params = params or {}
         if not sources:
             raise UsageError(f"{op}: the result would have no blocks")
-        self.inputs = tuple(dict.fromkeys(node for node, _ in sources))
+        self.inputs = tuple(dict.fromkeys([*(node for node, _ in sources),
+                                           *([head] if head is not None else [])]))
+        # ``head``: the model whose non-block tensors other than embeddings (final norm, head)
+        # the result takes, as mergekit's frankenmerges take them from the last slice.
+        self.head = head if head is not self.inputs[0] else None
         self.sources = list(sources)
         first = self.inputs[0]
         ref_names = {rename_block(n, 0): first.spec(n).shape
@@ -73,6 +77,15 @@ class LayerMapNode(Node):
                     f"block {sources[0][1]} of {_label(first)}")
             for n in block:
                 self._origin[rename_block(n, j)] = (node, n)
+        if self.head is not None:
+            for n in first.names():
+                if layer_index(n) is None and tensor_kind(n) != TensorKind.EMBEDDING:
+                    if n not in self.head.names() or \
+                            self.head.spec(n).shape != first.spec(n).shape:
+                        raise ShapeMismatchError(
+                            f"{op}: head_from: {_label(self.head)} has no tensor {n!r} of "
+                            f"the shape {_label(first)} has")
+                    self._origin[n] = (self.head, n)
 
     def params(self) -> dict:
         return dict(self._params)
@@ -84,7 +97,7 @@ class LayerMapNode(Node):
             if layer_index(name) is None:
                 out.append(name)
             elif not blocks_done:
-                out.extend(self._origin)
+                out.extend(n for n in self._origin if layer_index(n) is not None)
                 blocks_done = True
         return out
 
@@ -162,9 +175,16 @@ def keep_first_layers(model: Weights, n: int) -> Weights:
                                 {"n": n}))
 
 
-def stack_layers(slices: Sequence[tuple[Weights, int, int]]) -> Weights:
+def stack_layers(slices: Sequence[tuple[Weights, int, int]],
+                 head_from: int | None = None) -> Weights:
     """Concatenate block ranges ``[start, end)`` of models, in order (interleave by listing
-    alternating ranges). Non-block tensors and config come from the first slice's model."""
+    alternating ranges). Non-block tensors and config come from the first slice's model, except
+    that ``head_from`` (an index into ``slices``) picks the model whose final norm and head
+    (the non-block tensors other than embeddings) are taken, as mergekit takes them from the
+    last slice."""
+    if head_from is not None and not 0 <= head_from < len(slices):
+        raise UsageError(f"stack_layers: head_from: {head_from} is not an index of ranges "
+                         f"(0-{len(slices) - 1})")
     sources: list[tuple[Node, int]] = []
     for i, (model, start, end) in enumerate(slices):
         count = _layer_count(model.node)
@@ -172,8 +192,11 @@ def stack_layers(slices: Sequence[tuple[Weights, int, int]]) -> Weights:
             raise UsageError(f"stack_layers: ranges[{i}]: [{start}, {end}) is not a block range "
                              f"of a model with {count} blocks (0 <= start < end <= {count})")
         sources += [(model.node, b) for b in range(start, end)]
-    return Weights(LayerMapNode(sources, "stack_layers",
-                                {"ranges": [[s, e] for _, s, e in slices]}))
+    params: dict = {"ranges": [[s, e] for _, s, e in slices]}
+    if head_from is not None:
+        params["head_from"] = head_from
+    head = slices[head_from][0].node if head_from is not None else None
+    return Weights(LayerMapNode(sources, "stack_layers", params, head))
 
 
 class DropLayersParams(Params):
@@ -198,3 +221,5 @@ class KeepFirstLayersParams(Params):
 class StackLayersParams(Params):
     models: list[str] = Field(min_length=1)
     ranges: list[tuple[int, int]] = Field(min_length=1, description="[start, end) per model")
+    head_from: int | None = Field(None, description="index of the range whose model gives "
+                                  "the final norm and head (default: the first)")

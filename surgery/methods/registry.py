@@ -87,7 +87,8 @@ def _build_stack_layers(p: layers.StackLayersParams, get: Resolve) -> Weights:
         raise UsageError(f"stack_layers: ranges has {len(p.ranges)} entries for "
                          f"{len(p.models)} models")
     return layers.stack_layers([(get(m), s, e) for m, (s, e) in zip(p.models, p.ranges,
-                                                                     strict=True)])
+                                                                     strict=True)],
+                               p.head_from)
 def _build_ties(p: ties_dare.TiesParams, get: Resolve) -> Weights:
     return ties_dare.ties(get(p.base), [get(m) for m in p.models], p.density, p.weights, p.lambda_,
                      p.consensus, p.normalize, p.layer_pattern)
