@@ -10,6 +10,7 @@ from surgery_cli.evaluation import evaluate, prune
 from surgery_cli.graft import GraftBar, graft
 from surgery_cli.lora import extract_lora
 from surgery_cli.main import handle_errors, human_bytes, human_count
+from surgery_cli.mergekit import convert, load_for_apply, mergekit_options
 from surgery_cli.progress import ProgressBar
 from surgery_cli.sparse import sparse
 from surgery_cli.train import TrainBar, distill_data, train
@@ -55,6 +56,7 @@ def plan(recipe: str) -> None:
 
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out_path", required=False)
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @click.option("--profile", is_flag=True, help="Report time spent reading, computing, writing.")
@@ -64,14 +66,17 @@ def plan(recipe: str) -> None:
               "auto (the running cluster), local (start one here) or a cluster address.")
 @click.option("--ray-workers", type=click.IntRange(min=1),
               help="CPUs of the cluster --ray local starts (default: all).")
+@mergekit_options
 @handle_errors
-def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None,
-          ray: str | None, ray_workers: int | None) -> None:
-    """Validate and run RECIPE, writing its output model(s)."""
+def apply(recipe: str, out_path: str | None, force: bool, quiet: bool, profile: bool,
+          plot: str | None, ray: str | None, ray_workers: int | None,
+          **mergekit_flags: bool | str | None) -> None:
+    """Validate and run RECIPE, writing its output model(s). RECIPE may be a mergekit config
+    (with merge_method), run as mergekit-yaml would: surgery apply CONFIG OUT_PATH."""
     from surgery.errors import UsageError
-    from surgery.recipe import greedy_soup_steps, load_recipe, run_recipe
+    from surgery.recipe import greedy_soup_steps, run_recipe
 
-    loaded = load_recipe(recipe)
+    loaded = load_for_apply(recipe, out_path, mergekit_flags)
     soups = greedy_soup_steps(loaded) if plot else []
     if plot and not soups:
         raise UsageError(f"--plot draws a greedy-soup trajectory, but no output of {recipe} "
@@ -217,4 +222,4 @@ def methods(name: str | None) -> None:
 
 
 COMMANDS = [plan, apply, inspect, methods, evaluate, prune, sparse, push, diff, train,
-            distill_data, drift_prior, extract_lora, graft]
+            distill_data, drift_prior, extract_lora, graft, convert]

@@ -370,9 +370,10 @@ class _Resolver:
                 if v is not None:
                     return v
         if p.default is REQUIRED:
-            who = f"{self.tr.inputs[model]}." if model else ""
-            raise self.tr.err(self.slice.loc, f"missing required parameter {p.name!r} for "
-                              f"{who}{tensor}")
+            at = next((s.loc for s in self.slice.sources if s.model == model), self.slice.loc)
+            who = f" of {self.tr.inputs[model]}" if model else ""
+            raise self.tr.err(at, f"missing required parameter {p.name!r} for tensor "
+                              f"{tensor}{who}")
         return p.default
 
     def evaluate(self, setting: Any, loc: Loc, p: Param, tensor: str, t: float) -> Any:
