@@ -122,9 +122,11 @@ METHODS: dict[str, MethodMap] = {
     "slerp": MethodMap("slerp", (Param("t", float, "shared", to="t"),),
                        base="required", base_key="a", model_key="b", min_models=1,
                        max_models=1, fixed={"epsilon": 5e-4}),  # mergekit: |cos| > 0.9995
-    "passthrough": MethodMap("stack_layers", (), max_models=1),
+    "passthrough": MethodMap("stack_layers", (Param("scale", float, "input", None),),
+                             max_models=1),
 }
-"""mergekit method name -> our operation. passthrough is handled as layer stacking."""
+"""mergekit method name -> our operation. passthrough is layer stacking (slices) or the model
+itself (models); its ``scale`` is a linear step of one model without normalising."""
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
              "out_dtype", "tokenizer_source", "chat_template"}
@@ -463,7 +465,7 @@ def translate(text: str, source: str = "mergekit.yml", out_path: str = "merged",
     base = tr.refs.get(data["base_model"]) if data.get("base_model") is not None else None
     hits: set[Loc] = set()
     if method_name == "passthrough":
-        merged = _passthrough(tr, slices)
+        merged = _passthrough(tr, slices, top, hits)
     else:
         merged = _merge_slices(tr, method, method_name, slices, base, top, hits)
     _check_filters(tr, hits)
@@ -539,12 +541,33 @@ def _check_filters(tr: _Translator, hits: set[Loc]) -> None:
             scope(src.get("parameters"), ("slices", k, "sources", j, "parameters"))
 
 
-def _passthrough(tr: _Translator, slices: list[Slice]) -> str:
+def _passthrough(tr: _Translator, slices: list[Slice], top: dict[str, Any],
+                 hits: set[Loc]) -> str:
     for sl in slices:
         if len(sl.sources) != 1:
             raise tr.err((*sl.loc, "sources"), "passthrough takes one source per slice")
+    scaled = "scale" in top or any("scale" in sl.params or "scale" in sl.sources[0].params
+                                   for sl in slices)
     if tr.data.get("models") is not None:
-        return slices[0].sources[0].model  # one model, passed through
+        src = slices[0].sources[0]
+        if not scaled:
+            return src.model  # one model, passed through
+        resolver = _Resolver(tr, slices[0], top, hits)
+        scale = METHODS["passthrough"].params[0]
+        values = {}
+        for name in tr.checkpoints[src.model].tensors:
+            i = layer_index(name)
+            t = 0.0 if i is None else (i / (src.end - 1) if src.end > 1 else 1.0)
+            v = resolver.value(scale, src.model, name, t)
+            values[name] = 1.0 if v is None else v
+        tr.steps["merged"] = {"op": "linear", "models": [src.model],
+                              "weights": [_emit(values, resolver.gradients.get("scale", []),
+                                                src.end)],
+                              "normalize": False}
+        return "merged"
+    if scaled:
+        raise tr.err(slices[0].loc, "passthrough's scale is supported with models:, not with "
+                     "slices:")
     models = [sl.sources[0].model for sl in slices]
     step: dict[str, Any] = {"op": "stack_layers", "models": models,
                             "ranges": [[sl.sources[0].start, sl.sources[0].end]
