@@ -10,7 +10,7 @@ from surgery_cli.evaluation import evaluate, prune
 from surgery_cli.graft import GraftBar, graft
 from surgery_cli.lora import extract_lora
 from surgery_cli.main import handle_errors, human_bytes, human_count
-from surgery_cli.mergekit import convert, load_for_apply, mergekit_options
+from surgery_cli.mergekit import convert, load_for_apply, load_for_plan, mergekit_options
 from surgery_cli.progress import ProgressBar
 from surgery_cli.sparse import sparse
 from surgery_cli.train import TrainBar, distill_data, train
@@ -20,10 +20,11 @@ from surgery_cli.train import TrainBar, distill_data, train
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @handle_errors
 def plan(recipe: str) -> None:
-    """Validate RECIPE and print what a run would do, without reading any weights."""
-    from surgery.recipe import load_recipe, plan_recipe
+    """Validate RECIPE and print what a run would do, without reading any weights. RECIPE may
+    be a mergekit config (planned as if written to ./merged)."""
+    from surgery.recipe import plan_recipe
 
-    report = plan_recipe(load_recipe(recipe))
+    report = plan_recipe(load_for_plan(recipe))
     click.echo("inputs:")
     for name, source, count, size in report.inputs:
         pin = f", pinned to {report.pins[name]}" if name in report.pins else ""

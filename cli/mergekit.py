@@ -70,6 +70,17 @@ def load_for_apply(path: str, out_path: str | None, flags: dict[str, Any]) -> Re
     return recipe
 
 
+def load_for_plan(path: str) -> Recipe:
+    """The recipe ``surgery plan`` shows: a native recipe, or a mergekit config translated
+    (written to ./merged)."""
+    from surgery.recipe import load_recipe
+    from surgery.recipe.mergekit import is_mergekit_config, load_mergekit, read_config
+
+    if Path(path).is_file() and is_mergekit_config(read_config(path)):
+        return load_mergekit(path, "merged")[0]
+    return load_recipe(path)
+
+
 @click.command()
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", "output", required=True, type=click.Path(dir_okay=False),

@@ -176,6 +176,12 @@ def test_passthrough_frankenmerge_loads_in_transformers(tmp_path: Path) -> None:
     }, tmp_path)
     assert_same(ours, theirs)
     assert len({n.split(".")[2] for n in ours if n.startswith("model.layers.")}) == 8
+    math, code = (load_file(f"{m}/model.safetensors") for m in (MATH, CODE))
+    assert torch.equal(ours["model.embed_tokens.weight"], math["model.embed_tokens.weight"])
+    for name in ("model.norm.weight", "lm_head.weight"):  # from the last slice, as mergekit
+        assert torch.equal(ours[name], code[name])
+    assert torch.equal(ours["model.layers.4.mlp.up_proj.weight"],
+                       code["model.layers.2.mlp.up_proj.weight"])
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "ours")
     assert model.config.num_hidden_layers == 8
     with torch.no_grad():
@@ -232,11 +238,17 @@ def test_cli_apply_convert_round_trip(tmp_path: Path) -> None:
                for n in direct)
     theirs = run_mergekit(config, tmp_path / "mk")
     assert_same(direct, theirs)
+    res = surgery("plan", "mk.yml", cwd=tmp_path)
+    assert res.returncode == 0 and "merged: ties(" in res.stdout, res.stderr
     # a config without OUT_PATH, and OUT_PATH with a native recipe, are usage errors
     res = surgery("apply", "mk.yml", cwd=tmp_path)
     assert res.returncode == 2 and "give the output directory" in res.stderr
     res = surgery("apply", "recipe.yaml", "elsewhere", cwd=tmp_path)
     assert res.returncode == 2 and "OUT_PATH is for mergekit configs" in res.stderr
+    res = surgery("apply", "recipe.yaml", "--cuda", cwd=tmp_path)
+    assert res.returncode == 2 and "--cuda is a mergekit-yaml flag" in res.stderr
+    res = surgery("apply", "mk.yml", "x", "--out-shard-size", "lots", cwd=tmp_path)
+    assert res.returncode == 2 and "'lots' is not a size" in res.stderr
 
 
 ERRORS = [

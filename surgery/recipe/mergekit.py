@@ -51,7 +51,8 @@ Scope = Literal["shared", "input", "non_base"]
 class Param:
     """One parameter of a mergekit method and where its value goes in our operation.
 
-    ``to`` is our recipe key (None: accepted, no effect on the result); ``values`` maps
+    ``to`` is our recipe key (None: accepted, no effect on the result); ``per_model``: our
+    key takes one value per model (a list), else one value for all models; ``values`` maps
     mergekit's values of a discrete parameter to ours (a value missing from it is refused with
     ``refuse``); ``inert`` marks a parameter mergekit accepts but ignores for this method,
     which we refuse rather than ignore."""
@@ -61,6 +62,7 @@ class Param:
     scope: Scope
     default: Any = REQUIRED
     to: str | None = None
+    per_model: bool = False
     values: dict[Any, Any] | None = None
     refuse: str = ""
     inert: bool = False
@@ -85,13 +87,13 @@ class MethodMap:
 
 _INT8 = Param("int8_mask", bool, "shared", False)  # mergekit's mask dtype: same result
 _LAMBDA = Param("lambda", float, "shared", 1.0, to="lambda")
-_WEIGHT = Param("weight", float, "non_base", to="weights")
+_WEIGHT = Param("weight", float, "non_base", to="weights", per_model=True)
 _DENSITY = Param("density", float, "non_base", 1.0, to="density")
 _NO_SPARSIFY = "has no effect in mergekit's task_arithmetic (it does not sparsify); remove it"
 
 METHODS: dict[str, MethodMap] = {
     "linear": MethodMap("linear", (
-        Param("weight", float, "input", to="weights"),
+        Param("weight", float, "input", to="weights", per_model=True),
         Param("normalize", bool, "shared", True, to="normalize"),
     )),
     "task_arithmetic": MethodMap("task_arithmetic", (
@@ -660,9 +662,9 @@ def _merge_one(tr: _Translator, method: MethodMap, method_name: str, sl: Slice,
     for p in method.params:
         if p.name not in per_model or p.to is None:
             continue
-        if p.to == "weights":
-            step["weights"] = [_emit(v, resolver.gradients.get(p.name, []), n)
-                               for v in per_model[p.name]]
+        if p.per_model:
+            step[p.to] = [_emit(v, resolver.gradients.get(p.name, []), n)
+                          for v in per_model[p.name]]
         else:  # one value for all models in our op (density)
             first = per_model[p.name][0]
             for s, v in zip(others, per_model[p.name], strict=True):
