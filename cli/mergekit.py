@@ -92,7 +92,7 @@ def load_for_plan(path: str) -> Recipe:
 def convert(config: str, output: str, out_path: str, force: bool) -> None:
     """Translate a mergekit CONFIG into an equivalent native recipe."""
     from surgery.errors import OutputExistsError
-    from surgery.recipe.mergekit import read_config, translate
+    from surgery.recipe.mergekit import build_translated, read_config, translate
 
     target = Path(output)
     if target.exists() and not force:
@@ -101,9 +101,7 @@ def convert(config: str, output: str, out_path: str, force: bool) -> None:
     header = f"# Translated from the mergekit config {Path(config).name} by surgery convert.\n"
     header += "".join(f"# note: {n}\n" for n in translation.notes)
     text = translation.text(header)
-    from surgery.recipe import build_recipe
-
-    build_recipe(text, str(target))  # the recipe we write must validate as it stands
+    build_translated(translation, config)  # the recipe we write must validate as it stands
     target.write_text(text, encoding="utf-8")
     click.echo(f"wrote {target} ({len(translation.recipe['steps'])} step(s)); run it with "
                f"surgery apply {target}")

@@ -285,6 +285,12 @@ ERRORS = [
      r"required parameter 'weight' for tensor lm_head\.weight of /"),
     ("merge_method: linear\nmodules: {{}}\nmodels:\n  - model: {math}\n",
      r":2:\d+: modules: per-module configs"),
+    ("merge_method: linear\nslices:\n  - sources:\n      - model: {math}\n"
+     "        layer_range: [0, 3]\n      - model: {code}\n        layer_range: [0, 4]\n",
+     r":3:\d+: slices\.0\.sources: all sources of a slice need the same number of layers"),
+    ("merge_method: passthrough\nslices:\n  - sources:\n      - model: {math}\n"
+     "        layer_range: [0, 3]\n      - model: {code}\n        layer_range: [0, 3]\n",
+     r":3:\d+: slices\.0\.sources: passthrough takes one source per slice"),
 ]
 
 
@@ -294,6 +300,17 @@ def test_errors_name_the_yaml_line(text: str, message: str, tmp_path: Path) -> N
     with pytest.raises(UsageError, match=r"^mk\.yml" + message):
         translate(body, "mk.yml")
     assert not (tmp_path / "merged").exists()
+
+
+def test_native_check_errors_point_at_the_config(tmp_path: Path) -> None:
+    """A value our operation rejects is reported at the config's merge_method line."""
+    (tmp_path / "mk.yml").write_text(
+        f"base_model: {BASE}\nmerge_method: ties\nmodels:\n  - model: {MATH}\n"
+        "    parameters: {weight: 1, density: 1.5}\n")
+    with pytest.raises(RecipeError, match=r"mk\.yml:2:\d+: merge_method: ties: density 1\.5 "
+                                          r"is outside \(0, 1\] \(in the translated recipe's "
+                                          r"steps\.merged\)"):
+        load_mergekit(tmp_path / "mk.yml", str(tmp_path / "out"))
 
 
 def test_table_names_existing_operations() -> None:

@@ -165,6 +165,7 @@ class Translation:
 
     recipe: dict[str, Any]
     notes: list[str] = field(default_factory=list)
+    located: Located | None = None
 
     def text(self, header: str = "") -> str:
         body = yaml.safe_dump(self.recipe, sort_keys=False, default_flow_style=None, width=100)
@@ -491,7 +492,7 @@ def translate(text: str, source: str = "mergekit.yml", out_path: str = "merged",
         raise tr.err(("chat_template",), "chat_template is not supported yet; set "
                      "chat_template in the output's tokenizer_config.json")
     recipe = {"inputs": dict(tr.inputs), "steps": tr.steps, "output": output}
-    return Translation(recipe, tr.notes)
+    return Translation(recipe, tr.notes, located)
 
 
 def _tokenizer(tr: _Translator, data: dict[str, Any], base: str | None,
@@ -733,7 +734,20 @@ def load_mergekit(path: str | Path, out_path: str, *, device: str | None = None,
     translated recipe, so that its provenance names what ran) and the translation."""
     translation = translate(read_config(path), str(path), out_path, device=device,
                             shard_size=shard_size)
-    return build_recipe(translation.text(), str(path)), translation
+    return build_translated(translation, str(path)), translation
+
+
+def build_translated(translation: Translation, source: str) -> Recipe:
+    """Build the translated recipe; an error the native checks find (a value out of range,
+    shapes that differ) is reported at the config's merge_method line, naming the recipe key
+    it came from, since the translated text's lines are not the config's."""
+    try:
+        return build_recipe(translation.text(), "translated recipe")
+    except RecipeError as e:
+        if translation.located is None or not e.detail:
+            raise
+        raise translation.located.error(("merge_method",), f"{e.detail} (in the translated "
+                                        f"recipe's {e.key})") from None
 
 
 def parse_kmb(value: str) -> int:
