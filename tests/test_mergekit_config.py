@@ -319,3 +319,12 @@ def test_table_names_existing_operations() -> None:
     assert {m.op for m in METHODS.values()} <= set(OPERATIONS)
     assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
                             "slerp", "passthrough"}
+
+
+def test_trim_to_no_entry_is_noted() -> None:
+    text = (f"merge_method: ties\nbase_model: {BASE}\nmodels:\n  - model: {MATH}\n"
+            "    parameters: {weight: 1, density: 0.01}\n")
+    notes = translate(text, "mk.yml").notes
+    assert len(notes) == 1 and "keeps no entry of model.layers.0.input_layernorm.weight " \
+        "(64 entries), where mergekit keeps one" in notes[0]
+    assert translate(text.replace("0.01", "0.5"), "mk.yml").notes == []

@@ -27,6 +27,7 @@ tensor, and each method's inputs (its base, its number of models) are checked.
 
 from __future__ import annotations
 
+import math
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -674,6 +675,8 @@ def _merge_one(tr: _Translator, method: MethodMap, method_name: str, sl: Slice,
                                  f" vs {tr.inputs[others[0].model]}); our {method.op} takes "
                                  f"one {p.name} for all models")
             step[p.to] = _emit(first, resolver.gradients.get(p.name, []), n)
+            if method.op == "ties" and p.name == "density":
+                _check_tiny_trim(tr, ref, first, local)
     step.update(method.fixed)
     models = [sub[j] for j, s in enumerate(sl.sources) if s in others]
     if method.base == "required":
@@ -686,6 +689,18 @@ def _merge_one(tr: _Translator, method: MethodMap, method_name: str, sl: Slice,
         del step["weights"]
     tr.steps[name] = dict(sorted(step.items(), key=lambda kv: kv[0] != "op"))
     return name
+
+
+def _check_tiny_trim(tr: _Translator, ref: Checkpoint, density: dict[str, Any],
+                     local: dict[str, str]) -> None:
+    """mergekit's TIES trim keeps at least one entry of a tensor; ours keeps ⌊density·n⌋,
+    which can be 0 for a small tensor at a low density: say so."""
+    for name, ln in local.items():
+        n = math.prod(ref.tensors[name].shape)
+        if 0 < density[ln] * n < 1:
+            tr.notes.append(f"density {density[ln]} keeps no entry of {ln} ({n} entries), "
+                            "where mergekit keeps one: the result differs there")
+            return
 
 
 def _fraction(name: str, n: int) -> float:
