@@ -328,3 +328,22 @@ def test_trim_to_no_entry_is_noted() -> None:
     assert len(notes) == 1 and "keeps no entry of model.layers.0.input_layernorm.weight " \
         "(64 entries), where mergekit keeps one" in notes[0]
     assert translate(text.replace("0.01", "0.5"), "mk.yml").notes == []
+
+
+def test_ties_over_partial_slices_with_slice_filters(tmp_path: Path) -> None:
+    ours, theirs = both({
+        "merge_method": "ties", "base_model": BASE, "dtype": "float32",
+        "parameters": {"density": 0.4},
+        "slices": [
+            {"sources": [{"model": BASE, "layer_range": [0, 2]},
+                         {"model": MATH, "layer_range": [0, 2], "parameters": {"weight": 0.8}},
+                         {"model": CODE, "layer_range": [0, 2], "parameters": {"weight": 0.5}}]},
+            {"sources": [{"model": BASE, "layer_range": [2, 6]},
+                         {"model": MATH, "layer_range": [2, 6]},
+                         {"model": CODE, "layer_range": [2, 6]}],
+             "parameters": {"weight": [{"filter": "mlp", "value": [0.3, 1.0]},
+                                       {"value": 0.6}],
+                            "lambda": [1.0, 0.5]}},
+        ],
+    }, tmp_path)
+    assert_same(ours, theirs)
