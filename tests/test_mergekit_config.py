@@ -268,8 +268,6 @@ ERRORS = [
      "      value: 0.5\n    - value: 0.3\nmodels:\n  - model: {math}\n    parameters: "
      "{{weight: 1}}\n", r":5:\d+: parameters\.density\.0\.filter: filter 'c_attn' matches "
      "no tensor"),
-    ("merge_method: linear\ntokenizer_source: union\nmodels:\n  - model: {math}\n"
-     "    parameters: {{weight: 1}}\n", r":2:\d+: tokenizer_source: .*union.*not supported"),
     ("merge_method: dare_linear\nbase_model: {base}\nparameters: {{rescale: false}}\n"
      "models:\n  - model: {math}\n    parameters: {{weight: 1, density: 0.5}}\n",
      r":3:\d+: parameters\.rescale: .*DARE without rescaling"),
@@ -347,3 +345,24 @@ def test_ties_over_partial_slices_with_slice_filters(tmp_path: Path) -> None:
         ],
     }, tmp_path)
     assert_same(ours, theirs)
+
+
+def test_tokenizer_union(tmp_path: Path) -> None:
+    """A union of identical tokenizers is that tokenizer with the embeddings as they are (as
+    mergekit); different vocabularies are refused."""
+    import shutil
+
+    config = {"merge_method": "linear", "dtype": "float32", "tokenizer_source": "union",
+              "models": [{"model": MATH, "parameters": {"weight": 0.6}},
+                         {"model": CODE, "parameters": {"weight": 0.4}}]}
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+    other = tmp_path / "other"
+    shutil.copytree(CODE, other)
+    tok = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**tok, "model_max_length": 7}))
+    config["models"][1]["model"] = str(other)
+    with pytest.raises(RecipeError, match=r"mk\.yml:\d+:\d+: tokenizer_source: .*union of "
+                                          r"different vocabularies is not supported.* have "
+                                          "different tokenizers"):
+        translate(yaml.safe_dump(config), "mk.yml")

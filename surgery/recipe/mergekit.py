@@ -500,8 +500,8 @@ def _tokenizer(tr: _Translator, data: dict[str, Any], base: str | None,
                slices: list[Slice]) -> str:
     src = data.get("tokenizer_source")
     if src == "union":
-        raise tr.err(("tokenizer_source",), "tokenizer_source: union (a merged vocabulary "
-                     "with permuted embedding rows) is not supported; use base or a model")
+        _check_union(tr)
+        return base or slices[0].sources[0].model
     if src is None or src == "base":
         if src == "base" and base is None:
             raise tr.err(("tokenizer_source",), "tokenizer_source: base needs base_model")
@@ -510,6 +510,40 @@ def _tokenizer(tr: _Translator, data: dict[str, Any], base: str | None,
     if not tr.checkpoints[name].tokenizer_files:
         raise tr.err(("tokenizer_source",), f"{src!r} has no tokenizer files")
     return name
+
+
+def _check_union(tr: _Translator) -> None:
+    """``tokenizer_source: union`` over identical tokenizers is that tokenizer, and mergekit
+    then leaves the embedding rows as they are when there is one per token: accept that case
+    (checked from the tokenizer files and the config's vocab_size); refuse a union of different
+    vocabularies (mergekit would permute and fill embedding rows)."""
+    at = ("tokenizer_source",)
+    refuse = "tokenizer_source: union of different vocabularies is not supported (it builds "\
+        "a merged vocabulary with permuted embedding rows); use base or a model"
+    files = {}
+    for name, ck in tr.checkpoints.items():
+        if not ck.tokenizer_files:
+            raise tr.err(at, f"{refuse}: {tr.inputs[name]} has no tokenizer files")
+        files[name] = {f.name: f.read_bytes() for f in ck.tokenizer_files}
+    first, *rest = files
+    for name in rest:
+        if files[name] != files[first]:
+            raise tr.err(at, f"{refuse}: {tr.inputs[first]} and {tr.inputs[name]} have "
+                         "different tokenizers")
+    from transformers import AutoTokenizer
+
+    ck = tr.checkpoints[first]
+    try:
+        vocab = len(AutoTokenizer.from_pretrained(ck.tokenizer_files[0].parent).get_vocab())
+    except (OSError, ValueError) as e:
+        raise tr.err(at, f"cannot load the tokenizer of {tr.inputs[first]} ({e})") from None
+    for name, ck in tr.checkpoints.items():
+        rows = ck.config.get("vocab_size")
+        if rows != vocab:
+            raise tr.err(at, f"{refuse}: {tr.inputs[name]} has {rows} embedding rows for "
+                         f"{vocab} tokens, which mergekit's union would resize")
+    tr.notes.append("tokenizer_source: union of identical tokenizers: that tokenizer, the "
+                    "embeddings unchanged (as mergekit)")
 
 
 def _check_filters(tr: _Translator, hits: set[Loc]) -> None:
