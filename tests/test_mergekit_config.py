@@ -366,3 +366,29 @@ def test_tokenizer_union(tmp_path: Path) -> None:
                                           r"different vocabularies is not supported.* have "
                                           "different tokenizers"):
         translate(yaml.safe_dump(config), "mk.yml")
+
+
+def test_chat_template_literal_and_auto(tmp_path: Path) -> None:
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    theirs_template = "{% for m in messages %}<<{{ m['content'] }}>>{% endfor %}"
+    donor = tmp_path / "donor"
+    shutil.copytree(MATH, donor)
+    tok = json.loads((donor / "tokenizer_config.json").read_text())
+    (donor / "tokenizer_config.json").write_text(json.dumps({**tok,
+                                                             "chat_template": theirs_template}))
+    literal = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+    config = {"merge_method": "linear", "chat_template": literal,
+              "models": [{"model": str(donor), "parameters": {"weight": 0.5}},
+                         {"model": CODE, "parameters": {"weight": 0.5}}]}
+    run_ours(config, tmp_path, "literal")
+    got = AutoTokenizer.from_pretrained(tmp_path / "literal")
+    assert got.chat_template == literal  # over the donor's own template
+    assert got.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
+    run_ours({**config, "chat_template": "auto"}, tmp_path, "auto")
+    assert AutoTokenizer.from_pretrained(tmp_path / "auto").chat_template == theirs_template
+    with pytest.raises(RecipeError, match=r"chat_template: chat_template 'chatml': mergekit's "
+                                          "named templates are not bundled"):
+        run_ours({**config, "chat_template": "chatml"}, tmp_path, "named")

@@ -149,7 +149,10 @@ CASES: dict[str, tuple[dict[str, Any], str, str]] = {
     "tests: nearswap": (two("nearswap", "model_a", t=0.0001), "refused", r"'nearswap' has no"),
     "tests: arcee_fusion": (two("arcee_fusion", "model_a"), "refused", r"'arcee_fusion' has"),
     "tests: chat_template chatml": ({**two("linear"), "chat_template": "chatml"}, "refused",
-                                    r"chat_template: chat_template is not supported"),
+                                    r"chat_template: .*named templates are not bundled"),
+    "tests: chat_template literal": ({**two("linear"),
+                                      "chat_template": "{{messages[0]['content']}}"},
+                                     "exact", ""),
     # the fixtures share one tokenizer, so the union is that tokenizer (mergekit's too)
     "tests: tokenizer_source union": ({**two("linear"), "tokenizer_source": "union"},
                                       "exact", ""),

@@ -207,7 +207,8 @@ def save_ray(root: Node, path: str | Path, *, address: str = "local",
              prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, hash_inputs: bool = True,
              extra_sections: dict[str, str] | None = None,
              extra_provenance: dict[str, Any] | None = None, retries: int = 3,
-             threads_per_task: int | None = 1) -> SaveResult:
+             threads_per_task: int | None = 1, chat_template: str | None = None
+             ) -> SaveResult:
     """:func:`surgery.engine.save` with one Ray task per output shard (see the module
     docstring); the output's bytes equal a single-process save of the same graph."""
     if device != "cpu" and not device.startswith("cuda"):
@@ -258,6 +259,7 @@ def save_ray(root: Node, path: str | Path, *, address: str = "local",
             progress(ProgressEvent("write", total_tensors, total_tensors, total_bytes,
                                    total_bytes, ""))
         ray.kill(actor)
-        final = finish_save(plan, root, recipe_text, tokenizer_from, hasher, extra_sections)
+        final = finish_save(plan, root, recipe_text, tokenizer_from, hasher, extra_sections,
+                            chat_template)
     opts.profile.wall_s = time.perf_counter() - started
     return SaveResult(final, plan.fnames, sorted(plan.reused), opts.profile, plan.provenance)

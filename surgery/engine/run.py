@@ -286,13 +286,14 @@ def write_shards(root: Node, todo: list[tuple[str, list[PlannedTensor]]], folder
 
 def finish_save(plan: PlannedOutput, root: Node, recipe_text: str | None,
                 tokenizer_from: Checkpoint | None, hasher: _InputHasher | None,
-                extra_sections: dict[str, str] | None) -> Path:
-    """Index, config, tokenizer, provenance and card; then rename ``OUT.partial`` into
-    place."""
+                extra_sections: dict[str, str] | None, chat_template: str | None = None
+                ) -> Path:
+    """Index, config, tokenizer (with ``chat_template``, when given, as its
+    chat_template.jinja), provenance and card; then rename ``OUT.partial`` into place."""
     out, provenance, checkpoints = plan.out, plan.provenance, plan.checkpoints
     _write_side_files(out, root, plan.shards, plan.fnames, plan.out_dtype, recipe_text,
                       tokenizer_from or next((c for c in checkpoints if c.tokenizer_files),
-                                             None))
+                                             None), chat_template)
     if hasher:
         hasher.fill(provenance, checkpoints)
     for key, records in _node_records(root).items():
@@ -346,7 +347,7 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
          prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, hash_inputs: bool = True,
          extra_sections: dict[str, str] | None = None,
          extra_provenance: dict[str, Any] | None = None,
-         threads: int | None = None) -> SaveResult:
+         threads: int | None = None, chat_template: str | None = None) -> SaveResult:
     """Evaluate ``root`` tensor by tensor into the model directory ``path``. On the CPU the
     blocks of each tensor are computed by ``threads`` threads (default: one per core); the
     output does not depend on how many."""
@@ -361,7 +362,8 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
     with failures_reported(plan, hasher):
         write_shards(root, plan.todo, plan.out.partial, plan.shard_meta, plan.dtypes, opts,
                      plan.out.record_shard)
-        final = finish_save(plan, root, recipe_text, tokenizer_from, hasher, extra_sections)
+        final = finish_save(plan, root, recipe_text, tokenizer_from, hasher, extra_sections,
+                            chat_template)
     opts.profile.wall_s = time.perf_counter() - started
     return SaveResult(final, plan.fnames, sorted(plan.reused), opts.profile, plan.provenance)
 
@@ -383,7 +385,8 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def _write_side_files(out: OutputDir, root: Node, shards: list[list[PlannedTensor]],
                       fnames: list[str], dtype: torch.dtype | None, recipe_text: str | None,
-                      tokenizer_from: Checkpoint | None) -> None:
+                      tokenizer_from: Checkpoint | None, chat_template: str | None = None
+                      ) -> None:
     if len(shards) > 1:
         write_index(out.path("model.safetensors.index.json"), zip(fnames, shards, strict=True))
     config = root.config()
@@ -399,6 +402,9 @@ def _write_side_files(out: OutputDir, root: Node, shards: list[list[PlannedTenso
     if tokenizer_from is not None:
         for f in tokenizer_from.tokenizer_files:
             out.copy_in(f)
+    if chat_template is not None:
+        # transformers reads chat_template.jinja before tokenizer_config.json's key
+        out.write_text("chat_template.jinja", chat_template)
     if recipe_text is not None:
         out.write_text("recipe.yaml", recipe_text)
 

@@ -490,8 +490,9 @@ def translate(text: str, source: str = "mergekit.yml", out_path: str = "merged",
         output["device"] = device
     output["tokenizer_from"] = _tokenizer(tr, data, base, slices)
     if data.get("chat_template") is not None:
-        raise tr.err(("chat_template",), "chat_template is not supported yet; set "
-                     "chat_template in the output's tokenizer_config.json")
+        template = _chat_template(tr, data["chat_template"], output["tokenizer_from"])
+        if template is not None:
+            output["chat_template"] = template
     recipe = {"inputs": dict(tr.inputs), "steps": tr.steps, "output": output}
     return Translation(recipe, tr.notes, located)
 
@@ -510,6 +511,44 @@ def _tokenizer(tr: _Translator, data: dict[str, Any], base: str | None,
     if not tr.checkpoints[name].tokenizer_files:
         raise tr.err(("tokenizer_source",), f"{src!r} has no tokenizer files")
     return name
+
+
+def _chat_template(tr: _Translator, value: Any, tokenizer_from: str) -> str | None:
+    """mergekit's chat_template: ``auto`` (the most common template of the inputs, none when
+    they have none), or a Jinja template's text. mergekit's named templates (chatml, llama3,
+    ...) are its own files, which we do not bundle: refused."""
+    at = ("chat_template",)
+    if not isinstance(value, str) or not value:
+        raise tr.err(at, "chat_template is auto or a Jinja template")
+    if not tr.checkpoints[tokenizer_from].tokenizer_files:
+        raise tr.err(at, f"the output's tokenizer ({tr.inputs[tokenizer_from]}) has no "
+                     "tokenizer files to set a chat template on")
+    if value == "auto":
+        from transformers import AutoTokenizer
+
+        found = []
+        for name, ck in tr.checkpoints.items():
+            if not ck.tokenizer_files:
+                continue
+            try:
+                template = AutoTokenizer.from_pretrained(ck.tokenizer_files[0].parent
+                                                         ).chat_template
+            except (OSError, ValueError) as e:
+                raise tr.err(at, f"cannot load the tokenizer of {tr.inputs[name]} ({e})"
+                             ) from None
+            if isinstance(template, dict):
+                template = template.get("default")
+            if template:
+                found.append(template.strip())
+        if not found:
+            tr.notes.append("chat_template: auto: no input has a chat template; none is set "
+                            "(as mergekit)")
+            return None
+        return Counter(found).most_common(1)[0][0]
+    if len(value) < 20 or "{" not in value:
+        raise tr.err(at, f"chat_template {value!r}: mergekit's named templates are not "
+                     "bundled here; give the template's Jinja text, or auto")
+    return value
 
 
 def _check_union(tr: _Translator) -> None:

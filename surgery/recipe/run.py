@@ -138,7 +138,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False,
             on_output(ProgressEvent("output", 0, 0, 0, 0, out.path))
         common = {"dtype": out.dtype, "shard_size": out.shard_size, "seed": recipe.doc.seed,
                   "force": force, "progress": progress, "recipe_text": recipe.text,
-                  "tokenizer_from": tokenizer,
+                  "tokenizer_from": tokenizer, "chat_template": out.chat_template,
                   "extra_provenance": {"recipe_name": Path(recipe.source).name}}
         if ray is not None or out.executor == "ray":
             from surgery.engine.distributed import save_ray

@@ -44,6 +44,8 @@ class OutputSpec(Strict):
     push_to_hub: PushSpec | None = Field(None, description="upload the output when written")
     executor: Literal["local", "ray"] = Field(
         "local", description="ray: one Ray task per output shard (surgery apply --ray)")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template written as the output's chat_template.jinja")
 
 
 class RecipeDoc(Strict):
