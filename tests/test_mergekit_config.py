@@ -392,3 +392,21 @@ def test_chat_template_literal_and_auto(tmp_path: Path) -> None:
     with pytest.raises(RecipeError, match=r"chat_template: chat_template 'chatml': mergekit's "
                                           "named templates are not bundled"):
         run_ours({**config, "chat_template": "chatml"}, tmp_path, "named")
+
+
+def test_per_slice_base_model(tmp_path: Path) -> None:
+    ours, theirs = both({
+        "merge_method": "task_arithmetic", "base_model": BASE, "dtype": "float32",
+        "parameters": {"weight": 0.7},
+        "slices": [
+            {"sources": [{"model": BASE, "layer_range": [0, 3]},
+                         {"model": MATH, "layer_range": [0, 3]}]},
+            {"base_model": CHAT,
+             "sources": [{"model": CHAT, "layer_range": [3, 6]},
+                         {"model": CODE, "layer_range": [3, 6]}]},
+        ],
+    }, tmp_path)
+    assert_same(ours, theirs)
+    chat, code = (load_file(f"{m}/model.safetensors") for m in (CHAT, CODE))
+    name = "model.layers.4.mlp.up_proj.weight"
+    assert torch.allclose(ours[name], chat[name] + 0.7 * (code[name] - chat[name]), atol=1e-6)

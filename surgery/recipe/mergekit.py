@@ -158,6 +158,7 @@ class Slice:
     sources: list[Source]
     params: dict[str, Any]
     loc: Loc
+    base: str | None = None  # the slice's own base_model (else the config's)
 
 
 @dataclass
@@ -311,11 +312,13 @@ class _Translator:
             if not isinstance(sl, dict) or "sources" not in sl:
                 raise self.err(at, "each slice needs sources:")
             for key in sl:
-                if key == "base_model":
-                    raise self.err((*at, key), "a per-slice base_model is not supported; give "
-                                   "base_model at the top level")
-                if key not in ("sources", "parameters"):
-                    raise self.err((*at, key), "unknown key (allowed: sources, parameters)")
+                if key == "residual_weight":
+                    raise self.err((*at, key), "residual_weight is not supported")
+                if key not in ("sources", "parameters", "base_model"):
+                    raise self.err((*at, key), "unknown key (allowed: sources, parameters, "
+                                   "base_model)")
+            slice_base = (self.model(sl["base_model"], (*at, "base_model"))
+                          if sl.get("base_model") is not None else None)
             if not isinstance(sl["sources"], list) or not sl["sources"]:
                 raise self.err((*at, "sources"), "sources is a list of {model, layer_range}")
             sources = []
@@ -346,7 +349,7 @@ class _Translator:
                 raise self.err((*at, "sources"), "all sources of a slice need the same number "
                                f"of layers (got {sorted(lengths)})")
             out.append(Slice(sources, self.params_of(sl.get("parameters"), (*at, "parameters"),
-                                                     method, method_name), at))
+                                                     method, method_name), at, slice_base))
         return out
 
 
@@ -675,6 +678,7 @@ def _merge_slices(tr: _Translator, method: MethodMap, method_name: str, slices: 
 def _merge_one(tr: _Translator, method: MethodMap, method_name: str, sl: Slice,
                base: str | None, top: dict[str, Any], hits: set[Loc], name: str,
                offset: int) -> str:
+    base = sl.base or base
     if method.base == "required":
         if base is None:
             raise tr.err(("merge_method",), f"mergekit's {method_name} needs base_model")
