@@ -410,3 +410,19 @@ def test_per_slice_base_model(tmp_path: Path) -> None:
     chat, code = (load_file(f"{m}/model.safetensors") for m in (CHAT, CODE))
     name = "model.layers.4.mlp.up_proj.weight"
     assert torch.allclose(ours[name], chat[name] + 0.7 * (code[name] - chat[name]), atol=1e-6)
+
+
+def test_a_new_method_is_one_table_entry(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operation with an optional base (as nuslerp's) takes it when the config has one."""
+    from surgery.recipe.mergekit import MethodMap, Param
+
+    monkeypatch.setitem(METHODS, "optional_base", MethodMap(
+        "linear", (Param("weight", float, "non_base", to="weights", per_model=True),),
+        base="optional"))
+    text = (f"merge_method: optional_base\nmodels:\n  - model: {MATH}\n    parameters: "
+            f"{{weight: 0.3}}\n  - model: {CODE}\n    parameters: {{weight: 0.7}}\n")
+    step = translate(text, "mk.yml").recipe["steps"]["merged"]
+    assert step == {"op": "linear", "weights": [0.3, 0.7], "models": ["math", "code"]}
+    step = translate(f"base_model: {BASE}\n" + text, "mk.yml").recipe["steps"]["merged"]
+    assert step == {"op": "linear", "weights": [0.3, 0.7], "base": "base",
+                    "models": ["math", "code"]}

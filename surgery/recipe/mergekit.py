@@ -72,13 +72,14 @@ class Param:
 @dataclass(frozen=True)
 class MethodMap:
     """A mergekit method as one of our operations. ``base``: ``required`` (our op takes it
-    as ``base_key``), ``ignored`` (mergekit lists it with the inputs; so do we) or ``none``.
+    as ``base_key``), ``optional`` (as ``base_key`` when the config has one) or ``ignored``
+    (mergekit lists it with the inputs; so do we).
     ``model_key`` is where the non-base models go (a list key, or ``a``/``b`` pairs for two
     models); ``fixed`` holds our parameters set to mergekit's behaviour."""
 
     op: str
     params: tuple[Param, ...]
-    base: Literal["required", "ignored"] = "ignored"
+    base: Literal["required", "optional", "ignored"] = "ignored"
     base_key: str = "base"
     model_key: str = "models"
     min_models: int = 1
@@ -679,18 +680,19 @@ def _merge_one(tr: _Translator, method: MethodMap, method_name: str, sl: Slice,
                base: str | None, top: dict[str, Any], hits: set[Loc], name: str,
                offset: int) -> str:
     base = sl.base or base
-    if method.base == "required":
+    takes_base = method.base == "required" or (method.base == "optional" and base is not None)
+    if takes_base:
         if base is None:
             raise tr.err(("merge_method",), f"mergekit's {method_name} needs base_model")
         if all(s.model != base for s in sl.sources):
             raise tr.err((*sl.loc, "sources"), f"the base model {tr.inputs[base]!r} is not a "
                          "source of this slice")
-    others = [s for s in sl.sources if method.base != "required" or s.model != base]
+    others = [s for s in sl.sources if not takes_base or s.model != base]
     if len(others) < method.min_models or (method.max_models is not None
                                            and len(others) > method.max_models):
         want = (f"exactly {method.max_models}" if method.max_models == method.min_models
                 else f"at least {method.min_models}")
-        what = "model besides the base" if method.base == "required" else "model"
+        what = "model besides the base" if takes_base else "model"
         raise tr.err(sl.loc, f"mergekit's {method_name} takes {want} {what} "
                      f"(got {len(others)})")
     n = sl.sources[0].end - sl.sources[0].start
@@ -756,7 +758,7 @@ def _merge_one(tr: _Translator, method: MethodMap, method_name: str, sl: Slice,
                 _check_tiny_trim(tr, ref, first, local)
     step.update(method.fixed)
     models = [sub[j] for j, s in enumerate(sl.sources) if s in others]
-    if method.base == "required":
+    if takes_base:
         step[method.base_key] = sub[next(j for j, s in enumerate(sl.sources) if s.model == base)]
     if method.model_key == "b":
         step["b"] = models[0]
