@@ -5,6 +5,7 @@ checkpoints (a base and three fine-tunes, bf16), each contender in its own proce
     python -m bench.merge --size 0.5B,1B,2B    # how time and memory grow with model size
     python -m bench.merge --tiny --out /tmp/r.md
     python -m bench.merge --device cuda        # on a GPU (both tools), bench/RESULTS-cuda.md
+    python -m bench.merge --ray                # Ray executor, 1 and 2 workers: RESULTS-ray.md
 
 Before every measured process the page cache is emptied (``sync`` and ``drop_caches`` when
 permitted, else ``posix_fadvise(DONTNEED)`` on the inputs), so every contender starts cold.
@@ -465,7 +466,13 @@ def main(argv: list[str] | None = None) -> None:
                              "(mergekit runs once)")
     parser.add_argument("--keep-cache", action="store_true",
                         help="keep the inputs of every size (default: only 1B and tiny stay)")
+    parser.add_argument("--ray", action="store_true",
+                        help="the Ray executor against the single process (first of --methods,"
+                             " default ties; first of --size), bench/RESULTS-ray.md")
+    parser.add_argument("--ray-workers", default="1,2", help="with --ray: worker counts")
     args = parser.parse_args(argv)
+    if args.ray:
+        return _main_ray(args, argv)
     sizes = ["tiny"] if args.tiny else [s.strip() for s in args.size.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -491,6 +498,25 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m bench.merge " + " ".join(sys.argv[1:] if argv is None else argv)
     out_path.write_text(render(results, command.strip(), cache_note, args.repeat, args.device)
                         + "\n")
+    print(out_path.read_text())
+
+
+def _main_ray(args: argparse.Namespace, argv: list[str] | None) -> None:
+    from bench.ray_merge import bench_ray, render
+
+    size = "tiny" if args.tiny else args.size.split(",")[0].strip()
+    method = "ties" if args.methods == ",".join(METHODS) else args.methods.split(",")[0]
+    work = args.cache / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        rows = bench_ray(size, method, [int(n) for n in args.ray_workers.split(",")], work,
+                         args.cache, args.repeat)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    command = "python -m bench.merge " + " ".join(sys.argv[1:] if argv is None else argv)
+    out_path = args.out or HERE / "RESULTS-ray.md"
+    out_path.write_text(render(rows, size, method, command.strip(), args.repeat) + "\n")
     print(out_path.read_text())
 
 
