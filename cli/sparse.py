@@ -41,16 +41,21 @@ def extract(base: str, model: str, out: str, density: float, k: int | None, per_
 @click.option("--revert", is_flag=True, help="Subtract the deltas instead of adding them.")
 @click.option("--dtype", default=None, help="Output dtype (default: as BASE).")
 @click.option("--force", is_flag=True, help="Replace an existing output directory.")
+@click.option("--ignore-base-hash", is_flag=True,
+              help="Apply deltas that record another base's hash.")
 @handle_errors
 def apply_(base: str, deltas: tuple[str, ...], out: str, revert: bool, dtype: str | None,
-           force: bool) -> None:
+           force: bool, ignore_base_hash: bool) -> None:
     """Write BASE plus (or, with --revert, minus) the sum of DELTAS as a model directory."""
     from surgery import apply_sparse_deltas, load, revert_sparse_deltas
     from surgery.methods.sparse import SparseDeltaFile
 
     files = [SparseDeltaFile(d) for d in deltas]
-    fn = revert_sparse_deltas if revert else apply_sparse_deltas
-    res = fn(load(base), files).save(out, dtype=dtype, force=force)
+    if revert:
+        model = revert_sparse_deltas(load(base), files)
+    else:
+        model = apply_sparse_deltas(load(base), files, ignore_base_hash=ignore_base_hash)
+    res = model.save(out, dtype=dtype, force=force)
     click.echo(f"wrote {res.path} ({len(res.shards)} shard(s))")
 
 
