@@ -43,6 +43,7 @@ import torch
 
 from surgery.checkpoint import open_checkpoint
 from surgery.checkpoint.hashing import cache_dir
+from surgery.data import read_records
 from surgery.errors import OutputExistsError, ShapeMismatchError, UsageError
 from surgery.expr import LoadNode, Weights
 from surgery.methods.sparse import (
@@ -56,7 +57,7 @@ from surgery.methods.sparse import (
 )
 from surgery.names import TensorKind, tensor_kind
 from surgery.train.config import TrainConfig
-from surgery.train.data import file_sha256
+from surgery.train.data import check_fits, file_sha256, task_of
 from surgery.train.hooks import GradientMask, GradientTransform
 from surgery.train.loop import TrainCallback, finetune, parse_config
 from surgery.train.model import content_key
@@ -256,8 +257,7 @@ def plan_lt_sft(base: str | Path | Weights, data: str | Path, *, density: float,
         phase1_w = _as_weights(phase1)
         check_phase1(base_w, phase1_w, maskable)
     path = str(data)
-    if not Path(path).is_file():
-        raise UsageError(f"{path}: no such data file")
+    check_fits(task_of(read_records(path)), base_w.config, path, _label(base_w))
     return LtSftPlan(config, selection, base_w, phase1_w, path, density, list(maskable),
                      float(l1))
 
@@ -395,13 +395,13 @@ def lt_sft(base: str | Path | Weights, data: str | Path, *, out: str | Path,
     existing ``out`` without ``force``) runs before any training. Both phases are cached by
     content under ``$WEIGHT_SURGERY_CACHE/lt_sft/`` (a rerun reuses them; with
     ``checkpoint_every`` an interrupted phase resumes)."""
+    plan = plan_lt_sft(base, data, density=density, phase1=phase1, l1=l1, maskable=maskable,
+                       **settings)
     target = Path(out)
     if target.is_dir():
         raise OutputExistsError(f"{target}: is a directory; the delta is one .safetensors file")
     if target.exists() and not force:
         raise OutputExistsError(f"{target}: exists; pass force=True (--force) to replace it")
-    plan = plan_lt_sft(base, data, density=density, phase1=phase1, l1=l1, maskable=maskable,
-                       **settings)
     return run_lt_sft(plan, out=target, progress=progress, on_phase=on_phase)
 
 
