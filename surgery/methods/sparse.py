@@ -239,7 +239,7 @@ class SparseDelta:
             meta["training"] = json.dumps(self.training, sort_keys=True)
         p.parent.mkdir(parents=True, exist_ok=True)
         partial = p.with_name(p.name + ".partial")
-        save_file(tensors, str(partial), metadata=meta)
+        _write_safetensors(partial, tensors, meta)
         partial.replace(p)
         return p
 
@@ -271,6 +271,20 @@ def select_entries(base: Weights, model: Weights, density: float = DEFAULT_DENSI
         indices[name] = idx
         values[name] = tau.flatten()[idx]
     return sel, indices, values
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]
+                       ) -> None:
+    """A safetensors file with a deterministic header (metadata keys sorted, tensors in the
+    given order), so the same delta gives the same bytes; safetensors' own writer orders
+    the metadata by a randomly seeded hash map."""
+    from surgery.writer.shards import PlannedTensor, encode_header, tensor_bytes
+
+    planned = [PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    with open(path, "wb") as f:
+        f.write(encode_header(planned, meta))
+        for t in tensors.values():
+            f.write(tensor_bytes(t.detach().cpu().contiguous()))
 
 
 def extract_sparse_delta(base: Weights, model: Weights, density: float = DEFAULT_DENSITY,
