@@ -306,3 +306,31 @@ def test_recipe_step_errors_name_the_yaml_line(tmp_path: Path) -> None:
         build_recipe(recipe)
     with pytest.raises(UsageError, match=r"trainable is not a setting of LT-SFT"):
         build_recipe(recipe.replace("density: 2", "trainable: mlp"))
+
+
+def test_ctrl_c_in_phase2_then_rerun_equals_an_uninterrupted_run(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Phase 2 resumes from its saved state (masked AdamW moments included) with the bytes of
+    an uninterrupted run."""
+    args = {**SETTINGS, "steps": 5, "weight_decay": 0.05}
+    monkeypatch.setenv("WEIGHT_SURGERY_CACHE", str(tmp_path / "cache-whole"))
+    whole = lt_sft(BASE, MATH, out=tmp_path / "whole.safetensors", density=0.01, l1=0.3,
+                   **args)
+    monkeypatch.setenv("WEIGHT_SURGERY_CACHE", str(tmp_path / "cache-cut"))
+    phases: list[str] = []
+
+    def stop(e) -> None:
+        if phases[-1].startswith("phase 2") and e.step == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        lt_sft(BASE, MATH, out=tmp_path / "cut.safetensors", density=0.01, l1=0.3,
+               progress=stop, on_phase=phases.append, **args)
+    assert not (tmp_path / "cut.safetensors").exists()
+    events: list = []
+    resumed = lt_sft(BASE, MATH, out=tmp_path / "cut.safetensors", density=0.01, l1=0.3,
+                     progress=events.append, **args)
+    assert [e.step for e in events] == [4, 5]  # phase 1 cached, phase 2 from update 3
+    assert resumed.path.read_bytes() == whole.path.read_bytes()
+    assert (resumed.phase2 / "model.safetensors").read_bytes() == \
+        (whole.phase2 / "model.safetensors").read_bytes()
