@@ -27,7 +27,7 @@ from surgery.methods.sparse import (
 )
 from surgery.recipe.build import build_recipe
 from surgery.train import lt_sft
-from surgery.train.lt_sft import L1Pull, LtSftResult, MaskedAdamW
+from surgery.train.lt_sft import IndexMask, L1Pull, LtSftResult, MaskedAdamW
 from tests.conftest import FIXTURES, surgery
 
 BASE = FIXTURES / "tiny-llama" / "base"
@@ -170,6 +170,20 @@ def test_the_l1_pull_is_its_penalty_gradient() -> None:
     assert torch.equal(grad, torch.tensor([[1.2, 1.0, 0.8], [1.0, 1.0, 1.0]]))
 
 
+def test_the_index_mask_keeps_exactly_its_entries() -> None:
+    g = torch.Generator().manual_seed(1)
+    grad = torch.randn(6, 5, generator=g)
+    idx = torch.tensor([0, 7, 8, 29], dtype=torch.int32)
+    mask = IndexMask({"w": idx})
+    assert mask.attach({"w": torch.nn.Parameter(torch.zeros(6, 5))}) == ["w"]
+    want = torch.zeros(30)
+    want[idx.long()] = grad.flatten()[idx.long()]
+    mask("w", None, grad)
+    assert torch.equal(grad, want.reshape(6, 5))
+    with pytest.raises(UsageError, match=r"name no trainable parameter, e\.g\. .w."):
+        IndexMask({"w": idx}).attach({"v": torch.nn.Parameter(torch.zeros(1))})
+
+
 def test_l1_delta_metadata(language_run: LtSftResult) -> None:
     t = language_run.delta.training
     assert t["phase2"]["l1"] == 0.5 and t["density"] == 0.02
@@ -197,7 +211,8 @@ def _masked_reference(weight_decay: float) -> tuple[list[torch.Tensor], list[tor
         for p, gr in zip(ours, step, strict=True):
             p.grad = gr.clone()  # unmasked: the optimiser itself reads the selection only
         mine.step()
-    assert mine.state_bytes() == sum(int(m.sum()) * (4 + 4 + 8) + 4 for m in masks)
+    # two float32 moments and an int32 index per selected entry, and a step counter
+    assert mine.state_bytes() == sum(int(m.sum()) * (4 + 4 + 4) + 4 for m in masks)
     return [p.detach() for p in ref], [p.detach() for p in ours], [*masks, *start]
 
 

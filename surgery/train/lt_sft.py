@@ -5,19 +5,23 @@ fine-tune (``phase1``). The mask is the K = ⌊density · N⌋ entries of larges
 N maskable parameters, chosen by :func:`surgery.methods.sparse.select_entries`, the very code
 ``sparsify`` and ``surgery sparse extract`` run (one global threshold, ties to the tensor first
 in the base's order, then to the lower flat index), so the mask equals theirs on the same pair.
-Phase 2 starts again from θ0 and fine-tunes with the gradient multiplied by the mask (a
-:class:`~surgery.train.hooks.GradientMask` transform, before clipping, so the clipped norm is
-the masked gradient's), optionally with the L1 pull λ·Σ|θ − θ0|/N toward θ0 (:class:`L1Pull`).
+Phase 2 starts again from θ0 and fine-tunes with the gradient multiplied by the mask (an
+:class:`IndexMask` transform, before clipping, so the clipped norm is the masked gradient's),
+optionally with the L1 pull λ·Σ|θ − θ0|/N toward θ0 (:class:`L1Pull`).
 The result is the sparse delta φ = θ2 − θ0 on the K entries, in the format of
 :mod:`surgery.methods.sparse`, whose metadata names the base (path, revision, sha256), K, the
 data's sha256 and both phases' settings; ``sparse_apply`` composes such deltas by addition.
 
-Memory of phase 2: only tensors holding a selected entry train (the others get no gradient);
-the mask is one byte per parameter of those tensors (``torch.bool``); the optimiser is
-:class:`MaskedAdamW`, whose moments and indices exist only for the K entries (two float32
-values and one int64 index each, 16 bytes per selected entry) where AdamW holds two float32
-moments per parameter of every trainable tensor (8 bytes per parameter). The gradients stay
-dense (autograd writes whole tensors).
+Memory of phase 2: only tensors holding a selected entry train (the others get no gradient).
+The mask is held as what the delta stores, each tensor's sorted flat indices, in int32: 4 bytes
+per selected entry, less than one bit per parameter below density 1/32 and less than a
+``torch.bool`` mask (one byte per parameter) below 1/4; the mask transform, the L1 pull and the
+optimiser share these lists. The optimiser is :class:`MaskedAdamW`, with moments for the K
+entries only: with the indices 12 bytes per selected entry, where AdamW holds 8 bytes per
+parameter of every trainable tensor (at density 0.01, 0.12 against 8 bytes per parameter).
+Zeroing a gradient but its indices (gather, zero, scatter) also ran several times faster than
+multiplying by a boolean mask (21 ms against 141 ms on 20M entries, 2 cores). The gradients
+themselves stay dense (autograd writes whole tensors).
 
 Where we differ from the reference code (composable-sft's ``LotteryTicketSparseFineTuner``):
 its mask comes from a top-k over all differences whose ties fall where the sort puts them,
@@ -58,11 +62,33 @@ from surgery.methods.sparse import (
 from surgery.names import TensorKind, tensor_kind
 from surgery.train.config import TrainConfig
 from surgery.train.data import check_fits, file_sha256, task_of
-from surgery.train.hooks import GradientMask, GradientTransform
+from surgery.train.hooks import GradientTransform
 from surgery.train.loop import TrainCallback, finetune, parse_config
 from surgery.train.model import content_key
 
 LT_SFT_REF = "LT-SFT, Composable Sparse Fine-Tuning, arXiv 2110.07560"
+
+
+def compact_indices(idx: torch.Tensor, numel: int) -> torch.Tensor:
+    """Sorted flat indices as int32 where the tensor allows it (4 bytes per selected entry),
+    else int64."""
+    return idx.to(torch.int32 if numel < 2**31 else torch.int64).contiguous()
+
+
+class _OnDevice:
+    """One copy per device of each index list, shared by the mask, the L1 pull and the
+    optimiser (the trainer attaches transforms before it moves the model)."""
+
+    def __init__(self) -> None:
+        self._copies: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def __call__(self, idx: torch.Tensor, device: torch.device) -> torch.Tensor:
+        if idx.device == device:
+            return idx
+        key = (id(idx), device)
+        if key not in self._copies:
+            self._copies[key] = idx.to(device)
+        return self._copies[key]
 
 
 class MaskedAdamW(torch.optim.Optimizer):
@@ -75,7 +101,8 @@ class MaskedAdamW(torch.optim.Optimizer):
 
     def __init__(self, params: Sequence[torch.nn.Parameter], indices: Sequence[torch.Tensor], *,
                  lr: float, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
-                 weight_decay: Sequence[float] | float = 0.0) -> None:
+                 weight_decay: Sequence[float] | float = 0.0,
+                 _device: _OnDevice | None = None) -> None:
         if len(params) != len(indices):
             raise ValueError("one index tensor per parameter")
         decays = [weight_decay] * len(params) if isinstance(weight_decay, float | int) \
@@ -85,7 +112,8 @@ class MaskedAdamW(torch.optim.Optimizer):
             groups.setdefault(float(wd), []).append(p)
         super().__init__([{"params": ps, "weight_decay": wd} for wd, ps in groups.items()],
                          {"lr": lr, "betas": betas, "eps": eps, "weight_decay": 0.0})
-        self.indices = {p: idx.to(p.device, torch.int64) for p, idx in
+        on = _device or _OnDevice()
+        self.indices = {p: on(compact_indices(idx, p.numel()), p.device) for p, idx in
                         zip(params, indices, strict=True)}
 
     def state_bytes(self) -> int:
@@ -122,7 +150,39 @@ class MaskedAdamW(torch.optim.Optimizer):
                 correction2_sqrt = (1 - beta2 ** step) ** 0.5
                 denom = (exp_avg_sq.sqrt() / correction2_sqrt).add_(eps)
                 theta.addcdiv_(exp_avg, denom, value=-step_size)
-                flat.index_copy_(0, idx, theta)
+                flat.index_put_((idx,), theta)
+
+
+class IndexMask(GradientTransform):
+    """g ← g ⊙ m with the mask m given by each tensor's sorted flat indices (the delta's own
+    form): the selected gradient entries are kept and the rest zeroed. The index lists are
+    those the optimiser gathers with, so the mask costs no memory of its own; on 20M entries
+    at density 0.01 this took a fifth of the time of multiplying by a boolean mask."""
+
+    name = "gradient mask"
+
+    def __init__(self, indices: Mapping[str, torch.Tensor],
+                 _device: _OnDevice | None = None) -> None:
+        self.indices = dict(indices)
+        self._on = _device or _OnDevice()
+
+    def attach(self, params: Mapping[str, torch.nn.Parameter]) -> list[str]:
+        unknown = sorted(set(self.indices) - set(params))
+        if unknown:
+            raise UsageError(f"gradient mask: {len(unknown)} mask(s) name no trainable "
+                             f"parameter, e.g. {unknown[0]!r}")
+        return sorted(self.indices)
+
+    def __call__(self, name: str, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
+        idx = self._on(self.indices[name], grad.device)
+        flat = grad.view(-1)
+        kept = flat.index_select(0, idx)
+        flat.zero_()
+        flat.index_put_((idx,), kept)
+
+    def params(self) -> dict[str, object]:
+        return {"masked_tensors": len(self.indices),
+                "entries": int(sum(i.numel() for i in self.indices.values()))}
 
 
 class L1Pull(GradientTransform):
@@ -132,31 +192,35 @@ class L1Pull(GradientTransform):
 
     name = "l1 pull"
 
-    def __init__(self, strength: float, indices: Mapping[str, torch.Tensor], n: int) -> None:
+    def __init__(self, strength: float, indices: Mapping[str, torch.Tensor], n: int,
+                 _device: _OnDevice | None = None) -> None:
         self.strength = strength
         self.indices = dict(indices)
         self.n = n
         self._theta0: dict[str, torch.Tensor] = {}
-        self._idx: dict[str, torch.Tensor] = {}
+        self._on = _device or _OnDevice()
 
     def attach(self, params: Mapping[str, torch.nn.Parameter]) -> list[str]:
         for name, idx in self.indices.items():
             p = params[name]
-            self._idx[name] = idx.to(p.device, torch.int64)
-            self._theta0[name] = p.detach().view(-1).index_select(0, self._idx[name]).clone()
+            self._theta0[name] = p.detach().view(-1).index_select(
+                0, self._on(idx, p.device)).clone()
         return sorted(self.indices)
 
     def __call__(self, name: str, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
-        idx = self._idx[name]
-        diff = param.detach().view(-1).index_select(0, idx) - self._theta0[name]
-        grad.view(-1).index_add_(0, idx, torch.sign(diff).to(grad.dtype),
-                                 alpha=self.strength / self.n)
+        idx = self._on(self.indices[name], grad.device)
+        theta0 = self._theta0[name]
+        if theta0.device != grad.device:
+            theta0 = self._theta0[name] = theta0.to(grad.device)
+        diff = param.detach().view(-1).index_select(0, idx) - theta0
+        grad.view(-1).index_put_((idx,), torch.sign(diff).to(grad.dtype) *
+                                 (self.strength / self.n), accumulate=True)
 
     def params(self) -> dict[str, object]:
         return {"lambda": self.strength, "n": self.n}
 
 
-def masked_adamw(indices: Mapping[str, torch.Tensor]
+def masked_adamw(indices: Mapping[str, torch.Tensor], _device: _OnDevice | None = None
                  ) -> Callable[[dict[str, torch.nn.Parameter], TrainConfig], MaskedAdamW]:
     """The optimiser factory of phase 2 (decay as the fine-tune step's AdamW: not on norms
     and biases)."""
@@ -168,7 +232,7 @@ def masked_adamw(indices: Mapping[str, torch.Tensor]
                   for n in names]
         return MaskedAdamW([params[n] for n in names], [indices[n] for n in names],
                            lr=config.lr, betas=config.betas, eps=config.eps,
-                           weight_decay=decays)
+                           weight_decay=decays, _device=_device)
 
     return make
 
@@ -316,17 +380,14 @@ def run_lt_sft(plan: LtSftPlan, *, out: str | Path | None = None,
         if on_phase:
             on_phase(f"phase 2: fine-tune of {sel.k:,} of {total:,} maskable entries "
                      f"in {len(chosen)} tensors")
-        masks = {}
-        for name, idx in chosen.items():
-            m = torch.zeros(math.prod(shapes[name]), dtype=torch.bool)
-            m[idx] = True
-            masks[name] = m.reshape(shapes[name])
+        compact = {n: compact_indices(i, math.prod(shapes[n])) for n, i in chosen.items()}
+        on = _OnDevice()
         hooks: list[GradientTransform] = []
         if plan.l1:
-            hooks.append(L1Pull(plan.l1, chosen, total))
-        hooks.append(GradientMask(masks))
+            hooks.append(L1Pull(plan.l1, compact, total, on))
+        hooks.append(IndexMask(compact, on))
         finetune(plan.base, plan.data, out=phase2_dir, progress=progress,
-                 hooks=hooks, optimizer=masked_adamw(chosen), dtype=torch.float32,
+                 hooks=hooks, optimizer=masked_adamw(compact, on), dtype=torch.float32,
                  trainable=sorted(chosen), **common)
     delta = _delta(plan, sel, indices, shapes, _as_weights(phase2_dir), phase1_label,
                    phase1_dir)
