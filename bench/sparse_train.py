@@ -1,7 +1,7 @@
-"""Sparse-training benchmark: LT-SFT's phase 2 (a masked fine-tune from the base: byte mask,
-masked AdamW with moments for the K selected entries only) against a plain full fine-tune
-step (the same loop with AdamW over every parameter), on the same model, batches, learning
-rate, steps and seed, each contender in its own process.
+"""Sparse-training benchmark: LT-SFT's phase 2 (a masked fine-tune from the base: the mask as
+index lists, masked AdamW with moments for the K selected entries only) against a plain full
+fine-tune step (the same loop with AdamW over every parameter), on the same model, batches,
+learning rate, steps and seed, each contender in its own process.
 
     python -m bench.sparse_train                 # SmolLM2-135M on the CPU, bench/TRAIN-sparse.md
     python -m bench.sparse_train --device cuda   # on a GPU (bf16 autocast)
@@ -194,9 +194,8 @@ def report(args: argparse.Namespace, s: dict[str, dict[str, Any]], params: int,
                      f"**{sparse['cuda_peak'] / full['cuda_peak']:.2f}x**")
     lines += ["- optimiser state (from the sizes, float32): full AdamW "
               f"{8 * params / 1e6:.2f} MB (two moments per parameter); masked AdamW "
-              f"{16 * k / 1e6:.2f} MB (two moments and an int64 index per selected entry); "
-              f"the phase-2 mask {masked / 1e6:.2f} MB (one byte per parameter of the "
-              "masked tensors)",
+              f"{12 * k / 1e6:.2f} MB (two moments and an int32 index per selected entry; "
+              "the index lists are also the gradient mask)",
               "- s per update of every round: " + "; ".join(
                   f"{n} " + ", ".join(f"{v:.4f}" for v in s[n]["all_step_s"])
                   for n in CONTENDERS),
