@@ -151,6 +151,13 @@ def test_composition_is_the_sum_and_revert_gives_the_base(math_run: LtSftResult,
             overlap += len(set(phis[0].indices[name].tolist())
                            & set(phis[1].indices[name].tolist()))
     assert overlap < min(p.k for p in phis)  # separate deltas, not one mask twice
+    res = surgery("sparse", "stats", str(math_run.path), str(language_run.path),
+                  cwd=math_run.path.parent)
+    assert res.returncode == 0, res.stderr
+    rows = [line.split() for line in res.stdout.splitlines()
+            if line.startswith(("layer ", "non-block"))]
+    both = sum(int(r[-2]) for r in rows)  # the "A and B" column, summed over the groups
+    assert both == overlap and sum(int(r[-4]) for r in rows) == phis[0].k
     back = revert_sparse_deltas(composed, files)
     for name, t0 in theta0.items():
         assert torch.equal(back[name], t0), name
@@ -312,6 +319,15 @@ def test_a_phase1_of_another_architecture_or_shape_fails_before_training(
     assert str(e.value) == (f"phase1: tensor {name!r} has shape [64, 64] in {bent} but "
                             f"[128, 64] in the base {BASE}")
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_data_of_the_wrong_kind_fails_before_training(tmp_path: Path) -> None:
+    res = surgery("sparse", "train", str(BASE), "--data", str(FIXTURES / "data" /
+                                                              "sentiment.jsonl"),
+                  "-o", str(tmp_path / "d.safetensors"), "--steps", "2", cwd=tmp_path)
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert res.stderr.startswith("error: ") and "sentiment.jsonl: text+label records train a " \
+        "sequence classifier" in res.stderr and "phase 1" not in res.stderr
 
 
 def test_recipe_step_errors_name_the_yaml_line(tmp_path: Path) -> None:
