@@ -239,11 +239,12 @@ def masked_adamw(indices: Mapping[str, torch.Tensor], _device: _OnDevice | None 
 
 @dataclass
 class LtSftResult:
-    """The delta (in memory and, when asked, on disk) and where both phases' models are."""
+    """The delta (in memory and, when asked, on disk) and where both phases' models are
+    (``phase1`` None when it was given as an expression)."""
 
     delta: SparseDelta
     path: Path | None
-    phase1: Path
+    phase1: Path | None
     phase2: Path
     k: int
     history1: list[dict[str, Any]]
@@ -364,11 +365,12 @@ def run_lt_sft(plan: LtSftPlan, *, out: str | Path | None = None,
             finetune(plan.base, plan.data, out=phase1_dir, progress=progress,
                      dtype=torch.float32, **common)
         phase1_w = _as_weights(phase1_dir)
-        phase1_label = "trained (phase 1)"
+        phase1_record = _phase_record(phase1_dir)
     else:
         phase1_w = plan.phase1
-        phase1_dir = Path(phase1_w.node.checkpoints()[0].root)
-        phase1_label = _label(phase1_w)
+        cks = phase1_w.node.checkpoints()
+        phase1_dir = Path(cks[0].root) if isinstance(phase1_w.node, LoadNode) else None
+        phase1_record = {"model": _label(phase1_w), "sha256": weights_sha256(phase1_w)}
     check_phase1(plan.base, phase1_w, plan.maskable)
     sel, indices, _ = select_entries(plan.base, phase1_w, plan.density,
                                      maskable=plan.maskable)
@@ -389,17 +391,16 @@ def run_lt_sft(plan: LtSftPlan, *, out: str | Path | None = None,
         finetune(plan.base, plan.data, out=phase2_dir, progress=progress,
                  hooks=hooks, optimizer=masked_adamw(compact, on), dtype=torch.float32,
                  trainable=sorted(chosen), **common)
-    delta = _delta(plan, sel, indices, shapes, _as_weights(phase2_dir), phase1_label,
-                   phase1_dir)
+    delta = _delta(plan, sel, indices, shapes, _as_weights(phase2_dir), phase1_record)
     path = delta.save(out) if out is not None else None
-    history1 = _history(phase1_dir) if plan.phase1 is None else []
+    history1 = _history(phase1_dir) if plan.phase1 is None and phase1_dir else []
     return LtSftResult(delta, path, phase1_dir, phase2_dir, delta.k, history1,
                        _history(phase2_dir))
 
 
 def _delta(plan: LtSftPlan, sel: Selection, indices: dict[str, torch.Tensor],
-           shapes: dict[str, tuple[int, ...]], phase2: Weights, phase1_label: str,
-           phase1_dir: Path) -> SparseDelta:
+           shapes: dict[str, tuple[int, ...]], phase2: Weights,
+           phase1_record: dict[str, Any]) -> SparseDelta:
     """φ = θ2 − θ0 on the selected entries (float32), checking that nothing else moved."""
     values: dict[str, torch.Tensor] = {}
     for name in sel.maskable:
@@ -422,8 +423,7 @@ def _delta(plan: LtSftPlan, sel: Selection, indices: dict[str, torch.Tensor],
                                                           shapes.values()),
         "base": {"path": base_label, "revision": revision, "sha256": sha},
         "data": {"path": Path(plan.data).name, "sha256": file_sha256(plan.data)},
-        "phase1": _phase_record(phase1_dir) if phase1_label.startswith("trained") else
-        {"model": phase1_label, "sha256": weights_sha256(_as_weights(phase1_dir))},
+        "phase1": phase1_record,
         "phase2": {**_phase_record(Path(phase2.node.checkpoints()[0].root)), "l1": plan.l1},
     }
     kept = sum(i.numel() for i in indices.values())
