@@ -365,3 +365,49 @@ def test_ctrl_c_in_phase2_then_rerun_equals_an_uninterrupted_run(
     assert resumed.path.read_bytes() == whole.path.read_bytes()
     assert (resumed.phase2 / "model.safetensors").read_bytes() == \
         (whole.phase2 / "model.safetensors").read_bytes()
+
+
+def test_phase2_updates_equal_a_plain_pytorch_masked_adamw_loop(tmp_path: Path) -> None:
+    """Two phase-2 updates against the loop a reader would write: the base, every tensor
+    without a selected entry frozen, the gradient multiplied by a boolean mask, clip, then
+    torch.optim.AdamW; bit for bit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from surgery.train.data import epoch_order
+    from tests.test_train_loop import _plain_batch
+
+    res = lt_sft(BASE, MATH, out=tmp_path / "d.safetensors", density=0.01,
+                 phase1=FIXTURES / "tiny-llama" / "math", steps=2, lr=1e-3, batch_size=4)
+    ours = _weights(res.phase2)
+
+    tok = AutoTokenizer.from_pretrained(BASE)
+    model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).train()
+    chosen = {n: i for n, i in res.delta.indices.items() if i.numel()}
+    params = []
+    masks = {}
+    for name, p in model.named_parameters():
+        p.requires_grad_(name in chosen)
+        if name in chosen:
+            params.append(p)
+            m = torch.zeros(p.numel(), dtype=torch.bool)
+            m[chosen[name]] = True
+            masks[name] = m.reshape(p.shape)
+    opt = torch.optim.AdamW(params, lr=1e-3, weight_decay=0.0)
+    rows = [json.loads(line) for line in MATH.read_text().splitlines()]
+    order = epoch_order(len(rows), 0, 0)
+    for step in range(2):
+        batch = _plain_batch(tok, rows, order[4 * step:4 * step + 4])
+        logits = model(input_ids=batch["input_ids"],
+                       attention_mask=batch["attention_mask"]).logits
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), batch["labels"][:, 1:].reshape(-1),
+            ignore_index=-100)
+        loss.backward()
+        for name, p in model.named_parameters():
+            if name in masks:
+                p.grad.mul_(masks[name])
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    for name, p in model.named_parameters():
+        assert torch.equal(p.detach(), ours[name]), name
