@@ -411,3 +411,19 @@ def test_phase2_updates_equal_a_plain_pytorch_masked_adamw_loop(tmp_path: Path) 
         opt.zero_grad(set_to_none=True)
     for name, p in model.named_parameters():
         assert torch.equal(p.detach(), ours[name]), name
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="torch sees no CUDA device")
+def test_phase2_on_a_gpu_moves_only_masked_entries(tmp_path: Path) -> None:
+    res = lt_sft(BASE, MATH, out=tmp_path / "d.safetensors", density=0.01, l1=0.5,
+                 device="cuda", weight_decay=0.1, **{**SETTINGS, "seed": 1})
+    base, after = _weights(BASE), _weights(res.phase2)
+    moved = 0
+    for name, theta0 in base.items():
+        keep = torch.zeros(theta0.numel(), dtype=torch.bool)
+        if name in res.delta.indices:
+            keep[res.delta.indices[name]] = True
+        outside = ~keep.reshape(theta0.shape)
+        assert torch.equal(after[name][outside], theta0[outside]), name
+        moved += int((after[name] != theta0).sum())
+    assert 0.5 * res.k < moved <= res.k
