@@ -7,7 +7,8 @@ N maskable parameters, chosen by :func:`surgery.methods.sparse.select_entries`, 
 in the base's order, then to the lower flat index), so the mask equals theirs on the same pair.
 Phase 2 starts again from θ0 and fine-tunes with the gradient multiplied by the mask (an
 :class:`IndexMask` transform, before clipping, so the clipped norm is the masked gradient's),
-optionally with the L1 pull λ·Σ|θ − θ0|/N toward θ0 (:class:`L1Pull`).
+optionally with the L1 pull λ·Σ|θ − θ0|/N toward θ0, N the model's parameter count
+(:class:`L1Pull`).
 The result is the sparse delta φ = θ2 − θ0 on the K entries, in the format of
 :mod:`surgery.methods.sparse`, whose metadata names the base (path, revision, sha256), K, the
 data's sha256 and both phases' settings; ``sparse_apply`` composes such deltas by addition.
@@ -23,15 +24,29 @@ Zeroing a gradient but its indices (gather, zero, scatter) also ran several time
 multiplying by a boolean mask (21 ms against 141 ms on 20M entries, 2 cores). The gradients
 themselves stay dense (autograd writes whole tensors).
 
-Where we differ from the reference code (composable-sft's ``LotteryTicketSparseFineTuner``):
-its mask comes from a top-k over all differences whose ties fall where the sort puts them,
-ours from the deterministic rule above shared with ``sparsify``; its phase 2 keeps full AdamW
-moments and a float mask for every maskable tensor, ours keeps state for the K entries only;
-weight decay there decays every parameter the optimiser holds, here only the selected entries
-(an entry outside the mask stays bit-identical to θ0 whatever the settings); its L1 term is a
-loss added in both phases, ours a gradient transform of phase 2 only (the same gradient,
-λ/N · sign(θ − θ0), with sign(0) = 0, computed on the K entries, so it needs θ0 of those entries
-only). Phase 1 and phase 2 use the same settings and data.
+Where we differ from the reference code (composable-sft's ``LotteryTicketSparseFineTuner``
+and ``SparseFineTuner``), and why:
+
+- selection: it partitions every |θ1 − θ0| into a Python list and keeps each entry at or above
+  the K-th value, so ties at the threshold can keep more than K; ours keeps exactly K by the
+  deterministic tie rule shared with ``sparsify`` (the same selection everywhere, in memory
+  O(K)). It can also unfreeze in several iterations (``n_ft_iterations``); we do one, its
+  default.
+- phase 2: it rebuilds AdamW over every parameter that requires a gradient (two moments per
+  parameter) and multiplies the gradients by a boolean mask per maskable tensor; ours keeps
+  moments for the K entries only and masks with the index lists. Tensors outside the maskable
+  kinds (the head, norms) train fully there and are stored whole; here they stay at θ0, so the
+  delta is exactly K entries and deltas compose by addition (add ``head`` to ``maskable`` to
+  let the mask take head entries).
+- weight decay: there AdamW decays every parameter it holds, masked or not; here only the
+  selected entries, so an entry outside the mask stays bit-identical to θ0 whatever the
+  settings.
+- the delta: it drops entries that moved by at most 1e-7; ours stores all K entries.
+- L1: its (now commented-out) term λ·Σ|θ − θ0|/N, N the model's parameter count, was a loss
+  in both phases; ours is the same gradient, λ/N · sign(θ − θ0) with sign(0) = 0, as a
+  transform of phase 2 only, on the K entries (entries outside the mask sit at θ0, where it
+  is 0), so it needs θ0 of those entries only. Phase 1 and phase 2 use the same settings and
+  data.
 """
 
 from __future__ import annotations
@@ -339,6 +354,12 @@ def lt_sft_key(plan: LtSftPlan) -> str:
                                         plan.maskable, plan.l1])
 
 
+def model_params(w: Weights) -> int:
+    """N of the L1 term: the model's parameter count (its floating-point tensors), as the
+    reference code divides by."""
+    return sum(w.spec(n).numel for n in w.names if w.spec(n).dtype.is_floating_point)
+
+
 def _trained(path: Path) -> bool:
     return (path / "config.json").is_file() and (path / "provenance.json").is_file()
 
@@ -386,7 +407,7 @@ def run_lt_sft(plan: LtSftPlan, *, out: str | Path | None = None,
         on = _OnDevice()
         hooks: list[GradientTransform] = []
         if plan.l1:
-            hooks.append(L1Pull(plan.l1, compact, total, on))
+            hooks.append(L1Pull(plan.l1, compact, model_params(plan.base), on))
         hooks.append(IndexMask(compact, on))
         finetune(plan.base, plan.data, out=phase2_dir, progress=progress,
                  hooks=hooks, optimizer=masked_adamw(compact, on), dtype=torch.float32,
