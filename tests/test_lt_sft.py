@@ -427,3 +427,25 @@ def test_phase2_on_a_gpu_moves_only_masked_entries(tmp_path: Path) -> None:
         assert torch.equal(after[name][outside], theta0[outside]), name
         moved += int((after[name] != theta0).sum())
     assert 0.5 * res.k < moved <= res.k
+
+
+def test_the_recipe_step_yields_the_base_plus_its_delta(tmp_path: Path) -> None:
+    from surgery.recipe import run_recipe
+
+    delta, out = tmp_path / "d.safetensors", tmp_path / "o"
+    text = (f"inputs:\n  base: {BASE}\n  math: {FIXTURES / 'tiny-llama' / 'math'}\nsteps:\n"
+            f"  lt: {{op: lt_sft, base: base, phase1: math, data: {MATH}, density: 0.01, "
+            f"steps: 2, lr: 0.001, batch_size: 4, delta: {delta}}}\n"
+            f"output: {{from: lt, path: {out}}}\n")
+    events: list = []
+    run_recipe(build_recipe(text), on_train=events.append)
+    assert len(events) == 2  # phase 2 only: phase1 is given
+    got, want = load(out), apply_sparse_deltas(load(BASE), [SparseDeltaFile(delta)])
+    assert got.names == want.names
+    for name in got.names:
+        assert torch.equal(got[name], want[name]), name
+    record = json.loads((out / "provenance.json").read_text())
+    assert record["sections"]["LT-SFT"].startswith("LT-SFT (composable sparse fine-tuning")
+    events.clear()
+    run_recipe(build_recipe(text), force=True, on_train=events.append)
+    assert events == []  # cached
