@@ -429,8 +429,11 @@ def test_phase2_on_a_gpu_moves_only_masked_entries(tmp_path: Path) -> None:
     assert 0.5 * res.k < moved <= res.k
 
 
-def test_the_recipe_step_yields_the_base_plus_its_delta(tmp_path: Path) -> None:
+def test_the_recipe_step_yields_the_base_plus_its_delta(tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     from surgery.recipe import run_recipe
+
+    monkeypatch.setenv("WEIGHT_SURGERY_CACHE", str(tmp_path / "cache"))  # its own runs
 
     delta, out = tmp_path / "d.safetensors", tmp_path / "o"
     text = (f"inputs:\n  base: {BASE}\n  math: {FIXTURES / 'tiny-llama' / 'math'}\nsteps:\n"
