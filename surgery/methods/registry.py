@@ -56,10 +56,11 @@ def _build_task_arithmetic(p: soup.TaskArithmeticParams, get: Resolve) -> Weight
 
 
 def _build_sparse_apply(p: sparse.SparseApplyParams, get: Resolve) -> Weights:
-    return sparse.apply_sparse_deltas(get(p.base), [sparse.SparseDeltaFile(d) for d in p.deltas])
+    return sparse.apply_sparse_deltas(get(p.base), [sparse.SparseDeltaFile(d) for d in p.deltas],
+                                      ignore_base_hash=p.ignore_base_hash)
 
 
-def _build_sparse_revert(p: sparse.SparseApplyParams, get: Resolve) -> Weights:
+def _build_sparse_revert(p: sparse.SparseRevertParams, get: Resolve) -> Weights:
     return sparse.revert_sparse_deltas(get(p.base),
                                        [sparse.SparseDeltaFile(d) for d in p.deltas])
 
@@ -129,7 +130,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation("sparse_apply", "Base plus sparse deltas (files), composed by addition",
                   sparse.SPARSE_REF, sparse.SparseApplyParams, ("base",), _build_sparse_apply),
         Operation("sparse_revert", "Model minus sparse deltas (files): undoes sparse_apply",
-                  sparse.SPARSE_REF, sparse.SparseApplyParams, ("base",), _build_sparse_revert),
+                  sparse.SPARSE_REF, sparse.SparseRevertParams, ("base",), _build_sparse_revert),
         Operation("sparsify", "Base plus the top-K magnitude entries of a fine-tune's update",
                   sparse.SPARSE_REF, sparse.SparsifyParams, ("base", "model"), _build_sparsify),
         Operation("hft_reset", "Reset a seeded half of each block's modules to the base",

@@ -7,8 +7,10 @@ from surgery.train.drift import DriftBias
 from surgery.train.graft import GraftConfig, graft, graft_stitch
 from surgery.train.hooks import GradientMask, GradientTransform, TrainableSet
 from surgery.train.loop import TrainEvent, TrainingDiverged, TrainResult, finetune
+from surgery.train.lt_sft import LtSftResult, MaskedAdamW, lt_sft
 from surgery.train.objectives import Objective
 
 __all__ = ["DriftBias", "DriftSettings", "GradientMask", "GradientTransform", "GraftConfig",
-           "Objective", "TrainConfig", "TrainEvent", "TrainResult", "TrainableSet",
-           "TrainingDiverged", "drift_prior", "finetune", "graft", "graft_stitch"]
+           "LtSftResult", "MaskedAdamW", "Objective", "TrainConfig", "TrainEvent",
+           "TrainResult", "TrainableSet", "TrainingDiverged", "drift_prior", "finetune", "graft",
+           "graft_stitch", "lt_sft"]

@@ -159,6 +159,11 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig
     return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
 
 
+# Builds the optimiser of a run from its trainable parameters and settings (default
+# :func:`make_optimizer`; LT-SFT's phase 2 passes a masked AdamW).
+OptimizerFactory = Callable[[dict[str, torch.nn.Parameter], TrainConfig], torch.optim.Optimizer]
+
+
 class _Interrupt:
     """Ctrl-C during training: the first ends the run at the next update boundary, after
     saving resumable state; a second one stops at once."""
@@ -199,9 +204,11 @@ class Trainer:
     """One run's state; :func:`finetune` builds it, runs it and saves the result."""
 
     def __init__(self, source: ModelSource, data_path: str | Path, config: TrainConfig,
-                 transforms: Sequence[GradientTransform] = ()) -> None:
+                 transforms: Sequence[GradientTransform] = (),
+                 optimizer: OptimizerFactory | None = None) -> None:
         self.source = source
         self.config = config
+        self.optimizer_factory = optimizer or make_optimizer
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         records = read_records(data_path)
@@ -265,7 +272,7 @@ class Trainer:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = make_optimizer(self.params, config)
+        optimizer = self.optimizer_factory(self.params, config)
         if scratch is not None:
             restored = load_state(scratch, self.params, optimizer)
             if restored is not None:
@@ -379,7 +386,7 @@ def finetune(model: str | Path | Weights, data: str | Path, *, out: str | Path,
              hooks: Sequence[GradientTransform] = (), progress: TrainCallback | None = None,
              force: bool = False, dtype: str | torch.dtype | None = None,
              shard_size: int | str = "5GB", recipe_text: str | None = None,
-             **settings: Any) -> TrainResult:
+             optimizer: OptimizerFactory | None = None, **settings: Any) -> TrainResult:
     """Fine-tune ``model`` (a path, a Hub id or a lazy ``Weights`` expression, materialised
     once) on the JSONL file ``data`` and write the result to ``out``.
 
@@ -387,14 +394,16 @@ def finetune(model: str | Path | Weights, data: str | Path, *, out: str | Path,
     ``epochs``, ``lr``, ``batch_size``, ``grad_accum``, ``max_length``, ``schedule``,
     ``warmup``, ``weight_decay``, ``clip``, ``seed``, ``device``, ``objective``,
     ``trainable``, ``eval_data``, ``eval_every``, ``checkpoint_every``, ...). ``hooks`` are
-    gradient transforms; ``progress`` gets a :class:`TrainEvent` after every update.
+    gradient transforms; ``progress`` gets a :class:`TrainEvent` after every update;
+    ``optimizer`` builds the optimiser from the trainable parameters and the settings
+    (default: AdamW, :func:`make_optimizer`).
 
     With ``checkpoint_every`` (and on Ctrl-C) the training state goes into ``OUT.partial``;
     rerunning the same call resumes there, with the result of an uninterrupted run.
     """
     config = parse_config(settings)
     source = resolve_source(model)
-    trainer = Trainer(source, data, config, hooks)
+    trainer = Trainer(source, data, config, hooks, optimizer)
     save_args: dict[str, Any] = {"dtype": dtype, "shard_size": shard_size, "device": "cpu",
                                  "seed": config.seed, "recipe_text": recipe_text}
     outdir = OutputDir(Path(out), force=force, inputs=[ck.root for ck in source.checkpoints])
