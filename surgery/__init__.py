@@ -63,3 +63,14 @@ __all__ = [
     "task_arithmetic",
     "ties",
 ]
+
+# mergekit 0.1.5's other merge methods (issue 21).
+from surgery.methods import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    della,
+    della_linear,
+    model_stock,
+)
+
+__all__ += ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock"]

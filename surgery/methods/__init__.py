@@ -17,6 +17,8 @@ from surgery.methods.sparse import (
     sparsify,
 )
 from surgery.methods.spherical import slerp
+from surgery.methods.stock import model_stock
+from surgery.methods.task_merges import breadcrumbs, breadcrumbs_ties, della, della_linear
 from surgery.methods.ties_dare import dare_linear, dare_ties, ties
 
 __all__ = ["Mask", "Rule", "SparseDelta", "apply_sparse_deltas", "dare_linear", "dare_ties",
@@ -24,3 +26,4 @@ __all__ = ["Mask", "Rule", "SparseDelta", "apply_sparse_deltas", "dare_linear", 
            "keep_first_layers", "linear", "lines", "load_mask", "load_sparse_delta",
            "overlap_by_layer", "revert_sparse_deltas", "slerp", "sparsify", "stack_layers",
            "task_arithmetic", "ties"]
+__all__ += ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock"]

@@ -15,7 +15,17 @@ from pydantic import BaseModel
 
 from surgery.errors import UsageError
 from surgery.expr import Weights
-from surgery.methods import hft, layer_scaling, layers, soup, sparse, spherical, ties_dare
+from surgery.methods import (
+    hft,
+    layer_scaling,
+    layers,
+    soup,
+    sparse,
+    spherical,
+    stock,
+    task_merges,
+    ties_dare,
+)
 from surgery.methods.schedule import Scheduled
 
 Resolve = Callable[[str], Weights]
@@ -104,6 +114,34 @@ def _build_lines(p: layer_scaling.LinesParams, get: Resolve) -> Weights:
                        layer_pattern=p.layer_pattern)
 
 
+def _build_model_stock(p: stock.ModelStockParams, get: Resolve) -> Weights:
+    return stock.model_stock(get(p.base), [get(m) for m in p.models], p.filter_wise)
+
+
+def _build_breadcrumbs(p: task_merges.BreadcrumbsParams, get: Resolve) -> Weights:
+    return task_merges.breadcrumbs(get(p.base), [get(m) for m in p.models], p.density, p.gamma,
+                                   p.weights, p.lambda_, p.normalize, p.rescale,
+                                   p.tie_break, p.layer_pattern)
+
+
+def _build_breadcrumbs_ties(p: task_merges.BreadcrumbsParams, get: Resolve) -> Weights:
+    return task_merges.breadcrumbs_ties(get(p.base), [get(m) for m in p.models], p.density,
+                                        p.gamma, p.weights, p.lambda_, p.normalize, p.rescale,
+                                        p.tie_break, p.layer_pattern)
+
+
+def _build_della(p: task_merges.DellaParams, get: Resolve) -> Weights:
+    return task_merges.della(get(p.base), [get(m) for m in p.models], p.density, p.epsilon,
+                             p.weights, p.lambda_, p.normalize, p.rescale, p.rng,
+                             p.layer_pattern)
+
+
+def _build_della_linear(p: task_merges.DellaLinearParams, get: Resolve) -> Weights:
+    return task_merges.della_linear(get(p.base), [get(m) for m in p.models], p.density,
+                                    p.epsilon, p.weights, p.lambda_, p.normalize, p.rescale,
+                                    p.rng, p.layer_pattern)
+
+
 OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in (
@@ -141,6 +179,21 @@ OPERATIONS: dict[str, Operation] = {
         Operation("lines", "Scale a task vector by block depth (layer-increasing)",
                   layer_scaling.LINES_REF, layer_scaling.LinesParams,
                   ("base", "model", "tasks"), _build_lines),
+        Operation("model_stock", "Base moved towards the fine-tunes' average by their angle",
+                  stock.MODEL_STOCK_REF, stock.ModelStockParams, ("base", "models"),
+                  _build_model_stock),
+        Operation("breadcrumbs", "Drop the smallest and largest updates, then add them",
+                  task_merges.BREADCRUMBS_REF, task_merges.BreadcrumbsParams,
+                  ("base", "models"), _build_breadcrumbs),
+        Operation("breadcrumbs_ties", "Breadcrumbs' drops, then TIES sign election",
+                  task_merges.BREADCRUMBS_REF, task_merges.BreadcrumbsParams,
+                  ("base", "models"), _build_breadcrumbs_ties),
+        Operation("della", "Magnitude-ranked random drops (MagPrune), then TIES election",
+                  task_merges.DELLA_REF, task_merges.DellaParams, ("base", "models"),
+                  _build_della),
+        Operation("della_linear", "Magnitude-ranked random drops (MagPrune), then add them",
+                  task_merges.DELLA_REF, task_merges.DellaLinearParams, ("base", "models"),
+                  _build_della_linear),
     )
 }
 

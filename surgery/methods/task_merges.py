@@ -1,0 +1,347 @@
+"""Task-vector merges with a sparsification step other than TIES's trim or DARE's drops:
+Model Breadcrumbs (drop the smallest and the largest updates) and DELLA (magnitude-ranked
+random drops), each with a linear or a TIES-style combination, as mergekit 0.1.5 has them."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from surgery.errors import UsageError
+from surgery.expr import ElementwiseNode, EvalContext, Weights
+from surgery.methods.schedule import Depth, Schedule, Scheduled, in_closed_unit_interval
+from surgery.methods.ties_dare import (
+    _INT_VIEW,
+    _MIX1,
+    _MIX2,
+    BLOCK,
+    _params,
+    _prepare,
+    _TaskVectorMergeParams,
+    find_cuts,
+)
+
+BREADCRUMBS_REF = "Model Breadcrumbs, arXiv 2312.06795"
+DELLA_REF = "DELLA-Merging (MagPrune), arXiv 2406.11617"
+
+DellaRescale = Literal["l1", "inverse_probability", "none"]
+DellaRng = Literal["hash", "torch"]
+TieBreak = Literal["index", "torch_sort"]
+
+
+def combine_task_vectors(base: torch.Tensor, deltas: torch.Tensor, weights: Sequence[float],
+                         ties: bool, normalize: bool, lambda_: float) -> torch.Tensor:
+    """θ₀ + λ·merged from the stacked sparsified task vectors ``deltas`` [T, ...] (overwritten),
+    in mergekit's generalized task arithmetic, step for step (so results agree bit for bit):
+    d_i = w_i·τ̃_i; linear: merged = Σ d_i (over Σ w_i with ``normalize``, a divisor below
+    1e-8 counting as 1); ``ties``: s = sign(Σ d_i) (+1 at 0), m_i = [sign(d_i) = s],
+    merged = Σ m_i d_i (over Σ m_i w_i with ``normalize``, 0 counting as 1)."""
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
+    while w.dim() < deltas.dim():
+        w.unsqueeze_(-1)
+    deltas.mul_(w)
+    if ties:
+        sign = deltas.sign()
+        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        agree = sign == majority
+        merged = (deltas * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        merged = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        merged /= divisor
+    if lambda_ != 1:
+        merged *= lambda_
+    return base + merged
+
+
+def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``kept`` (τ with entries dropped) scaled so that ‖kept‖₁ = ‖τ‖₁, as mergekit's l1
+    rescale; unchanged when either norm is below 1e-7."""
+    before, after = tau.abs().sum(), kept.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def _keep_top(tau: torch.Tensor, k: int) -> torch.Tensor:
+    """τ with only its k entries of largest magnitude (ties at the cut: lower flat index
+    first), the rest zero; k-th value selection, no sort (see ``ties_dare.find_cuts``)."""
+    n = tau.numel()
+    if k >= n:
+        return tau.clone()
+    if k <= 0:
+        return torch.zeros_like(tau)
+    mag = tau.abs().reshape(-1).view(_INT_VIEW[tau.element_size()])
+    (cut,) = find_cuts([(s, lambda s=s: [mag[s:s + BLOCK]]) for s in range(0, n, BLOCK)], k, n,
+                       8 * tau.element_size())
+    out = tau.clone().reshape(-1)
+    cut.apply(out, 0, torch.empty_like(out))
+    return out.reshape(tau.shape)
+
+
+def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float,
+                     tie_break: TieBreak = "index") -> torch.Tensor:
+    """Model Breadcrumbs' sparsification of one task vector (arXiv 2312.06795), with
+    mergekit's counts: of n entries, k = ⌊density·n⌋ are kept, the ⌊gamma·n⌋ of largest |τ|
+    (fewer when k + ⌊gamma·n⌋ > n) and the rest of the smallest are zeroed. So the kept
+    entries are those of ranks ⌊gamma·n⌋ + 1 .. ⌊gamma·n⌋ + k by magnitude from the top.
+    ``density`` ≥ 1 returns τ unchanged (as mergekit: no outlier removal either).
+
+    ``tie_break="index"`` (default): computed as keep_top(n_top + k) − keep_top(n_top), both
+    by k-th value selection in linear time; of equal magnitudes at a cut the lower flat indices
+    rank higher. ``"torch_sort"``: mergekit's way, ranks from ``torch.sort`` of the float32
+    magnitudes, whose order of equal values is unspecified (not stable); it agrees with
+    mergekit bit for bit on the same torch build, also where equal magnitudes straddle a cut
+    (common for task vectors of bf16 checkpoints), and costs a sort of the tensor."""
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    k = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - k - n_top)
+    removed_top = n - n_bot - k
+    if tie_break == "torch_sort":
+        order = torch.sort(tau.abs().reshape(-1).float(), descending=False).indices
+        mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+        mask[order[n_bot:n_bot + k]] = 1
+        return tau * mask.reshape(tau.shape)
+    kept = _keep_top(tau, n - n_bot)
+    if removed_top > 0:
+        kept -= _keep_top(tau, removed_top)  # a subset of kept: the difference is exact
+    return kept
+
+
+def _breadcrumbs(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
+                 gamma: Scheduled, weights: Sequence[Scheduled] | None, lambda_: Scheduled,
+                 ties: bool, normalize: bool, rescale: bool, tie_break: TieBreak,
+                 layer_pattern: str | None) -> Weights:
+    dens, ws, lam = _prepare(op, base, models, density, weights, lambda_, layer_pattern)
+    gam = Schedule(f"{op}: gamma", gamma, base.node, Depth.of(base.node, layer_pattern),
+                   check=in_closed_unit_interval)
+
+    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        theta0 = ts[0]
+        d, g = dens(name), gam(name)
+        deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
+        for i, t in enumerate(ts[1:]):
+            tau = t - theta0
+            kept = breadcrumbs_mask(tau, d, g, tie_break)
+            deltas[i] = l1_rescaled(tau, kept) if rescale and d < 1 else kept
+        return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
+                                    lam(name))
+
+    return Weights(ElementwiseNode(
+        [base.node, *(m.node for m in models)], fn, op,
+        _params(dens, ws, lam, gamma=gam.describe(), normalize=normalize, rescale=rescale,
+                tie_break=tie_break),
+        BREADCRUMBS_REF))
+
+
+def breadcrumbs(base: Weights, models: Sequence[Weights], density: Scheduled,
+                gamma: Scheduled = 0.01, weights: Sequence[Scheduled] | None = None,
+                lambda_: Scheduled = 1.0, normalize: bool = False, rescale: bool = False,
+                tie_break: TieBreak = "index", layer_pattern: str | None = None) -> Weights:
+    """Model Breadcrumbs (arXiv 2312.06795), mergekit's ``breadcrumbs``:
+
+    τ_i = θ_i − θ₀; τ̃_i keeps the entries of τ_i ranked ⌊γn⌋ + 1 .. ⌊γn⌋ + ⌊density·n⌋ by
+    magnitude from the top (the largest γ share are outliers, the smallest the noise; see
+    :func:`breadcrumbs_mask`); θ = θ₀ + λ Σ w_i τ̃_i (over Σ w_i with ``normalize``).
+    ``rescale`` scales each τ̃_i back to ‖τ_i‖₁; ``tie_break`` orders equal magnitudes at a
+    cut (see :func:`breadcrumbs_mask`: ``torch_sort`` is mergekit's order, bit for bit).
+    Defaults γ = 0.01, λ = 1, as mergekit (whose ``gamma`` is the share dropped at the top;
+    the share dropped at the bottom is what ``density`` and γ leave).
+    """
+    return _breadcrumbs("breadcrumbs", base, models, density, gamma, weights, lambda_, False,
+                        normalize, rescale, tie_break, layer_pattern)
+
+
+def breadcrumbs_ties(base: Weights, models: Sequence[Weights], density: Scheduled,
+                     gamma: Scheduled = 0.01, weights: Sequence[Scheduled] | None = None,
+                     lambda_: Scheduled = 1.0, normalize: bool = False, rescale: bool = False,
+                     tie_break: TieBreak = "index", layer_pattern: str | None = None
+                     ) -> Weights:
+    """Model Breadcrumbs' sparsification with TIES's sign election (arXiv 2312.06795,
+    2306.01708), mergekit's ``breadcrumbs_ties``: the τ̃_i of :func:`breadcrumbs`, weighted,
+    d_i = w_i τ̃_i; s = sign(Σ d_i) (+1 at 0); θ = θ₀ + λ Σ [sign(d_i) = s] d_i (over the
+    agreeing Σ w_i with ``normalize``; mergekit's default is no normalisation)."""
+    return _breadcrumbs("breadcrumbs_ties", base, models, density, gamma, weights, lambda_,
+                        True, normalize, rescale, tie_break, layer_pattern)
+
+
+# DELLA's counter-based draws: entry j of model i in tensor ``name`` is kept iff the top 31
+# bits of the lowbias32-style hash of DARE (ties_dare.drop_entries) of j xor a key from
+# SHA-256 of (seed, "della", model, name, j div 2³²) fall below p_j·2³¹.
+def della_key(seed: int, name: str, model: int, high: int = 0) -> int:
+    """The unsigned 32-bit key of model ``model``'s draws in tensor ``name``."""
+    digest = hashlib.sha256(f"{seed}\0della:{model}\0{name}\0{high}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def della_torch_seed(seed: int, name: str) -> int:
+    """The seed of the ``torch.Generator`` that draws tensor ``name``'s masks with
+    ``rng="torch"`` (all models, in order, from one generator)."""
+    digest = hashlib.sha256(f"{seed}\0della-torch\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def uniform31(n: int, key: Callable[[int], int]) -> np.ndarray:
+    """31-bit hash values of flat positions 0..n−1 (``key(high)``: the key for positions
+    with j div 2³² = high), as int64: x = j ^ key; x ^= x >>> 16; x *= 0x7FEB352D;
+    x ^= x >>> 15; x *= 0x846CA68B; value = x >>> 1."""
+    out = np.empty(n, dtype=np.int64)
+    span = 1 << 32
+    for start in range(0, n, span):
+        m = min(span, n - start)
+        x = np.arange(m, dtype=np.uint32)
+        x ^= np.uint32(key(start // span))
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(_MIX1)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(_MIX2 & 0xFFFFFFFF)
+        out[start:start + m] = x >> np.uint32(1)
+    return out
+
+
+def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """MagPrune's keep probabilities, row by row (a 1-D tensor is one row), as mergekit:
+    with r the rank of |τ| within its row (1 = smallest, by ``torch.argsort``), and c the
+    row's length, p = (density − ε) + (r − 1)/(c − 1)·2ε, so the smallest entry is kept with
+    p = density − ε, the largest with density + ε, the mean density. A row of one entry
+    (c = 1, which mergekit cannot draw for) gets p = density."""
+    rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    magnitudes = rows.abs()
+    order = torch.argsort(magnitudes, dim=1, descending=False)
+    ranks = order.argsort(dim=1).to(torch.float32) + 1
+    low = ranks.min(dim=1, keepdim=True).values
+    high = ranks.max(dim=1, keepdim=True).values
+    if rows.shape[1] == 1:
+        return torch.full_like(rows, density, dtype=torch.float32)
+    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def della_prune(tau: torch.Tensor, density: float, epsilon: float, rescale: DellaRescale,
+                draw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One task vector through MagPrune (arXiv 2406.11617): keep each entry with its
+    :func:`della_probabilities` p, from ``draw(p)`` (a 0/1 float mask like ``p``), then
+    rescale: ``l1`` (mergekit: the survivors scaled to ‖τ‖₁), ``inverse_probability`` (the
+    paper: each survivor divided by its p, unbiased per entry) or ``none``. Returns τ's shape;
+    ``density`` ≥ 1 returns τ."""
+    if density >= 1:
+        return tau
+    rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    p = della_probabilities(tau, density, epsilon)
+    mask = draw(p).to(torch.float32)
+    kept = rows * mask
+    if rescale == "l1":
+        kept = l1_rescaled(rows, kept)
+    elif rescale == "inverse_probability":
+        kept = kept / p
+    return kept.reshape(tau.shape)
+
+
+def _della(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
+           epsilon: Scheduled, weights: Sequence[Scheduled] | None, lambda_: Scheduled,
+           ties: bool, normalize: bool, rescale: DellaRescale, rng: DellaRng,
+           layer_pattern: str | None) -> Weights:
+    dens, ws, lam = _prepare(op, base, models, density, weights, lambda_, layer_pattern)
+    eps = Schedule(f"{op}: epsilon", epsilon, base.node, Depth.of(base.node, layer_pattern),
+                   check=lambda v: None if v >= 0 else "is negative")
+    for name in base.node.names():
+        d, e = dens(name), eps(name)
+        if d < 1 and not (0 < d - e and d + e < 1):
+            raise UsageError(f"{op}: density {d!r} and epsilon {e!r} for tensor {name!r}: "
+                             "density ± epsilon must lie within (0, 1)")
+    if rng not in ("hash", "torch"):
+        raise UsageError(f"{op}: rng must be 'hash' or 'torch' (got {rng!r})")
+
+    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        theta0 = ts[0]
+        d, e = dens(name), eps(name)
+        deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
+        gen = None
+        if rng == "torch":
+            gen = torch.Generator(device=theta0.device)
+            gen.manual_seed(della_torch_seed(ctx.seed, name))
+        for i, t in enumerate(ts[1:]):
+            if rng == "torch":
+                def draw(p: torch.Tensor) -> torch.Tensor:
+                    return torch.bernoulli(p, generator=gen)
+            else:
+                def draw(p: torch.Tensor, i: int = i) -> torch.Tensor:
+                    u = uniform31(p.numel(), lambda high: della_key(ctx.seed, name, i, high))
+                    limit = np.round(p.reshape(-1).double().cpu().numpy() * float(1 << 31))
+                    keep = torch.from_numpy(u < limit).reshape(p.shape)
+                    return keep.to(device=p.device, dtype=p.dtype)
+            deltas[i] = della_prune(t - theta0, d, e, rescale, draw)
+        return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
+                                    lam(name))
+
+    return Weights(ElementwiseNode(
+        [base.node, *(m.node for m in models)], fn, op,
+        _params(dens, ws, lam, epsilon=eps.describe(), normalize=normalize, rescale=rescale,
+                rng=rng), DELLA_REF))
+
+
+def della(base: Weights, models: Sequence[Weights], density: Scheduled,
+          epsilon: Scheduled = 0.15, weights: Sequence[Scheduled] | None = None,
+          lambda_: Scheduled = 1.0, normalize: bool = True, rescale: DellaRescale = "l1",
+          rng: DellaRng = "hash", layer_pattern: str | None = None) -> Weights:
+    """DELLA (arXiv 2406.11617), mergekit's ``della``: MagPrune, then TIES's election.
+
+    1. drop: each entry of τ_i = θ_i − θ₀ is kept with probability p rising linearly with its
+       magnitude's rank in its row, from density − ε to density + ε (mean: density; see
+       :func:`della_probabilities`); survivors rescaled (``rescale``: ``l1``, mergekit's and the
+       default; ``inverse_probability``, the paper's 1/p; ``none``);
+    2. elect and merge: d_i = w_i τ̃_i, s = sign(Σ d_i), θ = θ₀ + λ Σ [sign(d_i) = s] d_i over
+       Σ [sign(d_i) = s] w_i (``normalize``, default on as mergekit).
+
+    Draws: ``rng="hash"`` (default) keeps entry j iff a hash of (seed, model, tensor, j) is
+    below p_j·2³¹, the same on any device and thread; ``rng="torch"`` draws
+    ``torch.bernoulli`` from a generator seeded by :func:`della_torch_seed` (seed, tensor),
+    models in order, which is what mergekit draws when torch's global generator is seeded so
+    before each tensor. Defaults ε = 0.15, λ = 1 (mergekit's).
+    """
+    return _della("della", base, models, density, epsilon, weights, lambda_, True, normalize,
+                  rescale, rng, layer_pattern)
+
+
+def della_linear(base: Weights, models: Sequence[Weights], density: Scheduled,
+                 epsilon: Scheduled = 0.15, weights: Sequence[Scheduled] | None = None,
+                 lambda_: Scheduled = 1.0, normalize: bool = False,
+                 rescale: DellaRescale = "l1", rng: DellaRng = "hash",
+                 layer_pattern: str | None = None) -> Weights:
+    """DELLA's MagPrune with a linear combination (arXiv 2406.11617), mergekit's
+    ``della_linear``: the τ̃_i of :func:`della`, θ = θ₀ + λ Σ w_i τ̃_i (over Σ w_i with
+    ``normalize``, off by default as mergekit)."""
+    return _della("della_linear", base, models, density, epsilon, weights, lambda_, False,
+                  normalize, rescale, rng, layer_pattern)
+
+
+class BreadcrumbsParams(_TaskVectorMergeParams):
+    density: Scheduled = Field(description="fraction of each task vector kept, in (0, 1]")
+    gamma: Scheduled = Field(0.01, description="fraction of largest-magnitude entries dropped")
+    normalize: bool = Field(False, description="divide by the sum of weights")
+    rescale: bool = Field(False, description="scale kept entries back to the L1 norm")
+    tie_break: TieBreak = Field("index", description="equal magnitudes at a cut: index "
+                                "(linear time) or torch_sort (mergekit's order)")
+
+
+class DellaParams(_TaskVectorMergeParams):
+    epsilon: Scheduled = Field(0.15, description="keep probability spread: density ± epsilon")
+    normalize: bool = Field(True, description="divide by the agreeing weights")
+    rescale: DellaRescale = Field("l1", description="l1 (mergekit), inverse_probability, none")
+    rng: DellaRng = Field("hash", description="hash (any device) or torch (mergekit's draws)")
+
+
+class DellaLinearParams(DellaParams):
+    normalize: bool = Field(False, description="divide by the sum of weights")

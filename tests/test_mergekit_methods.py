@@ -1,0 +1,219 @@
+"""The merge methods of mergekit 0.1.5 that TIES, DARE, SLERP and the soups do not cover, against
+mergekit's ``run_merge`` (``dtype: float32``) on the tiny-llama fixtures (base; math, code and
+chat fine-tunes). Deterministic methods agree bit for bit. DELLA draws: with ``rng="torch"``
+ours draws from a generator seeded per tensor (``della_torch_seed``); mergekit draws from
+torch's global generator, which the test seeds with the same value before each tensor (its
+``merge_group`` wrapped), and then the outputs agree bit for bit too; the default hash draws are
+compared by their statistics."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskArithmeticMerge
+from mergekit.options import MergeOptions
+from safetensors.torch import load_file
+
+from surgery import Weights, load
+from surgery.errors import UsageError
+from surgery.methods.stock import model_stock
+from surgery.methods.task_merges import (
+    breadcrumbs,
+    breadcrumbs_mask,
+    breadcrumbs_ties,
+    della,
+    della_linear,
+    della_probabilities,
+    della_torch_seed,
+)
+from tests.conftest import fixture_dir
+
+FINETUNES = ("math", "code", "chat")
+
+
+@pytest.fixture(scope="module")
+def paths() -> dict[str, Path]:
+    return {n: fixture_dir("tiny-llama", n) for n in ("base", *FINETUNES)}
+
+
+@pytest.fixture(scope="module")
+def models(paths: dict[str, Path]) -> dict[str, Weights]:
+    return {n: load(p) for n, p in paths.items()}
+
+
+def mergekit(config: dict[str, Any], out: Path) -> dict[str, torch.Tensor]:
+    run_merge(MergeConfiguration.model_validate({"dtype": "float32", **config}), str(out),
+              MergeOptions(copy_tokenizer=False, write_model_card=False, quiet=True))
+    tensors: dict[str, torch.Tensor] = {}
+    for shard in sorted(out.glob("*.safetensors")):
+        tensors.update(load_file(shard))
+    return tensors
+
+
+def entries(paths: dict[str, Path], names: tuple[str, ...] = FINETUNES,
+            **params: Any) -> list[dict]:
+    """mergekit's model entries; a list value gives one per model."""
+    return [{"model": str(paths[n]),
+             "parameters": {k: v[i] if isinstance(v, tuple) else v for k, v in params.items()}}
+            for i, n in enumerate(names)]
+
+
+def assert_same(ours: Weights, theirs: dict[str, torch.Tensor]) -> None:
+    assert set(ours.names) == set(theirs)
+    for name in ours.names:
+        mine = ours[name]
+        assert torch.equal(mine, theirs[name]), \
+            f"{name}: max diff {(mine - theirs[name]).abs().max().item()}"
+
+
+def fts(models: dict[str, Weights], names: tuple[str, ...] = FINETUNES) -> list[Weights]:
+    return [models[n] for n in names]
+
+
+@pytest.mark.parametrize("filter_wise", [False, True])
+def test_model_stock_equals_mergekit(paths: dict[str, Path], models: dict[str, Weights],
+                                     filter_wise: bool, tmp_path: Path) -> None:
+    theirs = mergekit({"merge_method": "model_stock", "base_model": str(paths["base"]),
+                       "parameters": {"filter_wise": filter_wise},
+                       "models": entries(paths)}, tmp_path / "mk")
+    assert_same(model_stock(models["base"], fts(models), filter_wise=filter_wise), theirs)
+
+
+def test_model_stock_by_hand() -> None:
+    """Two orthogonal unit task vectors: cos = 0, t = 0, the base; opposite ones of equal
+    length sit at the singularity (1 + cos = 0) and keep the base; at cos = 1/2, t = 2/3."""
+    from surgery.methods.stock import model_stock_tensors
+
+    base = torch.tensor([1.0, 1.0, 1.0])
+    a, b = base + torch.tensor([1.0, 0, 0]), base + torch.tensor([0, 1.0, 0])
+    assert torch.equal(model_stock_tensors(base, [a, b]), base)
+    assert torch.equal(model_stock_tensors(base, [a, 2 * base - a]), base)
+    c = base + torch.tensor([0.5, 0.75 ** 0.5, 0])  # cos(a - base, c - base) = 1/2
+    out = model_stock_tensors(base, [a, c])
+    assert torch.allclose(out, base + 2 / 3 * ((a + c) / 2 - base), atol=1e-6)
+
+
+@pytest.mark.parametrize(("op", "fn", "params"), [
+    ("breadcrumbs", breadcrumbs, {}),
+    ("breadcrumbs", breadcrumbs, {"normalize": True, "rescale": True, "lambda": 0.7}),
+    ("breadcrumbs_ties", breadcrumbs_ties, {}),
+    ("breadcrumbs_ties", breadcrumbs_ties, {"normalize": True, "lambda": 1.3}),
+])
+def test_breadcrumbs_equals_mergekit(paths: dict[str, Path], models: dict[str, Weights],
+                                     op: str, fn: Any, params: dict, tmp_path: Path) -> None:
+    theirs = mergekit({"merge_method": op, "base_model": str(paths["base"]),
+                       "parameters": params,
+                       "models": entries(paths, density=0.6, gamma=0.05,
+                                         weight=(1.0, 0.5, 0.8))}, tmp_path / "mk")
+    ours = fn(models["base"], fts(models), density=0.6, gamma=0.05, weights=[1.0, 0.5, 0.8],
+              lambda_=params.get("lambda", 1.0), normalize=params.get("normalize", False),
+              rescale=params.get("rescale", False))
+    assert_same(ours, theirs)
+
+
+def test_breadcrumbs_mask_by_hand() -> None:
+    """n = 10, density 0.5, gamma 0.2: the 2 largest magnitudes go, the next 5 stay; with
+    gamma 0.8 the outliers shrink to the 5 that leave 5 kept."""
+    tau = torch.tensor([0.1, -0.9, 0.3, 0.5, -0.2, 0.8, 0.05, -0.6, 0.4, 0.7])
+    got = breadcrumbs_mask(tau, 0.5, 0.2)
+    assert torch.equal(got, torch.tensor([0, 0, 0.3, 0.5, 0, 0, 0, -0.6, 0.4, 0.7]))
+    got = breadcrumbs_mask(tau, 0.5, 0.8)
+    assert torch.equal(got, torch.tensor([0.1, 0, 0.3, 0, -0.2, 0, 0.05, 0, 0.4, 0]))
+    assert torch.equal(breadcrumbs_mask(tau, 1.0, 0.2), tau)
+
+
+def _seeded_mergekit(monkeypatch: pytest.MonkeyPatch, seed: int) -> None:
+    """Seed torch's global generator before each tensor mergekit merges, as ``rng="torch"``
+    seeds its own generator."""
+    original = GeneralizedTaskArithmeticMerge.merge_group
+
+    def merge_group(self: Any, group: Any, /, **parameters: Any) -> torch.Tensor:
+        torch.manual_seed(della_torch_seed(seed, group.metadata.name))
+        return original(self, group, **parameters)
+
+    monkeypatch.setattr(GeneralizedTaskArithmeticMerge, "merge_group", merge_group)
+
+
+@pytest.mark.parametrize(("op", "fn", "params"), [
+    ("della", della, {}),
+    ("della", della, {"normalize": False, "lambda": 0.8}),
+    ("della_linear", della_linear, {}),
+    ("della_linear", della_linear, {"normalize": True, "rescale": False}),
+])
+def test_della_torch_draws_equal_mergekit(paths: dict[str, Path], models: dict[str, Weights],
+                                          op: str, fn: Any, params: dict, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    _seeded_mergekit(monkeypatch, 0)
+    theirs = mergekit({"merge_method": op, "base_model": str(paths["base"]),
+                       "parameters": params,
+                       "models": entries(paths, density=0.4, epsilon=0.1,
+                                         weight=(1.0, 0.6, 0.9))}, tmp_path / "mk")
+    kwargs = {"normalize": params["normalize"]} if "normalize" in params else {}
+    ours = fn(models["base"], fts(models), density=0.4, epsilon=0.1, weights=[1.0, 0.6, 0.9],
+              lambda_=params.get("lambda", 1.0),
+              rescale="l1" if params.get("rescale", True) else "none", rng="torch", **kwargs)
+    assert_same(ours, theirs)
+
+
+def test_della_hash_draws_have_mergekits_statistics(models: dict[str, Weights],
+                                                    tmp_path: Path) -> None:
+    """Default (hash) draws: each entry kept with its MagPrune probability, so the kept
+    fraction of a 128x64 tensor is density within 5σ, larger magnitudes are kept more often
+    (ranks of the top half within a row against the bottom half: 0.5 ± 0.1 vs 0.3 ± 0.1 here),
+    the l1 rescale keeps ‖τ‖₁, and a different seed draws a different mask."""
+    base, ft = models["base"], models["math"]
+    name = "model.layers.1.mlp.up_proj.weight"
+    tau = ft[name] - base[name]
+    ours = della_linear(base, [ft], density=0.4, epsilon=0.1)
+    kept = (ours[name] - base[name]) != 0
+    n = kept.numel()
+    assert abs(kept.double().mean().item() - 0.4) < 5 * (0.4 * 0.6 / n) ** 0.5
+    p = della_probabilities(tau, 0.4, 0.1)
+    top = p > 0.4
+    assert kept[top].double().mean().item() == pytest.approx(0.45, abs=0.02)
+    assert kept[~top].double().mean().item() == pytest.approx(0.35, abs=0.02)
+    assert (ours[name] - base[name]).abs().sum().item() == pytest.approx(
+        tau.abs().sum().item(), rel=1e-4)
+    ours.save(tmp_path / "seed1", seed=1)
+    other = load_file(tmp_path / "seed1" / "model.safetensors")[name]
+    assert not torch.equal((other - base[name]) != 0, kept)
+
+
+def test_della_probabilities_by_hand() -> None:
+    p = della_probabilities(torch.tensor([[0.3, -0.1, 0.2], [1.0, 2.0, -3.0]]), 0.5, 0.1)
+    assert torch.allclose(p, torch.tensor([[0.6, 0.4, 0.5], [0.4, 0.5, 0.6]]))
+
+
+def test_out_of_range_parameters_are_one_line_errors(models: dict[str, Weights]) -> None:
+    base, fs = models["base"], fts(models)
+    with pytest.raises(UsageError, match=r"della: density 0\.1 and epsilon 0\.15 .*\(0, 1\)"):
+        della(base, fs, density=0.1)
+    with pytest.raises(UsageError, match=r"breadcrumbs: gamma 1\.5 is outside \[0, 1\]"):
+        breadcrumbs(base, fs, density=0.5, gamma=1.5)
+    with pytest.raises(UsageError, match=r"breadcrumbs_ties: density 0\.0 is outside"):
+        breadcrumbs_ties(base, fs, density=0.0)
+    with pytest.raises(UsageError, match="model_stock: needs at least two"):
+        model_stock(base, fs[:1])
+
+
+def test_breadcrumbs_torch_sort_ties_equal_mergekits_sparsify() -> None:
+    """A task vector of a bf16 checkpoint has many equal magnitudes at the cuts: ``index``
+    orders them by position, ``torch_sort`` as mergekit's own ``magnitude_outliers`` does."""
+    from mergekit.sparsify import magnitude_outliers
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(256, 96, generator=g).bfloat16().float()
+    tau = (base + 0.002 * torch.randn(256, 96, generator=g)).bfloat16().float() - base
+    assert tau.abs().unique().numel() < tau.numel() // 4  # ties everywhere
+    theirs = magnitude_outliers(tau, density=0.7, gamma=0.05)
+    assert torch.equal(breadcrumbs_mask(tau, 0.7, 0.05, "torch_sort"), theirs)
+    ours = breadcrumbs_mask(tau, 0.7, 0.05)
+    assert not torch.equal(ours, theirs)
+    assert (ours != 0).sum() == (theirs != 0).sum()
+    # Same counts and same magnitudes kept; only which of the tied entries differs.
+    assert torch.equal(ours.abs().flatten().sort().values, theirs.abs().flatten().sort().values)
