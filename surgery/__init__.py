@@ -66,11 +66,20 @@ __all__ = [
 
 # mergekit 0.1.5's other merge methods (issue 21).
 from surgery.methods import (
+    arcee_fusion,
     breadcrumbs,
     breadcrumbs_ties,
     della,
     della_linear,
+    karcher,
     model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    ram,
+    ramplus_tl,
+    sce,
 )
 
-__all__ += ["breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "model_stock"]
+__all__ += ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher",
+            "model_stock", "multislerp", "nearswap", "nuslerp", "ram", "ramplus_tl", "sce"]

@@ -21,7 +21,9 @@ from safetensors.torch import load_file
 
 from surgery import Weights, load
 from surgery.errors import UsageError
+from surgery.methods.sphere_means import karcher, multislerp, nuslerp
 from surgery.methods.stock import model_stock
+from surgery.methods.swaps import arcee_fusion, nearswap
 from surgery.methods.task_merges import (
     breadcrumbs,
     breadcrumbs_mask,
@@ -30,6 +32,9 @@ from surgery.methods.task_merges import (
     della_linear,
     della_probabilities,
     della_torch_seed,
+    ram,
+    ramplus_tl,
+    sce,
 )
 from tests.conftest import fixture_dir
 
@@ -217,3 +222,99 @@ def test_breadcrumbs_torch_sort_ties_equal_mergekits_sparsify() -> None:
     assert (ours != 0).sum() == (theirs != 0).sum()
     # Same counts and same magnitudes kept; only which of the tied entries differs.
     assert torch.equal(ours.abs().flatten().sort().values, theirs.abs().flatten().sort().values)
+
+
+@pytest.mark.parametrize(("with_base", "params"), [
+    (False, {}),
+    (True, {}),
+    (True, {"nuslerp_flatten": False}),
+    (False, {"nuslerp_flatten": False, "nuslerp_row_wise": True}),
+])
+def test_nuslerp_equals_mergekit(paths: dict[str, Path], models: dict[str, Weights],
+                                 with_base: bool, params: dict, tmp_path: Path) -> None:
+    config: dict[str, Any] = {"merge_method": "nuslerp", "parameters": params,
+                              "models": entries(paths, ("math", "code"), weight=(0.3, 0.5))}
+    if with_base:
+        config["base_model"] = str(paths["base"])
+    theirs = mergekit(config, tmp_path / "mk")
+    ours = nuslerp(fts(models, ("math", "code")), [0.3, 0.5],
+                   models["base"] if with_base else None,
+                   row_wise=params.get("nuslerp_row_wise", False),
+                   flatten=params.get("nuslerp_flatten", True))
+    assert_same(ours, theirs)
+
+
+@pytest.mark.parametrize(("with_base", "params"), [(False, {}), (True, {}),
+                                                   (True, {"normalize_weights": False})])
+def test_multislerp_equals_mergekit(paths: dict[str, Path], models: dict[str, Weights],
+                                    with_base: bool, params: dict, tmp_path: Path) -> None:
+    config: dict[str, Any] = {"merge_method": "multislerp", "parameters": params,
+                              "models": entries(paths, weight=(0.5, 0.2, 0.3))}
+    if with_base:
+        config["base_model"] = str(paths["base"])
+    theirs = mergekit(config, tmp_path / "mk")
+    ours = multislerp(fts(models), [0.5, 0.2, 0.3], models["base"] if with_base else None,
+                      normalize_weights=params.get("normalize_weights", True))
+    assert_same(ours, theirs)
+
+
+def test_karcher_equals_mergekit(paths: dict[str, Path], models: dict[str, Weights],
+                                 tmp_path: Path) -> None:
+    theirs = mergekit({"merge_method": "karcher", "parameters": {"max_iter": 5, "tol": 1e-6},
+                       "models": entries(paths)}, tmp_path / "mk")
+    assert_same(karcher(fts(models), max_iter=5, tol=1e-6), theirs)
+
+
+@pytest.mark.parametrize("select_topk", [1.0, 0.3])
+def test_sce_equals_mergekit(paths: dict[str, Path], models: dict[str, Weights],
+                             select_topk: float, tmp_path: Path) -> None:
+    theirs = mergekit({"merge_method": "sce", "base_model": str(paths["base"]),
+                       "parameters": {"select_topk": select_topk},
+                       "models": entries(paths)}, tmp_path / "mk")
+    assert_same(sce(models["base"], fts(models), select_topk), theirs)
+
+
+@pytest.mark.parametrize(("op", "params"), [("ram", {"epsilon": 0.02}),
+                                            ("ramplus_tl", {"epsilon": 0.02}),
+                                            ("ramplus_tl", {"r": 0.5, "alpha": 0.7,
+                                                            "epsilon": 0.01})])
+def test_ram_equals_mergekit(paths: dict[str, Path], models: dict[str, Weights], op: str,
+                             params: dict, tmp_path: Path) -> None:
+    theirs = mergekit({"merge_method": op, "base_model": str(paths["base"]),
+                       "parameters": params, "models": entries(paths)}, tmp_path / "mk")
+    if op == "ram":
+        ours = ram(models["base"], fts(models), **params)
+    else:
+        ours = ramplus_tl(models["base"], fts(models), **params)
+    assert_same(ours, theirs)
+
+
+def test_nearswap_and_arcee_fusion_equal_mergekit(paths: dict[str, Path],
+                                                  models: dict[str, Weights],
+                                                  tmp_path: Path) -> None:
+    pair = [{"model": str(paths["math"])}]
+    theirs = mergekit({"merge_method": "nearswap", "base_model": str(paths["base"]),
+                       "parameters": {"t": 0.01}, "models": pair}, tmp_path / "mk-ns")
+    assert_same(nearswap(models["base"], models["math"], 0.01), theirs)
+    theirs = mergekit({"merge_method": "arcee_fusion", "base_model": str(paths["base"]),
+                       "models": pair}, tmp_path / "mk-af")
+    ours = arcee_fusion(models["base"], models["math"])
+    assert_same(ours, theirs)
+    name = "model.layers.0.mlp.gate_proj.weight"
+    moved = (ours[name] != models["base"][name]).double().mean().item()
+    assert 0 < moved < 0.5  # only the outliers of importance are taken
+
+
+def test_small_cases_by_hand() -> None:
+    from surgery.methods.swaps import nearswap_tensors
+    from surgery.methods.task_merges import ram_tensors
+
+    a, b = torch.tensor([0.0, 0.0, 0.0]), torch.tensor([0.005, 0.02, -0.04])
+    # t = 0.01: within 0.01 b is taken; 0.02 away moves half way; 0.04 a quarter.
+    assert torch.allclose(nearswap_tensors(a, b, 0.01), torch.tensor([0.005, 0.01, -0.01]))
+    base = torch.zeros(3)
+    t1, t2 = torch.tensor([1.0, 2.0, 0.0]), torch.tensor([3.0, 0.0, 0.0])
+    # entry 0 shared (mean 2), entry 1 unique (2), entry 2 untouched.
+    assert torch.equal(ram_tensors(base, [t1, t2]), torch.tensor([2.0, 2.0, 0.0]))
+    # RAM+: model 1 has 1 shared and 1 unique entry, rho = 1 -> clamp 0.2 -> x 1.1.
+    assert torch.allclose(ram_tensors(base, [t1, t2], r=0.5), torch.tensor([2.0, 2.2, 0.0]))

@@ -21,8 +21,10 @@ from surgery.methods import (
     layers,
     soup,
     sparse,
+    sphere_means,
     spherical,
     stock,
+    swaps,
     task_merges,
     ties_dare,
 )
@@ -142,6 +144,43 @@ def _build_della_linear(p: task_merges.DellaLinearParams, get: Resolve) -> Weigh
                                     p.rng, p.layer_pattern)
 
 
+def _build_nuslerp(p: sphere_means.NuslerpParams, get: Resolve) -> Weights:
+    return sphere_means.nuslerp([get(m) for m in p.models], p.weights,
+                                get(p.base) if p.base else None, p.row_wise, p.flatten,
+                                p.layer_pattern)
+
+
+def _build_multislerp(p: sphere_means.MultislerpParams, get: Resolve) -> Weights:
+    return sphere_means.multislerp([get(m) for m in p.models], p.weights,
+                                   get(p.base) if p.base else None, p.normalize_weights, p.eps,
+                                   p.layer_pattern)
+
+
+def _build_karcher(p: sphere_means.KarcherParams, get: Resolve) -> Weights:
+    return sphere_means.karcher([get(m) for m in p.models], p.max_iter, p.tol)
+
+
+def _build_sce(p: task_merges.SceParams, get: Resolve) -> Weights:
+    return task_merges.sce(get(p.base), [get(m) for m in p.models], p.select_topk)
+
+
+def _build_ram(p: task_merges.RamParams, get: Resolve) -> Weights:
+    return task_merges.ram(get(p.base), [get(m) for m in p.models], p.epsilon)
+
+
+def _build_ramplus_tl(p: task_merges.RamPlusParams, get: Resolve) -> Weights:
+    return task_merges.ramplus_tl(get(p.base), [get(m) for m in p.models], p.r, p.alpha,
+                                  p.epsilon)
+
+
+def _build_nearswap(p: swaps.NearswapParams, get: Resolve) -> Weights:
+    return swaps.nearswap(get(p.base), get(p.model), p.t, p.layer_pattern)
+
+
+def _build_arcee_fusion(p: swaps.ArceeFusionParams, get: Resolve) -> Weights:
+    return swaps.arcee_fusion(get(p.base), get(p.model))
+
+
 OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in (
@@ -194,6 +233,28 @@ OPERATIONS: dict[str, Operation] = {
         Operation("della_linear", "Magnitude-ranked random drops (MagPrune), then add them",
                   task_merges.DELLA_REF, task_merges.DellaLinearParams, ("base", "models"),
                   _build_della_linear),
+        Operation("nuslerp", "SLERP of two models or of their task vectors from a base",
+                  sphere_means.NUSLERP_REF, sphere_means.NuslerpParams, ("models", "base"),
+                  _build_nuslerp),
+        Operation("multislerp", "Barycentric interpolation of many models on the sphere",
+                  sphere_means.MULTISLERP_REF, sphere_means.MultislerpParams,
+                  ("models", "base"), _build_multislerp),
+        Operation("karcher", "Karcher mean of models on the hypersphere",
+                  sphere_means.KARCHER_REF, sphere_means.KarcherParams, ("models",),
+                  _build_karcher),
+        Operation("sce", "Select high-variance entries, weight by energy, erase sign conflicts",
+                  task_merges.SCE_REF, task_merges.SceParams, ("base", "models"), _build_sce),
+        Operation("ram", "Unique updates kept whole, shared ones averaged",
+                  task_merges.RAM_REF, task_merges.RamParams, ("base", "models"), _build_ram),
+        Operation("ramplus_tl", "RAM with unique updates scaled by the overlap ratio",
+                  task_merges.RAM_REF, task_merges.RamPlusParams, ("base", "models"),
+                  _build_ramplus_tl),
+        Operation("nearswap", "Take the model's value where it is close to the base's",
+                  swaps.NEARSWAP_REF, swaps.NearswapParams, ("base", "model"),
+                  _build_nearswap),
+        Operation("arcee_fusion", "Add the model's updates of outlying importance (KL-weighted)",
+                  swaps.ARCEE_FUSION_REF, swaps.ArceeFusionParams, ("base", "model"),
+                  _build_arcee_fusion),
     )
 }
 

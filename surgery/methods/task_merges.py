@@ -15,6 +15,7 @@ from pydantic import Field
 from surgery.errors import UsageError
 from surgery.expr import ElementwiseNode, EvalContext, Weights
 from surgery.methods.schedule import Depth, Schedule, Scheduled, in_closed_unit_interval
+from surgery.methods.soup import Params
 from surgery.methods.ties_dare import (
     _INT_VIEW,
     _MIX1,
@@ -345,3 +346,144 @@ class DellaParams(_TaskVectorMergeParams):
 
 class DellaLinearParams(DellaParams):
     normalize: bool = Field(False, description="divide by the sum of weights")
+
+
+SCE_REF = "FuseChat (SCE: select, calculate, erase), arXiv 2408.07990"
+RAM_REF = "Reinforced Agent Merging (RAM), arXiv 2601.13572"
+
+
+def sce_tensors(theta0: torch.Tensor, thetas: Sequence[torch.Tensor],
+                select_topk: float = 1.0) -> torch.Tensor:
+    """SCE on one tensor (arXiv 2408.07990), mergekit's ``sce`` step for step:
+
+    1. select: τ_i = θ_i − θ₀; with ``select_topk`` < 1, keep in every τ_i only the entries
+       where the variance across the models, Var_i(τ_i) (population), is among the
+       k = ⌊select_topk·(number of non-zero variances)⌋ largest (by ``torch.topk``);
+    2. calculate: w_i = mean(τ_i²) / Σ_j mean(τ_j²) (1/T each when that sum is below 1e-6);
+    3. erase: s = sign(Σ τ_i) (+1 at 0), m_i = [sign(τ_i) = s];
+       θ = θ₀ + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6).
+    """
+    if not thetas:
+        return theta0
+    taus = torch.stack([t - theta0 for t in thetas], dim=0)
+    if select_topk < 1:
+        taus = taus * _sce_mask(taus, select_topk, theta0.dtype).unsqueeze(0)
+    sign = taus.sign()
+    majority = (taus.sum(dim=0) >= 0).to(theta0.dtype) * 2 - 1
+    agree = sign == majority
+    energy = taus.square().reshape(taus.shape[0], -1).mean(dim=1)
+    total = torch.sum(energy).item()
+    w = torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
+    while w.dim() < taus.dim():
+        w = w.unsqueeze(-1)
+    erased = w * agree
+    merged = (taus * erased).sum(dim=0)
+    return theta0 + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
+
+
+def _sce_mask(taus: torch.Tensor, density: float, dtype: torch.dtype) -> torch.Tensor:
+    if density <= 0:
+        return torch.zeros_like(taus[0], dtype=dtype)
+    var = torch.var(taus, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * density)
+    mask = torch.zeros_like(var, dtype=dtype)
+    if k == 0:
+        return mask
+    _, indices = torch.topk(var.abs().view(-1), k=k, largest=True)
+    mask.view(-1)[indices] = 1
+    return mask
+
+
+def sce(base: Weights, models: Sequence[Weights], select_topk: float = 1.0) -> Weights:
+    """SCE merging (arXiv 2408.07990), per tensor: see :func:`sce_tensors`. ``select_topk``
+    in [0, 1] is the share of entries of highest variance across the models kept (1: all,
+    mergekit's default)."""
+    if not models:
+        raise UsageError("sce: needs at least one fine-tuned model")
+    if not 0 <= select_topk <= 1:
+        raise UsageError(f"sce: select_topk {select_topk!r} is outside [0, 1]")
+
+    def fn(name: str, ts: list[torch.Tensor], _: EvalContext) -> torch.Tensor:
+        return sce_tensors(ts[0], ts[1:], select_topk)
+
+    return Weights(ElementwiseNode([base.node, *(m.node for m in models)], fn, "sce",
+                                   {"select_topk": select_topk}, SCE_REF))
+
+
+def ram_tensors(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], epsilon: float = 1e-5,
+                r: float | None = None, alpha: float = 0.2) -> torch.Tensor:
+    """RAM on one tensor (arXiv 2601.13572), mergekit's ``ram`` / ``ramplus_tl``:
+
+    τ_i = θ_i − θ₀; entry j of τ_i contributes when |τ_ij| > ε; c_j = how many contribute.
+    Entries only one model moves are taken whole, shared ones averaged over their
+    contributors: θ = θ₀ + Σ_i [c_j = 1] τ_ij + [c_j > 1] τ_ij / c_j (over contributors).
+    RAM+ (tensor-local, ``r`` given): model i's unique entries are scaled by
+    λ_i = 1 + r·clamp(ρ_i, 0, α), ρ_i = (its shared contributing entries) / max(its unique
+    ones, ε), counted within this tensor."""
+    if not thetas:
+        return theta0
+    tv = torch.stack([t - theta0 for t in thetas], dim=0).view(len(thetas), -1)
+    moved = tv.abs() > epsilon
+    counts = moved.sum(dim=0, keepdim=True)
+    shared, unique = counts > 1, counts == 1
+    tv = tv * moved
+    if r is None:
+        merged = ((tv * unique) + (tv * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    else:
+        rho = (moved & shared).sum(dim=1) / (moved & unique).sum(dim=1).clamp(min=epsilon)
+        lam = 1 + r * rho.clamp(min=0, max=alpha)
+        merged = ((tv * unique * lam.unsqueeze(-1))
+                  + (tv * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return theta0 + merged.reshape_as(theta0)
+
+
+def ram(base: Weights, models: Sequence[Weights], epsilon: float = 1e-5) -> Weights:
+    """Reinforced Agent Merging (arXiv 2601.13572), per tensor: unique updates kept whole,
+    shared ones averaged over the models that make them (see :func:`ram_tensors`)."""
+    return _ram("ram", base, models, epsilon, None, 0.2)
+
+
+def ramplus_tl(base: Weights, models: Sequence[Weights], r: float = 0.1, alpha: float = 0.2,
+               epsilon: float = 1e-5) -> Weights:
+    """RAM+ with tensor-local overlap ratios (arXiv 2601.13572, mergekit's ``ramplus_tl``):
+    :func:`ram` with each model's unique updates scaled by 1 + r·clamp(ρ, 0, α) (see
+    :func:`ram_tensors`). Defaults r = 0.1, α = 0.2, ε = 1e-5 (mergekit's)."""
+    return _ram("ramplus_tl", base, models, epsilon, r, alpha)
+
+
+def _ram(op: str, base: Weights, models: Sequence[Weights], epsilon: float, r: float | None,
+         alpha: float) -> Weights:
+    if not models:
+        raise UsageError(f"{op}: needs at least one fine-tuned model")
+    if not epsilon > 0:
+        raise UsageError(f"{op}: epsilon must be positive (got {epsilon!r})")
+    if r is not None and (r < 0 or alpha < 0):
+        raise UsageError(f"{op}: r and alpha must be non-negative (got r={r!r}, "
+                         f"alpha={alpha!r})")
+
+    def fn(name: str, ts: list[torch.Tensor], _: EvalContext) -> torch.Tensor:
+        return ram_tensors(ts[0], ts[1:], epsilon, r, alpha)
+
+    params: dict[str, object] = {"epsilon": epsilon}
+    if r is not None:
+        params.update(r=r, alpha=alpha)
+    return Weights(ElementwiseNode([base.node, *(m.node for m in models)], fn, op, params,
+                                   RAM_REF))
+
+
+class SceParams(Params):
+    base: str
+    models: list[str] = Field(min_length=1)
+    select_topk: float = Field(1.0, ge=0, le=1, description="share of highest-variance "
+                               "entries kept")
+
+
+class RamParams(Params):
+    base: str
+    models: list[str] = Field(min_length=1)
+    epsilon: float = Field(1e-5, gt=0, description="an update counts when |tau| > epsilon")
+
+
+class RamPlusParams(RamParams):
+    r: float = Field(0.1, ge=0, description="gain on unique updates per unit overlap ratio")
+    alpha: float = Field(0.2, ge=0, description="cap of the overlap ratio")
