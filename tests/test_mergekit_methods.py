@@ -318,3 +318,56 @@ def test_small_cases_by_hand() -> None:
     assert torch.equal(ram_tensors(base, [t1, t2]), torch.tensor([2.0, 2.0, 0.0]))
     # RAM+: model 1 has 1 shared and 1 unique entry, rho = 1 -> clamp 0.2 -> x 1.1.
     assert torch.allclose(ram_tensors(base, [t1, t2], r=0.5), torch.tensor([2.0, 2.2, 0.0]))
+
+
+RECIPE = """inputs: {{base: {d}/base, math: {d}/math, code: {d}/code, chat: {d}/chat}}
+steps:
+  m: {step}
+output: {{from: m, path: out}}
+"""
+
+
+def _recipe(step: str) -> str:
+    return RECIPE.format(d=fixture_dir("tiny-llama", "base").parent, step=step)
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ("{op: della, base: base, models: [math, code], density: 0.1}",
+     r":3:3: steps\.m: della: density 0\.1 and epsilon 0\.15 .* must lie within \(0, 1\)"),
+    ("{op: breadcrumbs_ties, base: base, models: [math], density: 0.5, gamma: 2}",
+     r":3:3: steps\.m: breadcrumbs_ties: gamma 2\.0 is outside \[0, 1\]"),
+    ("{op: karcher, models: [math, code], max_iter: 0}",
+     r"steps\.m\.max_iter: Input should be greater than or equal to 1"),
+    ("{op: sce, base: base, models: [math, code], select_topk: 1.5}",
+     r"steps\.m\.select_topk: Input should be less than or equal to 1"),
+    ("{op: nuslerp, models: [math], weights: [1]}", r"steps\.m\.models: List should have"),
+    ("{op: model_stock, base: base, models: [math]}", r"steps\.m\.models: List should have"),
+    ("{op: della_linear, base: base, models: [math], density: 0.5, rng: numpy}",
+     r"steps\.m\.rng: Input should be 'hash' or 'torch'"),
+    ("{op: nearswap, base: base, model: math, t: -1}", r"steps\.m: nearswap: t -1\.0 is neg"),
+])
+def test_recipe_parameters_out_of_range_are_one_line_errors(step: str, message: str) -> None:
+    from surgery.errors import RecipeError
+    from surgery.recipe.build import build_recipe
+
+    with pytest.raises(RecipeError, match=message) as e:
+        build_recipe(_recipe(step))
+    assert "\n" not in str(e.value)
+
+
+def test_recipe_steps_build_the_functions_graphs(models: dict[str, Weights]) -> None:
+    from surgery.recipe.build import build_recipe
+
+    name = "model.layers.2.self_attn.q_proj.weight"
+    for step, ours in [
+        ("{op: model_stock, base: base, models: [math, code, chat], filter_wise: true}",
+         model_stock(models["base"], fts(models), filter_wise=True)),
+        ("{op: breadcrumbs, base: base, models: [math, code], density: 0.6, gamma: 0.05, "
+         "tie_break: torch_sort}",
+         breadcrumbs(models["base"], fts(models, ("math", "code")), 0.6, 0.05,
+                     tie_break="torch_sort")),
+        ("{op: multislerp, base: base, models: [math, code], weights: [0.2, 0.8]}",
+         multislerp(fts(models, ("math", "code")), [0.2, 0.8], models["base"])),
+    ]:
+        recipe = build_recipe(_recipe(step))
+        assert torch.equal(recipe.values["m"][name], ours[name]), step
