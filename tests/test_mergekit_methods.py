@@ -371,3 +371,40 @@ def test_recipe_steps_build_the_functions_graphs(models: dict[str, Weights]) -> 
     ]:
         recipe = build_recipe(_recipe(step))
         assert torch.equal(recipe.values["m"][name], ours[name]), step
+
+
+def test_blocked_tensors_equal_mergekit(paths: dict[str, Path], models: dict[str, Weights],
+                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                        ) -> None:
+    """Tensors computed in blocks of rows (as the engine does above 4M entries; here above
+    1000) with whole-tensor statistics from pieces of 700 entries: breadcrumbs' cuts and
+    filter-wise Model Stock are exact; per-tensor Model Stock is exact up to EXACT_ELEMENTS
+    (here 5000) and agrees to float32 rounding above, from its float64 angle."""
+    import surgery.engine.stream as stream
+    import surgery.expr.node as node
+    import surgery.methods.stock as stock
+
+    monkeypatch.setattr(stream, "ROW_BLOCK_ELEMENTS", 1000)
+    monkeypatch.setattr(stream, "CACHE_BLOCK_ELEMENTS", 700)
+    monkeypatch.setattr(node, "PIECE_ELEMENTS", 700)
+    monkeypatch.setattr(stock, "EXACT_ELEMENTS", 5000)
+    base = str(paths["base"])
+    cases = [
+        ({"merge_method": "breadcrumbs_ties", "base_model": base,
+          "models": entries(paths, density=0.6, gamma=0.05, weight=1.0)},
+         breadcrumbs_ties(models["base"], fts(models), density=0.6, gamma=0.05), 0.0),
+        ({"merge_method": "model_stock", "base_model": base,
+          "parameters": {"filter_wise": True}, "models": entries(paths)},
+         model_stock(models["base"], fts(models), filter_wise=True), 0.0),
+        ({"merge_method": "model_stock", "base_model": base, "models": entries(paths)},
+         model_stock(models["base"], fts(models)), 1e-6),
+    ]
+    for i, (config, ours, atol) in enumerate(cases):
+        theirs = mergekit(config, tmp_path / f"mk{i}")
+        ours.save(tmp_path / f"ours{i}", threads=2)
+        saved = load_file(tmp_path / f"ours{i}" / "model.safetensors")
+        for name, want in theirs.items():
+            if atol:
+                assert torch.allclose(saved[name], want, rtol=0, atol=atol), name
+            else:
+                assert torch.equal(saved[name], want), name

@@ -5,6 +5,7 @@ random drops), each with a linear or a TIES-style combination, as mergekit 0.1.5
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Sequence
 from typing import Literal
 
@@ -14,6 +15,7 @@ from pydantic import Field
 
 from surgery.errors import UsageError
 from surgery.expr import ElementwiseNode, EvalContext, Weights
+from surgery.expr.node import PIECE_ELEMENTS, thread_buffer
 from surgery.methods.schedule import Depth, Schedule, Scheduled, in_closed_unit_interval
 from surgery.methods.soup import Params
 from surgery.methods.ties_dare import (
@@ -21,6 +23,9 @@ from surgery.methods.ties_dare import (
     _MIX1,
     _MIX2,
     BLOCK,
+    NEAR_LIMIT,
+    SAMPLE_PIECES,
+    Cut,
     _params,
     _prepare,
     _TaskVectorMergeParams,
@@ -140,11 +145,83 @@ def _breadcrumbs(op: str, base: Weights, models: Sequence[Weights], density: Sch
         return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
                                     lam(name))
 
-    return Weights(ElementwiseNode(
-        [base.node, *(m.node for m in models)], fn, op,
-        _params(dens, ws, lam, gamma=gam.describe(), normalize=normalize, rescale=rescale,
-                tie_break=tie_break),
-        BREADCRUMBS_REF))
+    nodes = [base.node, *(m.node for m in models)]
+    params = _params(dens, ws, lam, gamma=gam.describe(), normalize=normalize, rescale=rescale,
+                     tie_break=tie_break)
+    if rescale or tie_break != "index":
+        # The L1 rescale needs whole task vectors, and mergekit's order a whole sort.
+        return Weights(ElementwiseNode(nodes, fn, op, params, BREADCRUMBS_REF))
+
+    def counts(name: str) -> tuple[int, int] | None:
+        """(how many entries of largest magnitude to take, how many of those to drop)."""
+        n = math.prod(nodes[0].spec(name).shape)
+        d, g = dens(name), gam(name)
+        if d >= 1:
+            return None
+        k, n_top = int(d * n), int(g * n)
+        n_bot = max(0, n - k - n_top)
+        return n - n_bot, n - n_bot - k
+
+    def cuts(name: str, ctx: EvalContext) -> list[list[Cut | None]] | None:
+        # Both cuts of each task vector, from pieces of the inputs (see ties_dare.ties).
+        kept = counts(name)
+        if kept is None:
+            return None
+        n = math.prod(nodes[0].spec(name).shape)
+        dtype = ctx.compute_dtype
+
+        def read(rows: tuple[int, int]) -> list[torch.Tensor]:
+            theta0, *thetas = ctx.piece(nodes, name, rows, reuse=True)
+            buf = thread_buffer("breadcrumbs-read", (len(nodes), theta0.numel()), dtype,
+                                theta0.device)
+            base_block = buf[0].copy_(theta0.reshape(-1))
+            return [buf[i].copy_(t.reshape(-1)).sub_(base_block).abs_().view(
+                _INT_VIEW[dtype.itemsize]) for i, t in enumerate(thetas, 1)]
+
+        if not any(0 < k < n for k in kept):  # nothing to select (a scalar, or all or none)
+            return [[None] * len(models) for _ in kept]
+        row = n // nodes[0].spec(name).shape[0]
+        pieces = [(rows[0] * row, lambda rows=rows: read(rows))
+                  for rows in ctx.piece_rows(nodes, name)]
+        return [find_cuts(pieces, k, n, 8 * dtype.itemsize, ctx.map) if 0 < k < n else
+                [None] * len(models) for k in kept]
+
+    def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext,
+                  stat: list[list[Cut | None]] | None) -> torch.Tensor:
+        theta0 = ts[0]
+        deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
+        kept = counts(name)
+        n = math.prod(nodes[0].spec(name).shape)
+        first = ctx.rows[0] * (theta0.numel() // max(ctx.rows[1], 1)) if ctx.rows else 0
+        scratch = torch.empty(theta0.numel(), dtype=theta0.dtype, device=theta0.device)
+        for i, t in enumerate(ts[1:]):
+            tau = (t - theta0).reshape(-1)
+            if kept is None:
+                deltas[i] = tau.reshape(theta0.shape)
+                continue
+            parts = []
+            for k, model_cuts in zip(kept, stat or [], strict=True):
+                if k >= n:
+                    parts.append(tau.clone())
+                elif k <= 0:
+                    parts.append(torch.zeros_like(tau))
+                else:
+                    part = tau.clone()
+                    model_cuts[i].apply(part, first, scratch)
+                    parts.append(part)
+            top, dropped = parts
+            if kept[1] > 0:
+                top -= dropped  # dropped ⊂ top: the difference is exact
+            deltas[i] = top.reshape(theta0.shape)
+        return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
+                                    lam(name))
+
+    def cut_bytes(name: str) -> int:
+        n = math.prod(nodes[0].spec(name).shape)
+        return 2 * len(models) * (SAMPLE_PIECES * PIECE_ELEMENTS * 4 + int(NEAR_LIMIT * n) * 12)
+
+    return Weights(ElementwiseNode(nodes, blockwise, op, params, BREADCRUMBS_REF, rowwise=True,
+                                   statistic=cuts, statistic_bytes=cut_bytes))
 
 
 def breadcrumbs(base: Weights, models: Sequence[Weights], density: Scheduled,
