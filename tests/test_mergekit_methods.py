@@ -379,7 +379,8 @@ def test_blocked_tensors_equal_mergekit(paths: dict[str, Path], models: dict[str
     """Tensors computed in blocks of rows (as the engine does above 4M entries; here above
     1000) with whole-tensor statistics from pieces of 700 entries: breadcrumbs' cuts and
     filter-wise Model Stock are exact; per-tensor Model Stock is exact up to EXACT_ELEMENTS
-    (here 5000) and agrees to float32 rounding above, from its float64 angle."""
+    (here 5000) and agrees to float32 rounding above, from its float64 angle; DELLA's
+    blocks equal its whole-tensor values."""
     import surgery.engine.stream as stream
     import surgery.expr.node as node
     import surgery.methods.stock as stock
@@ -399,6 +400,14 @@ def test_blocked_tensors_equal_mergekit(paths: dict[str, Path], models: dict[str
         ({"merge_method": "model_stock", "base_model": base, "models": entries(paths)},
          model_stock(models["base"], fts(models)), 1e-6),
     ]
+    # DELLA's default hash draws: blocks and their l1 statistic draw what the whole tensor does.
+    for i, ours in enumerate([della(models["base"], fts(models), density=0.5, epsilon=0.2),
+                              della_linear(models["base"], fts(models), density=0.5,
+                                           rescale="inverse_probability")]):
+        ours.save(tmp_path / f"della{i}", threads=2)
+        saved = load_file(tmp_path / f"della{i}" / "model.safetensors")
+        for name in ours.names:
+            assert torch.equal(saved[name], ours[name]), name
     for i, (config, ours, atol) in enumerate(cases):
         theirs = mergekit(config, tmp_path / f"mk{i}")
         ours.save(tmp_path / f"ours{i}", threads=2)

@@ -271,22 +271,39 @@ def della_torch_seed(seed: int, name: str) -> int:
     return int.from_bytes(digest[:8], "little") >> 1
 
 
-def uniform31(n: int, key: Callable[[int], int]) -> np.ndarray:
-    """31-bit hash values of flat positions 0..n−1 (``key(high)``: the key for positions
-    with j div 2³² = high), as int64: x = j ^ key; x ^= x >>> 16; x *= 0x7FEB352D;
-    x ^= x >>> 15; x *= 0x846CA68B; value = x >>> 1."""
-    out = np.empty(n, dtype=np.int64)
-    span = 1 << 32
-    for start in range(0, n, span):
-        m = min(span, n - start)
-        x = np.arange(m, dtype=np.uint32)
-        x ^= np.uint32(key(start // span))
+def uniform31(n: int, key: Callable[[int], int], start: int = 0) -> np.ndarray:
+    """31-bit hash values of flat positions start..start+n−1 (``key(high)``: the key for
+    positions with j div 2³² = high), as int32: x = (j mod 2³²) ^ key; x ^= x >>> 16;
+    x *= 0x7FEB352D; x ^= x >>> 15; x *= 0x846CA68B; value = x >>> 1."""
+    out = np.empty(n, dtype=np.uint32)
+    done = 0
+    while done < n:
+        high, low = divmod(start + done, 1 << 32)
+        m = min(n - done, (1 << 32) - low)
+        x = out[done:done + m]
+        x[:] = np.arange(low, low + m, dtype=np.uint64 if low + m > 1 << 31 else np.uint32)
+        x ^= np.uint32(key(high))
         x ^= x >> np.uint32(16)
         x *= np.uint32(_MIX1)
         x ^= x >> np.uint32(15)
         x *= np.uint32(_MIX2 & 0xFFFFFFFF)
-        out[start:start + m] = x >> np.uint32(1)
-    return out
+        x >>= np.uint32(1)
+        done += m
+    return out.view(np.int32)
+
+
+def hash_draw(seed: int, name: str, model: int
+              ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``draw(p, start)``: a 0/1 mask like ``p`` (float32 keep probabilities of the entries
+    at flat positions start.. of model ``model``'s task vector in tensor ``name``), 1 where
+    the position's :func:`uniform31` value is below ⌊p·2³¹⌋ (p·2³¹ is exact in float32)."""
+    def draw(p: torch.Tensor, start: int = 0) -> torch.Tensor:
+        u = torch.from_numpy(uniform31(p.numel(), lambda high: della_key(seed, name, model,
+                                                                           high), start))
+        limit = (p.reshape(-1) * float(1 << 31)).to(torch.int32).cpu()
+        return torch.lt(u, limit).reshape(p.shape).to(device=p.device, dtype=p.dtype)
+
+    return draw
 
 
 def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -294,16 +311,16 @@ def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> to
     with r the rank of |τ| within its row (1 = smallest, by ``torch.argsort``), and c the
     row's length, p = (density − ε) + (r − 1)/(c − 1)·2ε, so the smallest entry is kept with
     p = density − ε, the largest with density + ε, the mean density. A row of one entry
-    (c = 1, which mergekit cannot draw for) gets p = density."""
+    (c = 1, which mergekit cannot draw for) gets p = density. The ranks are the inverse of
+    the sorting permutation, scattered (mergekit sorts the permutation again: the same)."""
     rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
-    magnitudes = rows.abs()
-    order = torch.argsort(magnitudes, dim=1, descending=False)
-    ranks = order.argsort(dim=1).to(torch.float32) + 1
-    low = ranks.min(dim=1, keepdim=True).values
-    high = ranks.max(dim=1, keepdim=True).values
     if rows.shape[1] == 1:
         return torch.full_like(rows, density, dtype=torch.float32)
-    rank_norm = ((ranks - low) / (high - low)).clamp(0, 1)
+    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    steps = torch.arange(1, rows.shape[1] + 1, dtype=torch.float32, device=rows.device)
+    ranks = torch.empty(order.shape, dtype=torch.float32, device=rows.device)
+    ranks.scatter_(1, order, steps.expand(order.shape))
+    rank_norm = ((ranks - 1) / (rows.shape[1] - 1)).clamp(0, 1)
     return (density - epsilon) + rank_norm * 2 * epsilon
 
 
@@ -341,33 +358,102 @@ def _della(op: str, base: Weights, models: Sequence[Weights], density: Scheduled
                              "density ± epsilon must lie within (0, 1)")
     if rng not in ("hash", "torch"):
         raise UsageError(f"{op}: rng must be 'hash' or 'torch' (got {rng!r})")
+    if rescale not in ("l1", "inverse_probability", "none"):
+        raise UsageError(f"{op}: rescale must be l1, inverse_probability or none "
+                         f"(got {rescale!r})")
 
-    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+    nodes = [base.node, *(m.node for m in models)]
+    params = _params(dens, ws, lam, epsilon=eps.describe(), normalize=normalize,
+                     rescale=rescale, rng=rng)
+
+    def whole(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         theta0 = ts[0]
         d, e = dens(name), eps(name)
         deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
-        gen = None
-        if rng == "torch":
-            gen = torch.Generator(device=theta0.device)
-            gen.manual_seed(della_torch_seed(ctx.seed, name))
+        gen = torch.Generator(device=theta0.device)
+        gen.manual_seed(della_torch_seed(ctx.seed, name))
         for i, t in enumerate(ts[1:]):
-            if rng == "torch":
-                def draw(p: torch.Tensor) -> torch.Tensor:
-                    return torch.bernoulli(p, generator=gen)
-            else:
-                def draw(p: torch.Tensor, i: int = i) -> torch.Tensor:
-                    u = uniform31(p.numel(), lambda high: della_key(ctx.seed, name, i, high))
-                    limit = np.round(p.reshape(-1).double().cpu().numpy() * float(1 << 31))
-                    keep = torch.from_numpy(u < limit).reshape(p.shape)
-                    return keep.to(device=p.device, dtype=p.dtype)
-            deltas[i] = della_prune(t - theta0, d, e, rescale, draw)
+            deltas[i] = della_prune(t - theta0, d, e, rescale,
+                                    lambda p: torch.bernoulli(p, generator=gen))
         return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
                                     lam(name))
 
-    return Weights(ElementwiseNode(
-        [base.node, *(m.node for m in models)], fn, op,
-        _params(dens, ws, lam, epsilon=eps.describe(), normalize=normalize, rescale=rescale,
-                rng=rng), DELLA_REF))
+    if rng == "torch":  # one generator's sequence over the whole tensor
+        return Weights(ElementwiseNode(nodes, whole, op, params, DELLA_REF))
+
+    def l1_scales(name: str, ctx: EvalContext
+                  ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]] | None:
+        # Each task vector's mask (kept for the blocks, one byte an entry, so that its ranks
+        # and draws are made once) and ‖τ_i‖₁ / ‖τ̃_i‖₁ over the whole tensor, in float64 over
+        # pieces of whole rows (a 1-D tensor, one row, gathered whole).
+        d, e = dens(name), eps(name)
+        if rescale != "l1" or d >= 1:
+            return None
+        shape = nodes[0].spec(name).shape
+        n = math.prod(shape)
+        row = math.prod(shape[1:]) if len(shape) >= 2 else 0
+        draws = [hash_draw(ctx.seed, name, i) for i in range(len(models))]
+        before = torch.zeros(len(models), dtype=torch.float64)
+        after = torch.zeros(len(models), dtype=torch.float64)
+        masks = [torch.empty(n, dtype=torch.bool) for _ in models]
+        pieces = list(ctx.pieces(nodes, name))
+        if len(shape) < 2:
+            pieces = [(0, [torch.cat([v[i].reshape(-1) for _, v in pieces])
+                           for i in range(len(nodes))])]
+        for first, values in pieces:
+            theta0 = values[0].to(torch.float32)
+            for i, v in enumerate(values[1:]):
+                tau = v.to(torch.float32) - theta0
+                rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+                mask = draws[i](della_probabilities(tau, d, e), first * row)
+                at = first * row
+                masks[i][at:at + mask.numel()] = mask.reshape(-1).cpu() != 0
+                before[i] += tau.abs().sum(dtype=torch.float64)
+                after[i] += (rows * mask).abs().sum(dtype=torch.float64)
+        scales = [None if b < 1e-7 or a < 1e-7 else (b / a).to(torch.float32)
+                  for b, a in zip(before, after, strict=True)]
+        return scales, masks
+
+    def mask_bytes(name: str) -> int:
+        return len(models) * math.prod(nodes[0].spec(name).shape) if rescale == "l1" else 0
+
+    def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext,
+                  stat: tuple[list[torch.Tensor | None], list[torch.Tensor]] | None
+                  ) -> torch.Tensor:
+        theta0 = ts[0]
+        d, e = dens(name), eps(name)
+        first = ctx.rows[0] * (theta0.numel() // max(ctx.rows[1], 1)) if ctx.rows else 0
+        deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
+        for i, t in enumerate(ts[1:]):
+            tau = t - theta0
+            if d >= 1:
+                deltas[i] = tau
+                continue
+            if stat is not None:  # l1: the statistic's mask and scale
+                scales, masks = stat
+                part = masks[i][first:first + tau.numel()].reshape(tau.shape)
+                kept = tau * part.to(device=tau.device, dtype=tau.dtype)
+                if scales[i] is not None:
+                    kept = kept * scales[i].to(kept.device)
+            else:
+                rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+                p = della_probabilities(tau, d, e)
+                kept = rows * hash_draw(ctx.seed, name, i)(p, first)
+                if rescale == "inverse_probability":
+                    kept = kept / p
+            deltas[i] = kept.reshape(tau.shape)
+        return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
+                                    lam(name))
+
+    # A 1-D tensor is one row: blocks of it would rank apart, so above the engine's block size
+    # (never in today's models) the whole graph is computed tensor by tensor.
+    from surgery.engine.stream import ROW_BLOCK_ELEMENTS
+
+    rowwise = all(len(nodes[0].spec(n).shape) != 1
+                  or math.prod(nodes[0].spec(n).shape) <= ROW_BLOCK_ELEMENTS
+                  for n in nodes[0].names())
+    return Weights(ElementwiseNode(nodes, blockwise, op, params, DELLA_REF, rowwise=rowwise,
+                                   statistic=l1_scales, statistic_bytes=mask_bytes))
 
 
 def della(base: Weights, models: Sequence[Weights], density: Scheduled,
