@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from surgery_cli.drift import drift_prior
 from surgery_cli.evaluation import evaluate, prune
+from surgery_cli.lora import extract_lora
 from surgery_cli.main import handle_errors, human_bytes, human_count
 from surgery_cli.progress import ProgressBar
 from surgery_cli.sparse import sparse
@@ -206,4 +208,4 @@ def methods(name: str | None) -> None:
 
 
 COMMANDS = [plan, apply, inspect, methods, evaluate, prune, sparse, push, diff, train,
-            distill_data]
+            distill_data, drift_prior, extract_lora]

@@ -19,6 +19,7 @@ from surgery.methods import (
     hft,
     layer_scaling,
     layers,
+    lora_extract,
     soup,
     sparse,
     sphere_means,
@@ -108,6 +109,11 @@ def _build_dare_ties(p: ties_dare.DareTiesParams, get: Resolve) -> Weights:
 
 def _build_slerp(p: spherical.SlerpParams, get: Resolve) -> Weights:
     return spherical.slerp(get(p.a), get(p.b), p.t, p.epsilon, p.layer_pattern)
+
+
+def _build_extract_lora(p: lora_extract.ExtractLoraParams, get: Resolve
+                        ) -> lora_extract.ExtractedAdapter:
+    return lora_extract.ExtractedAdapter(get(p.model), get(p.base), p)
 
 
 def _build_lines(p: layer_scaling.LinesParams, get: Resolve) -> Weights:
@@ -255,6 +261,10 @@ OPERATIONS: dict[str, Operation] = {
         Operation("arcee_fusion", "Add the model's updates of outlying importance (KL-weighted)",
                   swaps.ARCEE_FUSION_REF, swaps.ArceeFusionParams, ("base", "model"),
                   _build_arcee_fusion),
+        Operation("extract_lora", "A fine-tune's task vector as a PEFT LoRA adapter (truncated "
+                  "SVD per linear layer), written to out", lora_extract.LORA_EXTRACT_REF,
+                  lora_extract.ExtractLoraParams, ("model", "base"), _build_extract_lora,
+                  yields="data"),
     )
 }
 

@@ -134,4 +134,7 @@ def run_recipe(recipe: Recipe, *, force: bool = False,
                                  revision=push.revision)
             if on_push:
                 on_push(pushed)
+    for name, (op, params) in recipe.steps.items():  # files a step writes with out:
+        if op.yields == "data" and getattr(params, "out", None) is not None:
+            recipe.values[name].path  # noqa: B018  (made and copied on first use)
     return results
