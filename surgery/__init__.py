@@ -76,10 +76,12 @@ from surgery.methods import (
     multislerp,
     nearswap,
     nuslerp,
+    passthrough,
     ram,
     ramplus_tl,
     sce,
 )
 
 __all__ += ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher",
-            "model_stock", "multislerp", "nearswap", "nuslerp", "ram", "ramplus_tl", "sce"]
+            "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl",
+            "sce"]

@@ -21,6 +21,7 @@ from safetensors.torch import load_file
 
 from surgery import Weights, load
 from surgery.errors import UsageError
+from surgery.methods.passthrough import passthrough
 from surgery.methods.sphere_means import karcher, multislerp, nuslerp
 from surgery.methods.stock import model_stock
 from surgery.methods.swaps import arcee_fusion, nearswap
@@ -417,3 +418,19 @@ def test_blocked_tensors_equal_mergekit(paths: dict[str, Path], models: dict[str
                 assert torch.allclose(saved[name], want, rtol=0, atol=atol), name
             else:
                 assert torch.equal(saved[name], want), name
+
+
+def test_passthrough_with_scale_filters_equals_mergekit(paths: dict[str, Path],
+                                                       models: dict[str, Weights],
+                                                       tmp_path: Path) -> None:
+    theirs = mergekit({"merge_method": "passthrough", "models": [{
+        "model": str(paths["math"]),
+        "parameters": {"scale": [{"filter": "o_proj", "value": 0.0},
+                                 {"filter": "down_proj", "value": 0.5}, {"value": 1.0}]}}]},
+        tmp_path / "mk")
+    ours = passthrough(models["math"], [{"match": "*o_proj*", "value": 0.0},
+                                        {"match": "*down_proj*", "value": 0.5},
+                                        {"match": "*", "value": 1.0}])
+    assert_same(ours, theirs)
+    name = "model.layers.1.self_attn.o_proj.weight"
+    assert not theirs[name].any()

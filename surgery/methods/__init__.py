@@ -3,6 +3,7 @@
 from surgery.methods.hft import hft_reset, hft_selection
 from surgery.methods.layer_scaling import lines
 from surgery.methods.layers import drop_layers, keep_first_layers, stack_layers
+from surgery.methods.passthrough import passthrough
 from surgery.methods.schedule import Rule
 from surgery.methods.soup import linear, task_arithmetic
 from surgery.methods.sparse import (
@@ -37,4 +38,5 @@ __all__ = ["Mask", "Rule", "SparseDelta", "apply_sparse_deltas", "dare_linear", 
            "overlap_by_layer", "revert_sparse_deltas", "slerp", "sparsify", "stack_layers",
            "task_arithmetic", "ties"]
 __all__ += ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher",
-            "model_stock", "multislerp", "nearswap", "nuslerp", "ram", "ramplus_tl", "sce"]
+            "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl",
+            "sce"]

@@ -20,6 +20,7 @@ from surgery.methods import (
     layer_scaling,
     layers,
     lora_extract,
+    passthrough,
     soup,
     sparse,
     sphere_means,
@@ -187,6 +188,10 @@ def _build_arcee_fusion(p: swaps.ArceeFusionParams, get: Resolve) -> Weights:
     return swaps.arcee_fusion(get(p.base), get(p.model))
 
 
+
+def _build_passthrough(p: passthrough.PassthroughParams, get: Resolve) -> Weights:
+    return passthrough.passthrough(get(p.model), p.scale, p.layer_pattern)
+
 OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in (
@@ -261,6 +266,9 @@ OPERATIONS: dict[str, Operation] = {
         Operation("arcee_fusion", "Add the model's updates of outlying importance (KL-weighted)",
                   swaps.ARCEE_FUSION_REF, swaps.ArceeFusionParams, ("base", "model"),
                   _build_arcee_fusion),
+        Operation("passthrough", "One model's tensors, each optionally scaled",
+                  passthrough.PASSTHROUGH_REF, passthrough.PassthroughParams, ("model",),
+                  _build_passthrough),
         Operation("extract_lora", "A fine-tune's task vector as a PEFT LoRA adapter (truncated "
                   "SVD per linear layer), written to out", lora_extract.LORA_EXTRACT_REF,
                   lora_extract.ExtractLoraParams, ("model", "base"), _build_extract_lora,
