@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 
 from surgery import Weights, load
 from surgery.errors import UsageError
-from surgery.methods.passthrough import passthrough
+from surgery.methods.pass_through import passthrough
 from surgery.methods.sphere_means import karcher, multislerp, nuslerp
 from surgery.methods.stock import model_stock
 from surgery.methods.swaps import arcee_fusion, nearswap

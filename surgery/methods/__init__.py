@@ -3,7 +3,7 @@
 from surgery.methods.hft import hft_reset, hft_selection
 from surgery.methods.layer_scaling import lines
 from surgery.methods.layers import drop_layers, keep_first_layers, stack_layers
-from surgery.methods.passthrough import passthrough
+from surgery.methods.pass_through import passthrough
 from surgery.methods.schedule import Rule
 from surgery.methods.soup import linear, task_arithmetic
 from surgery.methods.sparse import (

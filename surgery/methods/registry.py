@@ -20,7 +20,7 @@ from surgery.methods import (
     layer_scaling,
     layers,
     lora_extract,
-    passthrough,
+    pass_through,
     soup,
     sparse,
     sphere_means,
@@ -189,8 +189,8 @@ def _build_arcee_fusion(p: swaps.ArceeFusionParams, get: Resolve) -> Weights:
 
 
 
-def _build_passthrough(p: passthrough.PassthroughParams, get: Resolve) -> Weights:
-    return passthrough.passthrough(get(p.model), p.scale, p.layer_pattern)
+def _build_passthrough(p: pass_through.PassthroughParams, get: Resolve) -> Weights:
+    return pass_through.passthrough(get(p.model), p.scale, p.layer_pattern)
 
 OPERATIONS: dict[str, Operation] = {
     op.name: op
@@ -267,7 +267,7 @@ OPERATIONS: dict[str, Operation] = {
                   swaps.ARCEE_FUSION_REF, swaps.ArceeFusionParams, ("base", "model"),
                   _build_arcee_fusion),
         Operation("passthrough", "One model's tensors, each optionally scaled",
-                  passthrough.PASSTHROUGH_REF, passthrough.PassthroughParams, ("model",),
+                  pass_through.PASSTHROUGH_REF, pass_through.PassthroughParams, ("model",),
                   _build_passthrough),
         Operation("extract_lora", "A fine-tune's task vector as a PEFT LoRA adapter (truncated "
                   "SVD per linear layer), written to out", lora_extract.LORA_EXTRACT_REF,
