@@ -191,8 +191,20 @@ def test_della_hash_draws_have_mergekits_statistics(models: dict[str, Weights],
 
 
 def test_della_probabilities_by_hand() -> None:
-    p = della_probabilities(torch.tensor([[0.3, -0.1, 0.2], [1.0, 2.0, -3.0]]), 0.5, 0.1)
-    assert torch.allclose(p, torch.tensor([[0.6, 0.4, 0.5], [0.4, 0.5, 0.6]]))
+    tau = torch.tensor([[0.3, -0.1, 0.2], [1.0, 2.0, -3.0]])
+    for ties in ("torch", "index"):
+        p = della_probabilities(tau, 0.5, 0.1, ties)
+        assert torch.allclose(p, torch.tensor([[0.6, 0.4, 0.5], [0.4, 0.5, 0.6]]))
+    # Equal magnitudes by position: ranks 2, 3, 1, 4 of four.
+    p = della_probabilities(torch.tensor([0.5, -0.5, 0.1, 0.5]), 0.5, 0.3, "index")
+    assert torch.allclose(p, torch.tensor([[0.4, 0.6, 0.2, 0.8]]))
+    g = torch.Generator().manual_seed(1)
+    quantised = (torch.randn(64, 256, generator=g) * 4).round() / 4  # many ties per row
+    ranks = della_probabilities(quantised, 0.5, 0.25, "index")
+    stable = torch.sort(quantised.abs(), dim=1, stable=True).indices
+    want = torch.empty_like(ranks).scatter_(
+        1, stable, torch.linspace(0.25, 0.75, 256).expand(64, 256))
+    assert torch.allclose(ranks, want)
 
 
 def test_out_of_range_parameters_are_one_line_errors(models: dict[str, Weights]) -> None:

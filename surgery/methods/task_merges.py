@@ -306,22 +306,47 @@ def hash_draw(seed: int, name: str, model: int
     return draw
 
 
-def della_probabilities(tau: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+def della_probabilities(tau: torch.Tensor, density: float, epsilon: float,
+                        ties: Literal["index", "torch"] = "torch") -> torch.Tensor:
     """MagPrune's keep probabilities, row by row (a 1-D tensor is one row), as mergekit:
-    with r the rank of |τ| within its row (1 = smallest, by ``torch.argsort``), and c the
-    row's length, p = (density − ε) + (r − 1)/(c − 1)·2ε, so the smallest entry is kept with
-    p = density − ε, the largest with density + ε, the mean density. A row of one entry
-    (c = 1, which mergekit cannot draw for) gets p = density. The ranks are the inverse of
-    the sorting permutation, scattered (mergekit sorts the permutation again: the same)."""
+    with r the rank of |τ| within its row (1 = smallest) and c the row's length,
+    p = (density − ε) + (r − 1)/(c − 1)·2ε, so the smallest entry is kept with p = density − ε,
+    the largest with density + ε, the mean density. A row of one entry (c = 1, which mergekit
+    cannot draw for) gets p = density. Equal magnitudes: ``ties="torch"`` ranks them as
+    ``torch.argsort`` orders them (mergekit; unspecified, its sort is not stable),
+    ``"index"`` by position, lower first (the same on any device and build; by one sort of
+    (magnitude bits, column) keys). The ranks are the inverse of the sorting permutation,
+    scattered (mergekit sorts the permutation again: the same ranks)."""
     rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
     if rows.shape[1] == 1:
         return torch.full_like(rows, density, dtype=torch.float32)
-    order = torch.argsort(rows.abs(), dim=1, descending=False)
+    if ties == "torch":
+        order = torch.argsort(rows.abs(), dim=1, descending=False)
+    else:
+        order = _stable_order(rows)
     steps = torch.arange(1, rows.shape[1] + 1, dtype=torch.float32, device=rows.device)
     ranks = torch.empty(order.shape, dtype=torch.float32, device=rows.device)
     ranks.scatter_(1, order, steps.expand(order.shape))
     rank_norm = ((ranks - 1) / (rows.shape[1] - 1)).clamp(0, 1)
     return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def _stable_order(rows: torch.Tensor) -> torch.Tensor:
+    """Per row (dimension 1), the permutation sorting |rows| ascending, equal values by
+    position: a sort of the unique int64 keys (|x|'s float32 bits) · 2³² + column, whose low
+    half is then the column (numpy's vectorised sort on the CPU)."""
+    bits = rows.abs().to(torch.float32).view(torch.int32)
+    columns = torch.arange(rows.shape[1], dtype=torch.int64, device=rows.device)
+    columns = columns.reshape(1, -1, *([1] * (rows.dim() - 2)))
+    if rows.device.type == "cpu":
+        keys = bits.numpy().astype(np.int64)
+        keys <<= 32
+        keys |= columns.numpy()
+        keys.sort(axis=1)
+        keys &= 0xFFFFFFFF
+        return torch.from_numpy(keys)
+    keys = (bits.to(torch.int64) << 32) | columns
+    return torch.sort(keys, dim=1).values & 0xFFFFFFFF
 
 
 def della_prune(tau: torch.Tensor, density: float, epsilon: float, rescale: DellaRescale,
@@ -405,7 +430,7 @@ def _della(op: str, base: Weights, models: Sequence[Weights], density: Scheduled
             for i, v in enumerate(values[1:]):
                 tau = v.to(torch.float32) - theta0
                 rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
-                mask = draws[i](della_probabilities(tau, d, e), first * row)
+                mask = draws[i](della_probabilities(tau, d, e, "index"), first * row)
                 at = first * row
                 masks[i][at:at + mask.numel()] = mask.reshape(-1).cpu() != 0
                 before[i] += tau.abs().sum(dtype=torch.float64)
@@ -437,7 +462,7 @@ def _della(op: str, base: Weights, models: Sequence[Weights], density: Scheduled
                     kept = kept * scales[i].to(kept.device)
             else:
                 rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
-                p = della_probabilities(tau, d, e)
+                p = della_probabilities(tau, d, e, "index")
                 kept = rows * hash_draw(ctx.seed, name, i)(p, first)
                 if rescale == "inverse_probability":
                     kept = kept / p
@@ -473,7 +498,9 @@ def della(base: Weights, models: Sequence[Weights], density: Scheduled,
     below p_j·2³¹, the same on any device and thread; ``rng="torch"`` draws
     ``torch.bernoulli`` from a generator seeded by :func:`della_torch_seed` (seed, tensor),
     models in order, which is what mergekit draws when torch's global generator is seeded so
-    before each tensor. Defaults ε = 0.15, λ = 1 (mergekit's).
+    before each tensor. Equal magnitudes in a row are ranked by position with ``hash`` (so
+    results do not depend on a sort's implementation) and as ``torch.argsort`` orders them
+    with ``torch`` (mergekit's ranks). Defaults ε = 0.15, λ = 1 (mergekit's).
     """
     return _della("della", base, models, density, epsilon, weights, lambda_, True, normalize,
                   rescale, rng, layer_pattern)
