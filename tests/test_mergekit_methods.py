@@ -412,6 +412,14 @@ def test_blocked_tensors_equal_mergekit(paths: dict[str, Path], models: dict[str
          model_stock(models["base"], fts(models), filter_wise=True), 0.0),
         ({"merge_method": "model_stock", "base_model": base, "models": entries(paths)},
          model_stock(models["base"], fts(models)), 1e-6),
+        ({"merge_method": "ram", "base_model": base, "parameters": {"epsilon": 0.02},
+          "models": entries(paths)}, ram(models["base"], fts(models), epsilon=0.02), 0.0),
+        ({"merge_method": "nearswap", "base_model": base, "parameters": {"t": 0.01},
+          "models": [{"model": str(paths["math"])}]},
+         nearswap(models["base"], models["math"], 0.01), 0.0),
+        ({"merge_method": "nuslerp", "base_model": base, "parameters": {"nuslerp_flatten": False},
+          "models": entries(paths, ("math", "code"), weight=(0.3, 0.5))},
+         nuslerp(fts(models, ("math", "code")), [0.3, 0.5], models["base"], flatten=False), 0.0),
     ]
     # DELLA's default hash draws: blocks and their l1 statistic draw what the whole tensor does.
     for i, ours in enumerate([della(models["base"], fts(models), density=0.5, epsilon=0.2),

@@ -68,7 +68,8 @@ def nuslerp(models: Sequence[Weights], weights: Sequence[Scheduled] | None = Non
 
     return Weights(ElementwiseNode(inputs, fn, "nuslerp",
                                    {"weights": [w.describe() for w in ws], "base": base is not None,
-                                    "row_wise": row_wise, "flatten": flatten}, NUSLERP_REF))
+                                    "row_wise": row_wise, "flatten": flatten}, NUSLERP_REF,
+                                   rowwise=not flatten and not row_wise))
 
 
 def multislerp_tensors(tensors: Sequence[torch.Tensor], weights: Sequence[float],

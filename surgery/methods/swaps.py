@@ -43,7 +43,7 @@ def nearswap(base: Weights, model: Weights, t: Scheduled,
         return nearswap_tensors(tensors[0], tensors[1], ts(name))
 
     return Weights(ElementwiseNode([base.node, model.node], fn, "nearswap",
-                                   {"t": ts.describe()}, NEARSWAP_REF))
+                                   {"t": ts.describe()}, NEARSWAP_REF, rowwise=True))
 
 
 def fusion_seed(seed: int, name: str) -> int:

@@ -657,8 +657,9 @@ def _ram(op: str, base: Weights, models: Sequence[Weights], epsilon: float, r: f
     params: dict[str, object] = {"epsilon": epsilon}
     if r is not None:
         params.update(r=r, alpha=alpha)
+    # RAM is entry by entry; RAM+'s overlap ratios count over the whole tensor.
     return Weights(ElementwiseNode([base.node, *(m.node for m in models)], fn, op, params,
-                                   RAM_REF))
+                                   RAM_REF, rowwise=r is None))
 
 
 class SceParams(Params):
