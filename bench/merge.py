@@ -104,8 +104,21 @@ METHODS: dict[str, tuple[str, dict]] = {
                   {"merge_method": "dare_ties", "base_model": "base",
                    "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.2}}
                               for m in FINETUNES]}),
+    "della": ("{op: della, base: base, models: [ft1, ft2, ft3], density: 0.4, epsilon: 0.1}",
+              {"merge_method": "della", "base_model": "base",
+               "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.4,
+                                                      "epsilon": 0.1}} for m in FINETUNES]}),
+    "breadcrumbs": (
+        "{op: breadcrumbs, base: base, models: [ft1, ft2, ft3], density: 0.9, gamma: 0.01}",
+        {"merge_method": "breadcrumbs", "base_model": "base",
+         "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.9, "gamma": 0.01}}
+                    for m in FINETUNES]}),
+    "model_stock": ("{op: model_stock, base: base, models: [ft1, ft2, ft3]}",
+                    {"merge_method": "model_stock", "base_model": "base",
+                     "models": [{"model": m} for m in FINETUNES]}),
 }
 SAME_SEMANTICS = ("linear", "task_arithmetic", "ties")
+SAME_SEMANTICS += ("breadcrumbs", "model_stock")  # della draws differ: statistics only
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -325,7 +338,8 @@ def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
                 result.runs[(k, method)].ok for k in outs):
             result.agreement[method] = compare(outs["ours"], outs["mergekit"]) + (
                 "; mergekit keeps the entries tied at the trim threshold in the order of an "
-                "unstable torch.argsort, ours by lowest flat index" if method == "ties" else "")
+                "unstable torch.argsort, ours by lowest flat index"
+                if method in ("ties", "breadcrumbs") else "")
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
     return result
@@ -410,6 +424,8 @@ def render(results: list[SizeResult], command: str, cache_note: str, repeat: int
 # DESIGN.md's targets: (most wall time / the I/O floor's, least speed-up over mergekit).
 TARGETS = {"linear": (1.5, 4.0), "task_arithmetic": (1.5, 4.0), "ties": (None, 10.0),
            "dare_ties": (None, 10.0)}
+TARGETS.update({"della": (None, 10.0), "breadcrumbs": (None, 10.0),
+                "model_stock": (1.5, 4.0)})
 MEMORY_TARGET = 1.5e9  # bytes of peak resident memory, at 1B (and constant in model size)
 
 
