@@ -14,6 +14,7 @@ guessed from shapes (a square weight would be ambiguous). An embedding's LoRA
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import re
@@ -155,7 +156,7 @@ def load_adapter(path: str | Path) -> LoraAdapter:
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_(embedding_)?([AB])"
                          r"(?:\.[^.]+)?(?:\.weight)?$")
     with safe_open(str(weights), framework="pt") as f:
-        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+        for key in f.keys():
             m = pattern.match(key)
             if m is None:
                 raise UsageError(f"{weights}: tensor {key!r} is not a LoRA A or B matrix "
@@ -238,6 +239,19 @@ def bind(adapter: LoraAdapter, model: Weights, label: str) -> LoraAdapter:
     return adapter
 
 
+def adapter_digest(adapter: LoraAdapter) -> str:
+    """sha256 of the adapter's matrices and scalings (part of cache keys and provenance)."""
+    h = hashlib.sha256()
+    for name in sorted(adapter.layers):
+        layer = adapter.layers[name]
+        h.update(f"{name}\0{layer.kind}\0{layer.scaling!r}\0".encode())
+        for t in (layer.A, layer.B):
+            t = t.detach().to("cpu").contiguous()
+            h.update(str((tuple(t.shape), t.dtype)).encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 class LoraDeltaNode(Node):
     """``W + sign · scaling · B A`` for every adapted weight, the other tensors as they are.
     ``sign=+1`` merges (PEFT's order of operations: ``W + transpose(B @ A) * scaling``);
@@ -257,10 +271,12 @@ class LoraDeltaNode(Node):
         self._params = params or {}
         self.by_tensor = {layer.tensor: layer for layer in adapter.layers.values()}
         self.on_compute = on_compute
+        self.digest = adapter_digest(adapter)
 
     def params(self) -> dict[str, Any]:
         return {"r": self.adapter.r, "alpha": self.adapter.alpha,
-                "layers": len(self.adapter.layers), **self._params}
+                "layers": len(self.adapter.layers), "adapter_sha256": self.digest,
+                **self._params}
 
     def _list_names(self) -> list[str]:
         return self.inputs[0].names()
@@ -352,3 +368,27 @@ def detach_trained(model: torch.nn.Module, adapter: LoraAdapter) -> LoraAdapter:
                                  layer.kind)
     return LoraAdapter(layers, adapter.r, adapter.alpha, adapter.use_rslora,
                        adapter.base_model, dict(adapter.config_extra))
+
+
+class TrainedAdapterNode(LoraDeltaNode):
+    """The result of training an adapter: the start model (the residual, for CorDA) with the
+    trained A and B merged in, W = W_res + scaling·B A; :meth:`capture` takes them from the
+    model once training ends."""
+
+    def __init__(self, source: Node, model: torch.nn.Module, adapter: LoraAdapter,
+                 params: dict[str, Any]) -> None:
+        super().__init__(Weights(source), adapter, +1, "finetune", params)
+        self.model = model
+        self.trained: LoraAdapter | None = None
+
+    def params(self) -> dict[str, Any]:
+        return dict(self._params)
+
+    def capture(self) -> None:
+        self.trained = detach_trained(self.model, self.adapter)
+        self.by_tensor = {layer.tensor: layer for layer in self.trained.layers.values()}
+
+    def compute(self, name: str, ctx: EvalContext) -> torch.Tensor:
+        if self.trained is None and name in self.by_tensor:
+            raise RuntimeError("TrainedAdapterNode saved before training captured its weights")
+        return super().compute(name, ctx)

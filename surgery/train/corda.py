@@ -76,6 +76,12 @@ class CordaSettings(Params):
     device: str = "auto"
 
 
+class AdapterSpec(Params):
+    """``adapter: {corda: {...}}`` of ``op: finetune``: make the adapter with CorDA first."""
+
+    corda: CordaSettings
+
+
 @dataclass
 class LayerReport:
     module: str
@@ -94,7 +100,7 @@ class CordaResult:
 
     def summary(self) -> dict[str, Any]:
         damps = sorted({layer.damp for layer in self.layers})
-        return {"method": "corda", "mode": self.mode, "rank": self.adapter.r,
+        return {"method": "corda", "mode": self.mode, "r": self.adapter.r,
                 "alpha": self.adapter.alpha, "layers": len(self.layers),
                 "examples": self.examples, "tokens": self.tokens, "damping": damps}
 
@@ -309,7 +315,7 @@ class Covariances:
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
-                matrices = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+                matrices = {k: f.get_tensor(k) for k in f.keys()}
             groups = json.loads(meta["corda_layers"])
             return cls(groups, matrices, int(meta["examples"]), int(meta["tokens"]))
         except (OSError, KeyError, ValueError) as e:
@@ -472,3 +478,38 @@ def write_corda(model: str | Path | Weights, out: str | Path, settings: CordaSet
     saved = save(res.node, root / "residual", force=force, device="cpu", progress=write_progress,
                  extra_provenance={"corda": result.summary()})
     return CordaOutput(adapter_path, saved.path, result)
+
+
+def prepare_adapter(model: str | Path | Weights, spec: str | AdapterSpec,
+                    progress: CordaProgress | None = None
+                    ) -> tuple[Weights, LoraAdapter, dict[str, Any]]:
+    """What adapter training starts from: (the model the adapter sits on, the adapter, a
+    record for provenance). ``spec`` is a PEFT adapter directory for ``model`` (or a
+    ``surgery corda`` output: its ``adapter/``), or CorDA settings, which decompose ``model``
+    into the residual and the adapter first."""
+    from surgery.checkpoint import open_checkpoint
+    from surgery.expr import LoadNode
+    from surgery.train.adapter import adapter_dir, bind, load_adapter
+
+    if isinstance(spec, AdapterSpec):
+        result, res = corda(model, spec.corda, progress=progress)
+        return res, result.adapter, {**result.summary(), "data": Path(spec.corda.data).name}
+    w = model if isinstance(model, Weights) else Weights(LoadNode(open_checkpoint(str(model))))
+    label = str(model) if not isinstance(model, Weights) else f"result of {w.node.op}"
+    adapter = bind(load_adapter(spec), w, label)
+    return w, adapter, {"method": "lora", "adapter": str(adapter_dir(spec)), "r": adapter.r,
+                        "alpha": adapter.alpha, "layers": len(adapter.layers)}
+
+
+def adapter_fingerprint(spec: str | AdapterSpec) -> list[str]:
+    """The bytes an adapter setting depends on, for cache keys: the adapter's files, or the
+    calibration data (and covariance file) of a CorDA one."""
+    from surgery.train.adapter import CONFIG_FILE, WEIGHTS_FILE, adapter_dir
+    from surgery.train.data import file_sha256
+
+    if isinstance(spec, AdapterSpec):
+        files = [spec.corda.data, *([spec.corda.covariance] if spec.corda.covariance and
+                                    Path(spec.corda.covariance).is_file() else [])]
+        return [file_sha256(f) for f in files]
+    root = adapter_dir(spec)
+    return [file_sha256(root / CONFIG_FILE), file_sha256(root / WEIGHTS_FILE)]

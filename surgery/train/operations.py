@@ -27,6 +27,7 @@ from surgery.expr import EvalContext, Node, TensorSpec, Weights
 from surgery.methods.registry import Operation, Resolve
 from surgery.methods.soup import Params
 from surgery.train.config import TrainConfig
+from surgery.train.corda import adapter_fingerprint
 from surgery.train.data import Task, check_fits, classes, file_sha256, load_train_data, task_of
 from surgery.train.distill import DISTILL_REF, distill_data
 from surgery.train.hooks import TrainableSet
@@ -164,8 +165,10 @@ class FinetuneNode(Node):
             data = self.data.key if isinstance(self.data, DistilledData) else \
                 file_sha256(self.data)
             evals = file_sha256(self.settings.eval_data) if self.settings.eval_data else None
-            self._key = content_key(self.source.node, [
-                self.settings.model_dump(mode="json", exclude={"device"}), data, evals])
+            extra = [self.settings.model_dump(mode="json", exclude={"device"}), data, evals]
+            if self.settings.adapter is not None:
+                extra.append(adapter_fingerprint(self.settings.adapter))
+            self._key = content_key(self.source.node, extra)
         return self._key
 
     @property
