@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from surgery_cli.corda import corda, merge_adapter
 from surgery_cli.evaluation import evaluate, prune
 from surgery_cli.main import handle_errors, human_bytes, human_count
 from surgery_cli.progress import ProgressBar
@@ -207,3 +208,4 @@ def methods(name: str | None) -> None:
 
 COMMANDS = [plan, apply, inspect, methods, evaluate, prune, sparse, push, diff, train,
             distill_data]
+COMMANDS += [corda, merge_adapter]

@@ -183,11 +183,9 @@ def load_adapter(path: str | Path) -> LoraAdapter:
     return LoraAdapter(layers, r, alpha, rslora, cfg.get("base_model_name_or_path"))
 
 
-def module_kinds(config: dict, where: str) -> dict[str, str]:
-    """``linear``, ``conv1d`` or ``embedding`` for each such module of the model
-    transformers builds from ``config`` (on the meta device: no memory, no weights)."""
+def meta_model(config: dict, where: str) -> torch.nn.Module:
+    """The model transformers builds from ``config``, on the meta device (no memory)."""
     import transformers
-    from transformers.pytorch_utils import Conv1D
 
     if "model_type" not in config:
         raise UsageError(f"{where}: config.json has no model_type; cannot tell its layers")
@@ -196,13 +194,20 @@ def module_kinds(config: dict, where: str) -> dict[str, str]:
     try:
         built = transformers.AutoConfig.for_model(**config)
         with torch.device("meta"):
-            model = cls.from_config(built) if cls is transformers.AutoModelForCausalLM \
+            return cls.from_config(built) if cls is transformers.AutoModelForCausalLM \
                 else cls(built)
     except (ValueError, KeyError, TypeError) as e:
         raise UsageError(f"{where}: transformers cannot build this model "
                          f"({str(e).splitlines()[0]})") from None
+
+
+def module_kinds(config: dict, where: str) -> dict[str, str]:
+    """``linear``, ``conv1d`` or ``embedding`` for each such module of the model
+    transformers builds from ``config``."""
+    from transformers.pytorch_utils import Conv1D
+
     out = {}
-    for name, mod in model.named_modules():
+    for name, mod in meta_model(config, where).named_modules():
         if isinstance(mod, Conv1D):
             out[name] = "conv1d"
         elif isinstance(mod, torch.nn.Linear):
@@ -303,6 +308,13 @@ class LoraDeltaNode(Node):
         return out.to(dtype)
 
 
+def weights_label(w: Weights) -> str:
+    from surgery.expr import LoadNode
+
+    return w.node.checkpoint.source if isinstance(w.node, LoadNode) else \
+        f"result of {w.node.op}"
+
+
 def merge_adapter(model: str | Path | Weights, adapter: str | Path | LoraAdapter) -> Weights:
     """``model`` with ``adapter`` merged in, W = W + scaling · B A, as a lazy expression
     (``.save(path)`` streams it): for adapters ``surgery`` writes (merge a trained CorDA
@@ -311,7 +323,7 @@ def merge_adapter(model: str | Path | Weights, adapter: str | Path | LoraAdapter
     from surgery.expr import LoadNode
 
     w = model if isinstance(model, Weights) else Weights(LoadNode(open_checkpoint(str(model))))
-    label = str(model) if not isinstance(model, Weights) else f"result of {w.node.op}"
+    label = weights_label(w)
     lora = adapter if isinstance(adapter, LoraAdapter) else load_adapter(adapter)
     bind(lora, w, label)
     src = None if isinstance(adapter, LoraAdapter) else str(adapter_dir(adapter))

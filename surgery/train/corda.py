@@ -489,13 +489,13 @@ def prepare_adapter(model: str | Path | Weights, spec: str | AdapterSpec,
     into the residual and the adapter first."""
     from surgery.checkpoint import open_checkpoint
     from surgery.expr import LoadNode
-    from surgery.train.adapter import adapter_dir, bind, load_adapter
+    from surgery.train.adapter import adapter_dir, bind, load_adapter, weights_label
 
     if isinstance(spec, AdapterSpec):
         result, res = corda(model, spec.corda, progress=progress)
         return res, result.adapter, {**result.summary(), "data": Path(spec.corda.data).name}
     w = model if isinstance(model, Weights) else Weights(LoadNode(open_checkpoint(str(model))))
-    label = str(model) if not isinstance(model, Weights) else f"result of {w.node.op}"
+    label = weights_label(w)
     adapter = bind(load_adapter(spec), w, label)
     return w, adapter, {"method": "lora", "adapter": str(adapter_dir(spec)), "r": adapter.r,
                         "alpha": adapter.alpha, "layers": len(adapter.layers)}
@@ -513,3 +513,15 @@ def adapter_fingerprint(spec: str | AdapterSpec) -> list[str]:
         return [file_sha256(f) for f in files]
     root = adapter_dir(spec)
     return [file_sha256(root / CONFIG_FILE), file_sha256(root / WEIGHTS_FILE)]
+
+
+def adapter_parameters(model: torch.nn.Module, spec: str | AdapterSpec) -> int:
+    """How many parameters an adapter setting trains on ``model`` (may be on the meta
+    device): r·(in + out) per CorDA layer, or the adapter file's A and B."""
+    from surgery.train.adapter import load_adapter
+
+    if isinstance(spec, AdapterSpec):
+        rank = spec.corda.rank
+        return sum(rank * sum(_dims(mod, conv)) for _, mod, conv in
+                   select_layers(model, spec.corda.targets))
+    return sum(layer.A.numel() + layer.B.numel() for layer in load_adapter(spec).layers.values())

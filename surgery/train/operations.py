@@ -27,7 +27,7 @@ from surgery.expr import EvalContext, Node, TensorSpec, Weights
 from surgery.methods.registry import Operation, Resolve
 from surgery.methods.soup import Params
 from surgery.train.config import TrainConfig
-from surgery.train.corda import adapter_fingerprint
+from surgery.train.corda import adapter_fingerprint, adapter_parameters
 from surgery.train.data import Task, check_fits, classes, file_sha256, load_train_data, task_of
 from surgery.train.distill import DISTILL_REF, distill_data
 from surgery.train.hooks import TrainableSet
@@ -194,6 +194,8 @@ class FinetuneNode(Node):
         """The run's memory estimate and tokens per update (from the tokenized data)."""
         trainable = sum(p.numel() for n, p in self.meta.named_parameters()
                         if n in self.trainable)
+        if self.settings.adapter is not None:
+            trainable = adapter_parameters(self.meta, self.settings.adapter)
         total = sum(p.numel() for p in self.meta.parameters())
         memory = memory_estimate(self.meta, trainable, self.settings)
         if self.encoded is None:  # distilled data: its length is known once it is made
