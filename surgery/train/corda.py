@@ -260,10 +260,11 @@ def _examples(tokenizer: Any, data: str | Path, max_length: int, samples: int | 
     if samples is not None:
         records = records[:samples]
     out = []
-    for r in records:
+    for r in records:  # an example of no text adds nothing (not a lone BOS token)
+        if not tokenizer(r.full_text, add_special_tokens=False)["input_ids"]:
+            continue
         ids = tokenizer(r.full_text, add_special_tokens=True)["input_ids"][:max_length]
-        if ids:
-            out.append((r.line, ids))
+        out.append((r.line, ids))
     if not out:
         raise DataError(f"{data}: the calibration data yields no tokens")
     return out
