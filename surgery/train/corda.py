@@ -11,12 +11,14 @@ W_res = W − s·B A, so residual plus adapter is the original model before trai
 Numerically this is PEFT's ``preprocess_corda`` + ``init_lora_weights="corda"`` (the oracle of
 the tests), with these choices:
 
-- the covariance is accumulated in float64 (PEFT: float32; ``accumulate: float32`` gives
-  PEFT's sums, and then PEFT's A, B and W_res, bit for bit), then, like PEFT, cast to float32
-  for the damped inverse and the SVD, so the damping criterion picks the same d as PEFT. From
-  the same covariance our A, B and W_res are PEFT's bit for bit; between float64 and float32
-  sums the ``kpa`` factors differ by about 1e-3 relative on the tiny test models, since the
-  smallest components of W C' are the most sensitive to C (the larger part is PEFT's rounding);
+- each example's X̂ᵀX̂ is computed in float32, as PEFT does, and summed over the examples in
+  float64 (PEFT sums in float32; ``accumulate: float32`` gives PEFT's sums, and then PEFT's A,
+  B and W_res, bit for bit). The sum's rounding is what grows with the number of examples;
+  float64 products as well would double the covariance time on a CPU. The mean is, like
+  PEFT, cast to float32 for the damped inverse and the SVD, so the damping criterion picks
+  the same d. From the same covariance our A, B and W_res are PEFT's bit for bit; between
+  float64 and float32 sums the ``kpa`` factors differ by about 1e-3 relative on the tiny
+  test models: the smallest components of W C' are the most sensitive to C;
 - as PEFT, each example's activations are divided by ``|max X|``, the absolute value of the
   signed maximum (not the largest magnitude), and the mean is over forward passes (examples),
   not tokens; we run one example per pass without padding, so pad tokens never enter C;
@@ -140,8 +142,10 @@ def _dims(mod: torch.nn.Module, conv1d: bool) -> tuple[int, int]:
 
 
 class CovarianceHooks:
-    """Forward hooks accumulating Σ X̂ᵀX̂ (float64) per layer input; consecutive layers given
-    the same input tensor (q/k/v, gate/up) share one sum, found on the first pass."""
+    """Forward hooks accumulating Σ X̂ᵀX̂ per layer input: each example's product in float32
+    (as PEFT computes it), the sum over examples in ``dtype`` (float64: where rounding
+    accumulates); consecutive layers given the same input tensor (q/k/v, gate/up) share one
+    sum, found on the first pass."""
 
     def __init__(self, layers: Sequence[tuple[str, torch.nn.Module, bool]],
                  dtype: torch.dtype = torch.float64) -> None:
@@ -187,19 +191,21 @@ class CovarianceHooks:
             if g != name:
                 raise UsageError(f"corda: layer {name!r} shared its input with "
                                  f"{g!r} on the first example but not on line {self.line}")
-            flat = x.detach().reshape(-1, x.shape[-1]).to(self.dtype)
+            flat = x.detach().reshape(-1, x.shape[-1])
+            flat = flat.to(torch.promote_types(flat.dtype, torch.float32))
             peak = flat.max().abs()
-            if not torch.isfinite(flat).all() or peak == 0:
-                why = "is not finite" if not torch.isfinite(flat).all() else \
+            if not torch.isfinite(peak) or peak == 0:
+                why = "is not finite" if not torch.isfinite(peak) else \
                     "has maximum 0, so X / |max X| is undefined"
                 raise DataError(f"corda: layer {name!r}: the input of the example on line "
                                 f"{self.line} {why}")
             flat = flat / peak
+            product = flat.T @ flat  # one example's X̂ᵀX̂ (float32, as PEFT), summed in dtype
             if g not in self.sums:
                 self.sums[g] = torch.zeros(flat.shape[1], flat.shape[1], dtype=self.dtype,
                                            device=flat.device)
                 self.passes[g] = 0
-            self.sums[g].addmm_(flat.T, flat)
+            self.sums[g] += product
             self.passes[g] += 1
             self._last = (x, g)
 
@@ -348,6 +354,9 @@ def collect_covariances(model: torch.nn.Module, tokenizer: Any, data: str | Path
     finally:
         model.train(was_training)
     for g in list(hooks.sums):
+        if not torch.isfinite(hooks.sums[g]).all():
+            raise DataError(f"corda: layer {g!r}: the covariance of its inputs is not "
+                            f"finite (inputs of {data} overflow)")
         hooks.sums[g] /= hooks.passes[g]
     return Covariances(hooks.group, hooks.sums, len(examples),
                        sum(len(ids) for _, ids in examples))
