@@ -209,9 +209,9 @@ def report(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]],
         "writer (`surgery corda` writes it tensor by tensor), so no second copy of a weight "
         "is held. Layers that read one input (q/k/v, gate/up) share one covariance in ours; "
         "PEFT builds one per layer and keeps every layer's full U and V until it crops them.",
-        "With float32 sums ours is PEFT bit for bit (0 difference); with float64 sums the "
-        "product s·BA agrees to about float32 rounding of the covariance, while the kpa "
-        "factors themselves, the smallest components of W C', move more.",
+        "With float32 sums ours is PEFT bit for bit (the rest of the computation is the "
+        "same); with float64 sums the difference left is PEFT's float32 summing, to which "
+        "the kpa components (the smallest of W C') are the most sensitive.",
         "",
     ]
     return "\n".join(lines)
