@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from surgery import load
-from surgery.errors import UsageError
+from surgery.errors import ShapeMismatchError, UsageError
 from surgery.train.adapter import load_adapter
 from surgery.train.corda import (
     Covariances,
@@ -286,7 +286,13 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     assert ok.returncode == 0, ok.stderr
     msg = error(tmp_path, "corda", llama, "--data", str(CALIB), "--rank", "2", "--covariance",
                 str(cov), "--out", str(tmp_path / "e"), "-q")
-    assert "no covariance for layer 'model.layers.0.self_attn.q_proj'" in msg
+    assert "made from another model" in msg
+    model = lm(base("tiny-llama"))
+    with pytest.raises(ShapeMismatchError, match=r"no covariance for layer 'model\.layers\.0"):
+        corda_decompose(model, None, None, 2, covariances=Covariances.load(cov))
+    msg = error(tmp_path, "corda", gpt2, "--data", str(TASK), "--rank", "2", "--covariance",
+                str(cov), "--out", str(tmp_path / "e2"), "-q")
+    assert "made from another model, other calibration data" in msg
     msg = error(tmp_path, "merge-adapter", llama, str(tmp_path / "d"), "--out",
                 str(tmp_path / "f"), "-q")
     assert "adapter layer 'transformer.h.0.attn.c_attn'" in msg

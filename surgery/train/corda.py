@@ -293,6 +293,7 @@ class Covariances:
     matrices: dict[str, torch.Tensor]
     examples: int
     tokens: int
+    source: str = ""  # what they were computed from (data hash and settings), for reuse
 
     def of(self, layer: str) -> torch.Tensor:
         g = self.groups.get(layer)
@@ -311,7 +312,8 @@ class Covariances:
         partial = target.with_name(target.name + ".partial")
         save_file({g: m.contiguous().cpu() for g, m in self.matrices.items()}, str(partial),
                   metadata={"format": "pt", "corda_layers": json.dumps(self.groups),
-                            "examples": str(self.examples), "tokens": str(self.tokens)})
+                            "examples": str(self.examples), "tokens": str(self.tokens),
+                            "source": self.source})
         partial.replace(target)
         return target
 
@@ -324,7 +326,8 @@ class Covariances:
                 meta = f.metadata() or {}
                 matrices = {k: f.get_tensor(k) for k in f.keys()}
             groups = json.loads(meta["corda_layers"])
-            return cls(groups, matrices, int(meta["examples"]), int(meta["tokens"]))
+            return cls(groups, matrices, int(meta["examples"]), int(meta["tokens"]),
+                       meta.get("source", ""))
         except (OSError, KeyError, ValueError) as e:
             raise UsageError(f"{path}: not a CorDA covariance file ({e})") from None
 
@@ -442,6 +445,16 @@ def _load_model(model: str | Path | Weights, device: str) -> tuple[Any, Any, Any
     return Weights(source.node), lm.to(resolve_device(device)), tokenizer, source.label
 
 
+def calibration_source(s: CordaSettings, model: Weights) -> str:
+    """What a covariance depends on: the model's bytes, the data's, and how it is read."""
+    from surgery.train.data import file_sha256
+    from surgery.train.model import content_key
+
+    return json.dumps({"model": content_key(model.node), "data_sha256": file_sha256(s.data),
+                       "max_length": s.max_length, "samples": s.samples,
+                       "accumulate": s.accumulate}, sort_keys=True)
+
+
 def corda(model: str | Path | Weights, settings: CordaSettings | None = None, *,
           progress: CordaProgress | None = None, **kwargs: Any
           ) -> tuple[CordaResult, Weights]:
@@ -450,14 +463,20 @@ def corda(model: str | Path | Weights, settings: CordaSettings | None = None, *,
     s = settings or CordaSettings(**kwargs)
     weights, lm, tokenizer, label = _load_model(model, s.device)
     covariances = None
+    source = calibration_source(s, weights)
     if s.covariance and Path(s.covariance).is_file():
         covariances = Covariances.load(s.covariance)
+        if covariances.source != source:
+            raise UsageError(f"{s.covariance}: made from another model, other calibration "
+                             "data or settings (max_length, samples, accumulate); delete it "
+                             "or name another file")
     elif s.covariance:
         layers = select_layers(lm, s.targets)
         check_ranks(layers, s.rank)
         covariances = collect_covariances(lm, tokenizer, s.data, layers,
                                           max_length=s.max_length, samples=s.samples,
                                           progress=progress, dtype=getattr(torch, s.accumulate))
+        covariances.source = source
         covariances.save(s.covariance)
     result = corda_decompose(lm, tokenizer, s.data, s.rank, s.mode, targets=s.targets,
                              alpha=s.alpha, max_length=s.max_length, samples=s.samples,
