@@ -33,6 +33,7 @@ The residual keeps each weight's stored dtype (PEFT: the dtype the model was loa
 from __future__ import annotations
 
 import json
+import math
 import re
 import time
 from collections.abc import Callable, Sequence
@@ -145,7 +146,8 @@ class CovarianceHooks:
     """Forward hooks accumulating Σ X̂ᵀX̂ per layer input: each example's product in float32
     (as PEFT computes it), the sum over examples in ``dtype`` (float64: where rounding
     accumulates); consecutive layers given the same input tensor (q/k/v, gate/up) share one
-    sum, found on the first pass."""
+    sum, found on the first pass. float64 sums keep the upper triangle only (see
+    :func:`unpack`): n(n+1)/2 values, the bytes of PEFT's full float32 matrix."""
 
     def __init__(self, layers: Sequence[tuple[str, torch.nn.Module, bool]],
                  dtype: torch.dtype = torch.float64) -> None:
@@ -158,6 +160,15 @@ class CovarianceHooks:
         self.line = 0
         self._last: tuple[Any, str] | None = None
         self._handles: list[Any] = []
+        self.packed = dtype == torch.float64
+        self._upper: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+    def _upper_index(self, n: int, device: torch.device) -> torch.Tensor:
+        key = (n, device)
+        if key not in self._upper:
+            rows, cols = torch.triu_indices(n, n, device=device)
+            self._upper[key] = rows * n + cols
+        return self._upper[key]
 
     def __enter__(self) -> CovarianceHooks:
         for name, mod, _ in self.layers:
@@ -201,9 +212,11 @@ class CovarianceHooks:
                                 f"{self.line} {why}")
             flat = flat / peak
             product = flat.T @ flat  # one example's X̂ᵀX̂ (float32, as PEFT), summed in dtype
+            if self.packed:
+                n = flat.shape[1]
+                product = product.reshape(-1).index_select(0, self._upper_index(n, flat.device))
             if g not in self.sums:
-                self.sums[g] = torch.zeros(flat.shape[1], flat.shape[1], dtype=self.dtype,
-                                           device=flat.device)
+                self.sums[g] = torch.zeros(product.shape, dtype=self.dtype, device=flat.device)
                 self.passes[g] = 0
             self.sums[g] += product
             self.passes[g] += 1
@@ -284,6 +297,19 @@ def check_ranks(layers: Sequence[tuple[str, torch.nn.Module, bool]], rank: int) 
                              f"layer {name!r} ({out}×{inp})")
 
 
+def unpack(m: torch.Tensor) -> torch.Tensor:
+    """A covariance as an ``n×n`` matrix: ``m`` itself, or, for the upper triangle packed row
+    by row into n(n+1)/2 values, the symmetric matrix it holds."""
+    if m.dim() == 2:
+        return m
+    n = int((math.isqrt(8 * m.numel() + 1) - 1) // 2)
+    rows, cols = torch.triu_indices(n, n, device=m.device)
+    full = torch.empty(n, n, dtype=m.dtype, device=m.device)
+    full[rows, cols] = m
+    full[cols, rows] = m
+    return full
+
+
 @dataclass
 class Covariances:
     """Mean input covariances: ``layer -> group``, ``group -> matrix`` (layers reading the
@@ -301,7 +327,7 @@ class Covariances:
             raise ShapeMismatchError(f"corda: no covariance for layer {layer!r} (calibration "
                                      "data that never reaches it, or a covariance file of "
                                      "another model)")
-        return self.matrices[g]
+        return unpack(self.matrices[g])
 
     def save(self, path: str | Path) -> Path:
         """A safetensors file (one matrix per group, the layer map in its metadata)."""
