@@ -8,3 +8,9 @@ from surgery.train.objectives import Objective
 
 __all__ = ["GradientMask", "GradientTransform", "Objective", "TrainConfig", "TrainEvent",
            "TrainResult", "TrainableSet", "TrainingDiverged", "finetune"]
+
+from surgery.train.adapter import LoraAdapter, load_adapter, merge_adapter
+from surgery.train.corda import CordaSettings, corda, write_corda
+
+__all__ += ["CordaSettings", "LoraAdapter", "corda", "load_adapter", "merge_adapter",
+            "write_corda"]
