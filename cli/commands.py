@@ -6,7 +6,10 @@ from pathlib import Path
 
 import click
 from surgery_cli.corda import corda, merge_adapter
+from surgery_cli.drift import drift_prior
 from surgery_cli.evaluation import evaluate, prune
+from surgery_cli.graft import GraftBar, graft
+from surgery_cli.lora import extract_lora
 from surgery_cli.main import handle_errors, human_bytes, human_count
 from surgery_cli.progress import ProgressBar
 from surgery_cli.sparse import sparse
@@ -58,8 +61,13 @@ def plan(recipe: str) -> None:
 @click.option("--profile", is_flag=True, help="Report time spent reading, computing, writing.")
 @click.option("--plot", type=click.Path(dir_okay=False), help="Draw the greedy-soup trajectory "
               "(each candidate soup's score, kept or rejected) into this PNG.")
+@click.option("--ray", "ray", metavar="ADDRESS", help="Write each output shard in a Ray task: "
+              "auto (the running cluster), local (start one here) or a cluster address.")
+@click.option("--ray-workers", type=click.IntRange(min=1),
+              help="CPUs of the cluster --ray local starts (default: all).")
 @handle_errors
-def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None) -> None:
+def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None,
+          ray: str | None, ray_workers: int | None) -> None:
     """Validate and run RECIPE, writing its output model(s)."""
     from surgery.errors import UsageError
     from surgery.recipe import greedy_soup_steps, load_recipe, run_recipe
@@ -71,13 +79,16 @@ def apply(recipe: str, force: bool, quiet: bool, profile: bool, plot: str | None
                          "comes from a greedy_soup step")
     bar = ProgressBar(enabled=not quiet)
     training = TrainBar(enabled=not quiet)
+    grafting = GraftBar(enabled=not quiet)
     try:
         results = run_recipe(loaded, force=force, progress=bar, on_output=bar,
                              on_push=lambda p: click.echo(f"pushed {len(p.files)} files to "
                                                           f"{p.repo_id}@{p.revision}: {p.url}"),
-                             on_train=training)
+                             on_train=training, on_graft=grafting, ray=ray,
+                             ray_workers=ray_workers)
     finally:
         training.close()
+        grafting.close()
         bar.close()
     for res in results:
         reused = f", {len(res.reused_shards)} reused from an interrupted run" \
@@ -207,5 +218,5 @@ def methods(name: str | None) -> None:
 
 
 COMMANDS = [plan, apply, inspect, methods, evaluate, prune, sparse, push, diff, train,
-            distill_data]
+            distill_data, drift_prior, extract_lora, graft]
 COMMANDS += [corda, merge_adapter]

@@ -89,6 +89,11 @@ class TrainBar:
 @click.option("--checkpoint-every", type=click.IntRange(min=1),
               help="Updates between resumable checkpoints.")
 @click.option("--gradient-checkpointing", is_flag=True)
+@click.option("--drift", "drift", type=click.Path(dir_okay=False),
+              help="DRIFT: bias the gradients toward this prior (surgery drift-prior).")
+@click.option("--drift-mode", type=click.Choice(["adaptive_cosine", "gradnorm", "absolute"]),
+              default="adaptive_cosine", show_default=True)
+@click.option("--drift-alpha", type=click.FloatRange(min=0), default=1.0, show_default=True)
 @click.option("--set", "extra", multiple=True, metavar="KEY=VALUE",
               help="Any other finetune parameter (asft_lambda=0.1, mask_prob=0.3, ...).")
 @click.option("--dtype", help="Output dtype (default: as the input).")
@@ -103,7 +108,8 @@ def train(model: str, data: str, out: str, steps: int | None, epochs: float | No
           weight_decay: float, seed: int, device: str, objective: str,
           trainable: tuple[str, ...], chat: bool, adapter: str | None, eval_data: str | None,
           eval_every: int | None, checkpoint_every: int | None, gradient_checkpointing: bool,
-          extra: tuple[str, ...], dtype: str | None, log_path: str | None, plot: str | None,
+          drift: str | None, drift_mode: str, drift_alpha: float, extra: tuple[str, ...],
+          dtype: str | None, log_path: str | None, plot: str | None,
           force: bool, quiet: bool) -> None:
     """Fine-tune MODEL on a JSONL file and write the result to OUT.
 
@@ -127,6 +133,10 @@ def train(model: str, data: str, out: str, steps: int | None, epochs: float | No
         step["trainable"] = trainable[0] if list(trainable) == ["hft"] else list(trainable)
     if adapter:
         step["adapter"] = adapter
+    if drift:
+        step["drift"] = {"prior": drift, "mode": drift_mode, "alpha": drift_alpha}
+    elif drift_mode != "adaptive_cosine" or drift_alpha != 1.0:
+        raise UsageError("--drift-mode and --drift-alpha need --drift PRIOR")
     for item in extra:
         key, sep, value = item.partition("=")
         if not sep:
@@ -164,7 +174,11 @@ def train(model: str, data: str, out: str, steps: int | None, epochs: float | No
         click.echo(f"wrote the trained adapter to {target}")
     record = json.loads((results[0].path / "provenance.json").read_text()).get("sections", {})
     if "Fine-tuning" in record:
-        click.echo(record["Fine-tuning"].split("\n")[0])
+        lines = record["Fine-tuning"].split("\n")
+        click.echo(lines[0])
+        for line in lines:
+            if line.startswith("- drift:"):
+                click.echo(f"DRIFT bias {line.removeprefix('- drift: ')}")
     if plot:
         from surgery.evaluate.plot import plot_loss_curve
 

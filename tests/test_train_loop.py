@@ -61,20 +61,27 @@ def _plain_batch(tok, rows: list[dict], order: list[int]) -> dict[str, torch.Ten
             "labels": torch.tensor([la + [-100] * (width - len(la)) for la in labels])}
 
 
+def plain_backward(lr: float, examples: int) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The tiny Llama and a plain AdamW after backward of the SFT loss on the first
+    ``examples`` of the first epoch's order, as the fine-tune step's first update sees them."""
+    tok = AutoTokenizer.from_pretrained(BASE)
+    model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).train()
+    rows = [json.loads(line) for line in MATH.read_text().splitlines()]
+    batch = _plain_batch(tok, rows, epoch_order(len(rows), 0, 0)[:examples])
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
+    loss.backward()
+    return model, opt
+
+
 def test_one_update_equals_a_plain_pytorch_loop_bit_for_bit(tmp_path: Path) -> None:
     grab = Grab()
     finetune(BASE, MATH, out=tmp_path / "ours", steps=1, lr=1e-3, batch_size=4, hooks=[grab])
     ours = _weights(tmp_path / "ours")
 
-    tok = AutoTokenizer.from_pretrained(BASE)
-    model = AutoModelForCausalLM.from_pretrained(BASE, dtype=torch.float32).train()
-    rows = [json.loads(line) for line in MATH.read_text().splitlines()]
-    batch = _plain_batch(tok, rows, epoch_order(len(rows), 0, 0)[:4])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
-                           batch["labels"][:, 1:].reshape(-1), ignore_index=-100)
-    loss.backward()
+    model, opt = plain_backward(lr=1e-3, examples=4)
     for name, p in model.named_parameters():
         assert torch.equal(p.grad, grab.grads[name]), name
     torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)

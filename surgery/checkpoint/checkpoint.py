@@ -13,6 +13,7 @@ import threading
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,6 +54,16 @@ class Checkpoint:
     # O_DIRECT descriptors, or None for files read through the page cache.
     _direct_fds: dict[Path, int | None] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled without open descriptors or locks (a Ray task opens its own)."""
+        state = dict(self.__dict__)
+        state.update(_fds={}, _direct_fds={}, _lock=None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.Lock()
 
     @property
     def files(self) -> list[Path]:

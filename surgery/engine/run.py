@@ -6,6 +6,8 @@ import hashlib
 import json
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -199,18 +201,38 @@ def output_fingerprint(root: Node, *, dtype: str | torch.dtype | None = None,
     return _fingerprint(shards, _shard_metadata(provenance), provenance)
 
 
-def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None,
-         shard_size: int | str = "5GB", device: str | torch.device | None = "auto",
-         seed: int = 0, force: bool = False, progress: ProgressFn | None = None,
-         recipe_text: str | None = None, tokenizer_from: Checkpoint | None = None,
-         prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, hash_inputs: bool = True,
-         extra_sections: dict[str, str] | None = None,
-         extra_provenance: dict[str, Any] | None = None,
-         threads: int | None = None) -> SaveResult:
-    """Evaluate ``root`` tensor by tensor into the model directory ``path``. On the CPU the
-    blocks of each tensor are computed by ``threads`` threads (default: one per core); the
-    output does not depend on how many."""
-    started = time.perf_counter()
+@dataclass
+class PlannedOutput:
+    """What :func:`save` (or a distributed executor) decides before writing: the output
+    directory, shards, their metadata and provenance, and the shards a resumed run keeps."""
+
+    path: Path
+    out: OutputDir
+    shards: list[list[PlannedTensor]]
+    fnames: list[str]
+    out_dtype: torch.dtype | None
+    device: torch.device
+    provenance: dict[str, Any]
+    shard_meta: dict[str, str]
+    reused: dict[str, str]
+    checkpoints: list[Checkpoint]
+
+    @property
+    def todo(self) -> list[tuple[str, list[PlannedTensor]]]:
+        return [(f, s) for f, s in zip(self.fnames, self.shards, strict=True)
+                if f not in self.reused]
+
+    @property
+    def dtypes(self) -> dict[str, torch.dtype]:
+        return {t.name: t.dtype for s in self.shards for t in s}
+
+
+def plan_save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None,
+              shard_size: int | str = "5GB", device: str | torch.device | None = "auto",
+              seed: int = 0, force: bool = False, recipe_text: str | None = None,
+              extra_provenance: dict[str, Any] | None = None) -> PlannedOutput:
+    """Plan the output and start ``OUT.partial`` (keeping the verified shards of a matching
+    interrupted run)."""
     out_dtype = parse_dtype(dtype)
     try:
         shard_bytes = parse_size(shard_size)
@@ -226,21 +248,21 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
     fingerprint = _fingerprint(shards, shard_meta, provenance)
     if extra_provenance:
         provenance.update(extra_provenance)
-
     reused = out.start(fingerprint)
-    for ck, files in needed_files(root).items():
-        ck.fetch(files)
-    hasher = _InputHasher(checkpoints) if hash_inputs else None
-    opts = StreamOptions(device=dev, seed=seed, prefetch_bytes=prefetch_bytes, progress=progress,
-                         threads=threads)
-    todo = [(fname, shard) for fname, shard in zip(fnames, shards, strict=True)
-            if fname not in reused]
-    dtypes = {t.name: t.dtype for s in shards for t in s}
+    return PlannedOutput(Path(path), out, shards, fnames, out_dtype, dev, provenance,
+                         shard_meta, reused, checkpoints)
+
+
+def write_shards(root: Node, todo: list[tuple[str, list[PlannedTensor]]], folder: Path,
+                 shard_meta: dict[str, str], dtypes: dict[str, torch.dtype],
+                 opts: StreamOptions, on_shard: Any = None) -> None:
+    """Compute and write the shards ``todo`` into ``folder``, calling ``on_shard(name,
+    sha256)`` as each is complete (an unfinished shard is deleted)."""
     names = [t.name for _, shard in todo for t in shard]
     stream = stream_tensors(root, names, opts, dtypes.__getitem__, reuse_outputs=True)
     try:
         for fname, shard in todo:
-            writer = ShardWriter(out.path(fname), shard, shard_meta)
+            writer = ShardWriter(folder / fname, shard, shard_meta)
             try:
                 for _ in shard:
                     complete = False
@@ -251,48 +273,97 @@ def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None
                         opts.profile.write_s += time.perf_counter() - t0
                         opts.profile.bytes_written += tensor.numel() * tensor.element_size()
                 t0 = time.perf_counter()
-                out.record_shard(fname, writer.finish())
+                sha = writer.finish()
+                if on_shard is not None:
+                    on_shard(fname, sha)
                 opts.profile.write_s += time.perf_counter() - t0
             except BaseException:
                 writer.abort()
                 raise
-        stream.close()
-        _write_side_files(out, root, shards, fnames, out_dtype, recipe_text,
-                          tokenizer_from or next((c for c in checkpoints if c.tokenizer_files),
-                                                 None))
-        if hasher:
-            hasher.fill(provenance, checkpoints)
-        for key, records in _node_records(root).items():
-            provenance[key] = records[0] if len(records) == 1 else records
-        sections = {k: v for n in root.walk() for k, v in n.card_sections().items()}
-        sections.update(extra_sections or {})
-        if sections:
-            provenance["sections"] = sections
-        out.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
-        refs = {n.op: n.reference for n in root.walk() if n.reference}
-        out.write_text("README.md", render_card(provenance, root.config(), recipe_text, refs,
-                                                Path(path).name))
-        final = out.commit()
-    except OSError as e:
-        raise RunError(
-            f"{e.filename or out.partial}: run failed ({e.strerror}); nothing was replaced, "
-            f"the partial output in {out.partial} is resumed by rerunning the same command"
-        ) from e
-    except (MemoryError, RuntimeError) as e:
-        if not _out_of_memory(e):
-            raise
-        why = str(e).strip().splitlines()[0] if str(e).strip() else "allocation failed"
-        raise RunError(
-            f"out of memory during the run ({why}); "
-            f"nothing was replaced; free memory or lower prefetch_bytes, then rerun the same "
-            f"command to resume from {out.partial}"
-        ) from e
     finally:
         stream.close()
+
+
+def finish_save(plan: PlannedOutput, root: Node, recipe_text: str | None,
+                tokenizer_from: Checkpoint | None, hasher: _InputHasher | None,
+                extra_sections: dict[str, str] | None) -> Path:
+    """Index, config, tokenizer, provenance and card; then rename ``OUT.partial`` into
+    place."""
+    out, provenance, checkpoints = plan.out, plan.provenance, plan.checkpoints
+    _write_side_files(out, root, plan.shards, plan.fnames, plan.out_dtype, recipe_text,
+                      tokenizer_from or next((c for c in checkpoints if c.tokenizer_files),
+                                             None))
+    if hasher:
+        hasher.fill(provenance, checkpoints)
+    for key, records in _node_records(root).items():
+        provenance[key] = records[0] if len(records) == 1 else records
+    sections = {k: v for n in root.walk() for k, v in n.card_sections().items()}
+    sections.update(extra_sections or {})
+    if sections:
+        provenance["sections"] = sections
+    out.write_text("provenance.json", json.dumps(provenance, indent=2, sort_keys=True) + "\n")
+    refs = {n.op: n.reference for n in root.walk() if n.reference}
+    out.write_text("README.md", render_card(provenance, root.config(), recipe_text, refs,
+                                            plan.path.name))
+    return out.commit()
+
+
+@contextmanager
+def failures_reported(plan: PlannedOutput, hasher: _InputHasher | None) -> Iterator[None]:
+    """A full disk or memory failure while writing becomes a one-line RunError; the input
+    hasher stops either way."""
+    try:
+        yield
+    except (OSError, MemoryError, RuntimeError) as e:
+        error = run_failed(e, plan.out.partial)
+        if error is None:
+            raise
+        raise error from e
+    finally:
         if hasher:
             hasher.close()
+
+
+def run_failed(e: BaseException, partial: Path) -> RunError | None:
+    """The RunError a failed write becomes (disk, memory), or None to re-raise ``e``."""
+    if isinstance(e, OSError):
+        return RunError(
+            f"{e.filename or partial}: run failed ({e.strerror}); nothing was replaced, "
+            f"the partial output in {partial} is resumed by rerunning the same command")
+    if isinstance(e, MemoryError | RuntimeError) and _out_of_memory(e):
+        why = str(e).strip().splitlines()[0] if str(e).strip() else "allocation failed"
+        return RunError(
+            f"out of memory during the run ({why}); "
+            f"nothing was replaced; free memory or lower prefetch_bytes, then rerun the same "
+            f"command to resume from {partial}")
+    return None
+
+
+def save(root: Node, path: str | Path, *, dtype: str | torch.dtype | None = None,
+         shard_size: int | str = "5GB", device: str | torch.device | None = "auto",
+         seed: int = 0, force: bool = False, progress: ProgressFn | None = None,
+         recipe_text: str | None = None, tokenizer_from: Checkpoint | None = None,
+         prefetch_bytes: int = DEFAULT_PREFETCH_BYTES, hash_inputs: bool = True,
+         extra_sections: dict[str, str] | None = None,
+         extra_provenance: dict[str, Any] | None = None,
+         threads: int | None = None) -> SaveResult:
+    """Evaluate ``root`` tensor by tensor into the model directory ``path``. On the CPU the
+    blocks of each tensor are computed by ``threads`` threads (default: one per core); the
+    output does not depend on how many."""
+    started = time.perf_counter()
+    plan = plan_save(root, path, dtype=dtype, shard_size=shard_size, device=device, seed=seed,
+                     force=force, recipe_text=recipe_text, extra_provenance=extra_provenance)
+    for ck, files in needed_files(root).items():
+        ck.fetch(files)
+    hasher = _InputHasher(plan.checkpoints) if hash_inputs else None
+    opts = StreamOptions(device=plan.device, seed=seed, prefetch_bytes=prefetch_bytes,
+                         progress=progress, threads=threads)
+    with failures_reported(plan, hasher):
+        write_shards(root, plan.todo, plan.out.partial, plan.shard_meta, plan.dtypes, opts,
+                     plan.out.record_shard)
+        final = finish_save(plan, root, recipe_text, tokenizer_from, hasher, extra_sections)
     opts.profile.wall_s = time.perf_counter() - started
-    return SaveResult(final, fnames, sorted(reused), opts.profile, provenance)
+    return SaveResult(final, plan.fnames, sorted(plan.reused), opts.profile, plan.provenance)
 
 
 def _node_records(root: Node) -> dict[str, list[Any]]:

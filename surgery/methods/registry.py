@@ -15,7 +15,16 @@ from pydantic import BaseModel
 
 from surgery.errors import UsageError
 from surgery.expr import Weights
-from surgery.methods import hft, layer_scaling, layers, soup, sparse, spherical, ties_dare
+from surgery.methods import (
+    hft,
+    layer_scaling,
+    layers,
+    lora_extract,
+    soup,
+    sparse,
+    spherical,
+    ties_dare,
+)
 from surgery.methods.schedule import Scheduled
 
 Resolve = Callable[[str], Weights]
@@ -98,6 +107,11 @@ def _build_slerp(p: spherical.SlerpParams, get: Resolve) -> Weights:
     return spherical.slerp(get(p.a), get(p.b), p.t, p.epsilon, p.layer_pattern)
 
 
+def _build_extract_lora(p: lora_extract.ExtractLoraParams, get: Resolve
+                        ) -> lora_extract.ExtractedAdapter:
+    return lora_extract.ExtractedAdapter(get(p.model), get(p.base), p)
+
+
 def _build_lines(p: layer_scaling.LinesParams, get: Resolve) -> Weights:
     return layer_scaling.lines(get(p.base), get(p.model), p.alpha, p.beta, c=p.c,
                        tasks=None if p.tasks is None else [get(t) for t in p.tasks],
@@ -141,6 +155,10 @@ OPERATIONS: dict[str, Operation] = {
         Operation("lines", "Scale a task vector by block depth (layer-increasing)",
                   layer_scaling.LINES_REF, layer_scaling.LinesParams,
                   ("base", "model", "tasks"), _build_lines),
+        Operation("extract_lora", "A fine-tune's task vector as a PEFT LoRA adapter (truncated "
+                  "SVD per linear layer), written to out", lora_extract.LORA_EXTRACT_REF,
+                  lora_extract.ExtractLoraParams, ("model", "base"), _build_extract_lora,
+                  yields="data"),
     )
 }
 

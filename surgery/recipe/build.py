@@ -27,6 +27,7 @@ from surgery.prune.operations import PRUNE_OPERATIONS
 from surgery.recipe.schema import OutputSpec, RecipeDoc
 from surgery.recipe.yamlloc import Loc, Located, load_located
 from surgery.train.adapter_ops import ADAPTER_OPERATIONS
+from surgery.train.graft import GRAFT_OPERATIONS
 from surgery.train.operations import TRAIN_OPERATIONS
 from surgery.writer import parse_size
 
@@ -47,7 +48,7 @@ class Recipe:
 
 
 OPERATIONS = {**STREAMING_OPERATIONS, **DATA_OPERATIONS, **PRUNE_OPERATIONS,
-              **TRAIN_OPERATIONS}
+              **TRAIN_OPERATIONS, **GRAFT_OPERATIONS}
 OPERATIONS.update(ADAPTER_OPERATIONS)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,7 @@ from surgery.hub import PushResult, push_folder
 from surgery.methods.greedy_soup import GreedySoupNode
 from surgery.recipe.build import Recipe
 from surgery.recipe.schema import PushSpec
+from surgery.train.graft import GraftCallback, GraftNode
 from surgery.train.loop import TrainCallback
 from surgery.train.operations import FinetuneNode, TrainingPlan
 from surgery.writer import parse_size
@@ -79,6 +81,14 @@ def finetune_steps(recipe: Recipe) -> list[tuple[str, FinetuneNode]]:
             and id(node) in needed]
 
 
+def graft_steps(recipe: Recipe) -> list[tuple[str, GraftNode]]:
+    """The recipe's graft steps that some output depends on, in step order."""
+    needed = {id(n) for _, weights in recipe.outputs() for n in weights.node.walk()}
+    return [(name, node) for name in recipe.steps
+            if isinstance(node := getattr(recipe.values[name], "node", None), GraftNode)
+            and id(node) in needed]
+
+
 @dataclass
 class GreedySoupStep:
     """A greedy-soup step that an output depends on; ``node.result`` holds its decision log
@@ -111,27 +121,41 @@ def run_recipe(recipe: Recipe, *, force: bool = False,
                progress: ProgressFn | None = None,
                on_output: ProgressFn | None = None,
                on_push: Callable[[PushResult], None] | None = None,
-               on_train: TrainCallback | None = None) -> list[SaveResult]:
+               on_train: TrainCallback | None = None,
+               on_graft: GraftCallback | None = None, ray: str | None = None,
+               ray_workers: int | None = None) -> list[SaveResult]:
     """Run every output of the recipe; each writes its own model directory, then is pushed
     to the Hub when the output says ``push_to_hub``. ``on_train`` gets the updates of the
-    finetune steps the outputs need."""
+    finetune steps the outputs need, ``on_graft`` the mask steps of their graft steps."""
     for _, node in finetune_steps(recipe):
         node.on_event = on_train
+    for _, graft_node in graft_steps(recipe):
+        graft_node.trained.on_event = on_graft
     results = []
     for out, weights in recipe.outputs():
         tokenizer = recipe.checkpoints[out.tokenizer_from] if out.tokenizer_from else None
         if on_output:
             on_output(ProgressEvent("output", 0, 0, 0, 0, out.path))
-        results.append(save(
-            weights.node, out.path, dtype=out.dtype, shard_size=out.shard_size,
-            device=out.device, seed=recipe.doc.seed, force=force, progress=progress,
-            recipe_text=recipe.text, tokenizer_from=tokenizer,
-            extra_provenance={"recipe_name": Path(recipe.source).name},
-        ))
+        common = {"dtype": out.dtype, "shard_size": out.shard_size, "seed": recipe.doc.seed,
+                  "force": force, "progress": progress, "recipe_text": recipe.text,
+                  "tokenizer_from": tokenizer,
+                  "extra_provenance": {"recipe_name": Path(recipe.source).name}}
+        if ray is not None or out.executor == "ray":
+            from surgery.engine.distributed import save_ray
+
+            device = "cpu" if out.device == "auto" else out.device
+            results.append(save_ray(weights.node, out.path, device=device,
+                                    address=ray or os.environ.get("RAY_ADDRESS") or "local",
+                                    workers=ray_workers, **common))
+        else:
+            results.append(save(weights.node, out.path, device=out.device, **common))
         push = out.push_to_hub
         if push is not None:
             pushed = push_folder(results[-1].path, push.repo, private=push.private,
                                  revision=push.revision)
             if on_push:
                 on_push(pushed)
+    for name, (op, params) in recipe.steps.items():  # files a step writes with out:
+        if op.yields == "data" and getattr(params, "out", None) is not None:
+            recipe.values[name].path  # noqa: B018  (made and copied on first use)
     return results

@@ -14,7 +14,7 @@ output: {from: merged, path: out/merged, dtype: bfloat16, shard_size: 2GB,
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,6 +42,8 @@ class OutputSpec(Strict):
     device: str = "auto"
     tokenizer_from: str | None = Field(None, description="input whose tokenizer files to copy")
     push_to_hub: PushSpec | None = Field(None, description="upload the output when written")
+    executor: Literal["local", "ray"] = Field(
+        "local", description="ray: one Ray task per output shard (surgery apply --ray)")
 
 
 class RecipeDoc(Strict):

@@ -18,6 +18,15 @@ OBJECTIVE_OPTIONS = {"asft_lambda": "asft", "asft_kl": "asft", "mask_prob": "mas
                      "mask_token": "masked_thought", "exit_every": "sorted"}
 
 
+class DriftSettings(Params):
+    """``drift:`` of a fine-tune (arXiv 2510.15050): the prior file or ``drift_prior`` step,
+    the mode of the bias and its strength α (:mod:`surgery.train.drift`)."""
+
+    prior: str = Field(description="prior file (.safetensors) or a drift_prior step")
+    mode: Literal["adaptive_cosine", "gradnorm", "absolute"] = "adaptive_cosine"
+    alpha: float = Field(1.0, ge=0, description="strength of the bias")
+
+
 class TrainConfig(Params):
     """Hyperparameters of the fine-tune step. ``steps`` counts optimiser updates; each takes
     ``batch_size * grad_accum`` examples. ``epochs`` instead gives as many updates as pass
@@ -56,6 +65,7 @@ class TrainConfig(Params):
     eval_every: int | None = Field(None, ge=1)
     checkpoint_every: int | None = Field(None, ge=1, description="save resumable state")
     gradient_checkpointing: bool = False
+    drift: DriftSettings | None = Field(None, description="DRIFT bias: {prior, mode, alpha}")
 
     @model_validator(mode="after")
     def _check(self) -> TrainConfig:

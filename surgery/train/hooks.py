@@ -59,6 +59,9 @@ class GradientTransform(ABC):
 
     name: str = "gradient transform"
 
+    def bind(self, model: torch.nn.Module) -> None:  # noqa: B027  (optional)
+        """Sees the whole model (frozen parameters too) before :meth:`attach`."""
+
     @abstractmethod
     def attach(self, params: Mapping[str, torch.nn.Parameter]) -> list[str]:
         """The names among the trainable ``params`` this transform acts on (set up here);

@@ -236,7 +236,13 @@ class Trainer:
                 self.params[name] = p
         self.frozen = sum(p.numel() for n, p in self.model.named_parameters() if n not in chosen)
         self.transforms: list[tuple[GradientTransform, list[str]]] = []
+        if config.drift is not None:
+            from surgery.train.drift import DriftBias
+
+            d = config.drift
+            transforms = [*transforms, DriftBias(d.prior, d.mode, d.alpha)]
         for t in transforms:
+            t.bind(self.model)
             attached = t.attach(self.params)
             if not attached:
                 raise UsageError(f"{t.name}: attaches to no trainable parameter")

@@ -24,12 +24,14 @@ from surgery.data import Record, read_records
 from surgery.errors import UsageError
 from surgery.evaluate.layers import find_blocks
 from surgery.expr import EvalContext, Node, TensorSpec, Weights
+from surgery.methods.drift import DRIFT_REF, DriftPriorParams, PriorFile
 from surgery.methods.registry import Operation, Resolve
 from surgery.methods.soup import Params
 from surgery.train.config import TrainConfig
 from surgery.train.corda import adapter_fingerprint, adapter_parameters
 from surgery.train.data import Task, check_fits, classes, file_sha256, load_train_data, task_of
 from surgery.train.distill import DISTILL_REF, distill_data
+from surgery.train.drift import DriftPriorStep, check_prior
 from surgery.train.hooks import TrainableSet
 from surgery.train.loop import TrainCallback, card_section, finetune, memory_estimate
 from surgery.train.model import FINETUNE_REF, TrainedNode, content_key, trained_config
@@ -126,8 +128,10 @@ class FinetuneNode(Node):
     op = "finetune"
     reference = FINETUNE_REF
 
-    def __init__(self, source: Weights, data: str | DistilledData, config: TrainConfig) -> None:
+    def __init__(self, source: Weights, data: str | DistilledData, config: TrainConfig,
+                 prior: DriftPriorStep | None = None) -> None:
         super().__init__()
+        self.prior = prior
         self.source = source
         self.inputs = (source.node,)
         self.data = data
@@ -141,6 +145,9 @@ class FinetuneNode(Node):
         seed = config.seed if config.hft_seed is None else config.hft_seed
         self.trainable = set(TrainableSet(config.trainable, seed).select(
             [n for n, _ in meta.named_parameters()]))
+        if config.drift is not None:
+            self._check_drift(config.drift.prior,
+                              {n: tuple(p.shape) for n, p in meta.named_parameters()})
         self.layout = TrainedNode(source.node, meta, trained_config(source.node, meta,
                                                                     self.task), {})
         tokenizer = _tokenizer(source)
@@ -166,6 +173,9 @@ class FinetuneNode(Node):
                 file_sha256(self.data)
             evals = file_sha256(self.settings.eval_data) if self.settings.eval_data else None
             extra = [self.settings.model_dump(mode="json", exclude={"device"}), data, evals]
+            if self.settings.drift is not None:
+                extra.append(self.prior.key if self.prior is not None else
+                             file_sha256(self.settings.drift.prior))
             if self.settings.adapter is not None:
                 extra.append(adapter_fingerprint(self.settings.adapter))
             self._key = content_key(self.source.node, extra)
@@ -185,10 +195,22 @@ class FinetuneNode(Node):
             if self._checkpoint is None:
                 if not (self.folder / "config.json").is_file():
                     data = self.data.path if isinstance(self.data, DistilledData) else self.data
+                    settings = self.settings.model_dump(exclude_unset=True)
+                    if self.prior is not None:  # a drift_prior step: its file, made now
+                        settings["drift"]["prior"] = str(self.prior.path)
                     finetune(self.source, data, out=self.folder, progress=self.on_event,
-                             **self.settings.model_dump(exclude_unset=True))
+                             **settings)
                 self._checkpoint = open_checkpoint(str(self.folder))
             return self._checkpoint
+
+    def _check_drift(self, prior: str, shapes: dict[str, tuple[int, ...]]) -> None:
+        """The prior fits the model and covers every trainable projection (plan time)."""
+        if self.prior is not None:
+            check_prior(f"step {prior!r}", self.prior.shapes, self.prior.node.missing, shapes,
+                        self.trainable)
+        else:
+            f = PriorFile(prior)
+            check_prior(str(f.path), f.shapes, f.missing, shapes, self.trainable)
 
     def plan(self) -> TrainingPlan:
         """The run's memory estimate and tokens per update (from the tokenized data)."""
@@ -258,7 +280,20 @@ def _build_finetune(p: FinetuneParams, get: Resolve) -> Weights:
         data: str | DistilledData = get(p.data)  # type: ignore[assignment]
     except KeyError:  # ... or a file
         data = p.data
-    return Weights(FinetuneNode(get(p.model), data, config))
+    prior = None
+    if config.drift is not None:
+        try:  # a drift_prior step, or a file
+            prior = get(config.drift.prior)
+        except KeyError:
+            prior = None
+        if prior is not None and not isinstance(prior, DriftPriorStep):
+            raise UsageError(f"drift: prior {config.drift.prior!r} is a model; give a prior "
+                             "file or a drift_prior step")
+    return Weights(FinetuneNode(get(p.model), data, config, prior))
+
+
+def _build_drift_prior(p: DriftPriorParams, get: Resolve) -> Any:
+    return DriftPriorStep(get(p.reasoning), get(p.target), p)
 
 
 def _build_distill_data(p: DistillDataParams, get: Resolve) -> Any:
@@ -274,5 +309,9 @@ TRAIN_OPERATIONS: dict[str, Operation] = {
         Operation("distill_data", "Regenerate a prompt+completion file's completions with a "
                   "teacher (self-data distillation)", DISTILL_REF, DistillDataParams,
                   ("teacher",), _build_distill_data, yields="data"),
+        Operation("drift_prior", "DRIFT's reasoning prior: reasoning minus target over the "
+                  "attention and MLP projections, a file for finetune's drift", DRIFT_REF,
+                  DriftPriorParams, ("reasoning", "target"), _build_drift_prior,
+                  yields="data"),
     )
 }
