@@ -314,3 +314,48 @@ def write_wide_llama(path: Path) -> None:
     cfg = copy.deepcopy(model.config)
     cfg.n_inner = 512
     AutoModelForCausalLM.from_config(cfg).save_pretrained(str(path))
+
+
+def test_merge_adapter_with_lora_bias_and_modules_to_save(tmp_path: Path) -> None:
+    """A PEFT adapter on the tiny GPT-2 (Conv1D) with lora_bias and a module kept whole
+    (modules_to_save): merge-adapter gives PEFT's merge_and_unload weights."""
+    model = lm(base("tiny-gpt2"))
+    cfg = LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn", "c_fc"], lora_bias=True,
+                     modules_to_save=["ln_f"], init_lora_weights=False, fan_in_fan_out=True)
+    torch.manual_seed(1)
+    peft = get_peft_model(model, cfg)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "modules_to_save" in name or "lora_B" in name:
+                p.add_(torch.randn_like(p) * 0.1)
+    peft.save_pretrained(str(tmp_path / "lora"))
+    res = surgery("merge-adapter", str(base("tiny-gpt2")), str(tmp_path / "lora"), "--out",
+                  str(tmp_path / "out"), "-q", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    theirs = peft.merge_and_unload().state_dict()
+    got = load_file(str(tmp_path / "out" / "model.safetensors"))
+    original = load(base("tiny-gpt2"))
+    changed = set()
+    for name, w in got.items():
+        torch.testing.assert_close(w, theirs[name], rtol=0, atol=1e-6)
+        if not torch.equal(w, original[name]):
+            changed.add(name)
+    assert changed == {f"transformer.h.{i}.{m}.{p}" for i in range(4)
+                       for m in ("attn.c_attn", "mlp.c_fc") for p in ("weight", "bias")} | \
+        {"transformer.ln_f.weight", "transformer.ln_f.bias"}
+
+
+def test_merge_adapter_undoes_extract_lora_at_full_rank(tmp_path: Path) -> None:
+    """`surgery extract-lora` at full rank (norms and the tied embedding kept whole) merged
+    back into the base is the fine-tune again (GPT-2: Conv1D, a head tied to wte)."""
+    ft, b = fixture_dir("tiny-gpt2", "math"), base("tiny-gpt2")
+    res = surgery("extract-lora", str(ft), str(b), "-r", "64", "-o", str(tmp_path / "lora"),
+                  "--keep-full", "norm,embedding", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    res = surgery("merge-adapter", str(b), str(tmp_path / "lora"), "--out",
+                  str(tmp_path / "back"), "-q", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    back, want = load(tmp_path / "back"), load(ft)
+    assert set(back.names) == set(want.names)
+    for name in want.names:
+        torch.testing.assert_close(back[name], want[name], rtol=0, atol=1e-5)

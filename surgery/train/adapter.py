@@ -48,6 +48,7 @@ class LoraLayer:
     B: torch.Tensor
     scaling: float
     kind: str = "linear"
+    bias: torch.Tensor | None = None  # PEFT's lora_bias (lora_B's bias), merged as b + s·bias
 
     @property
     def tensor(self) -> str:
@@ -80,6 +81,9 @@ class LoraAdapter:
     use_rslora: bool = False
     base_model: str | None = None
     config_extra: dict[str, Any] = field(default_factory=dict)
+    # Tensors of modules PEFT keeps whole (modules_to_save), by checkpoint name: merged, they
+    # replace the model's.
+    full: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def save(self, path: str | Path, force: bool = False) -> Path:
         """Write the PEFT adapter directory ``path`` (through ``path.partial``, renamed when
@@ -142,10 +146,9 @@ def load_adapter(path: str | Path) -> LoraAdapter:
         raise UsageError(f"{where}: cannot read ({e})") from None
     if str(cfg.get("peft_type", "")).upper() != "LORA":
         raise UsageError(f"{where}: peft_type is {cfg.get('peft_type')!r}, not LORA")
-    for flag, what in (("use_dora", "DoRA"), ("lora_bias", "a LoRA bias")):
-        if cfg.get(flag):
-            raise UsageError(f"{where}: the adapter uses {what}, which is not W + scaling·BA; "
-                             "merge it with PEFT's merge_and_unload")
+    if cfg.get("use_dora"):
+        raise UsageError(f"{where}: the adapter uses DoRA, which is not W + scaling·BA; "
+                         "merge it with PEFT's merge_and_unload")
     weights = root / WEIGHTS_FILE
     if not weights.is_file():
         raise UsageError(f"{root}: no {WEIGHTS_FILE} (pickled adapter_model.bin is not read)")
@@ -153,17 +156,26 @@ def load_adapter(path: str | Path) -> LoraAdapter:
     rslora = bool(cfg.get("use_rslora", False))
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     kinds: dict[str, str] = {}
+    biases: dict[str, torch.Tensor] = {}
+    full: dict[str, torch.Tensor] = {}
     pattern = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_(embedding_)?([AB])"
                          r"(?:\.[^.]+)?(?:\.weight)?$")
+    bias = re.compile(r"^(?:base_model\.model\.)?(.+)\.lora_B(?:\.[^.]+)?\.bias$")
     with safe_open(str(weights), framework="pt") as f:
         for key in f.keys():
+            if (mb := bias.match(key)) is not None:  # lora_bias: added to the layer's bias
+                biases[mb.group(1)] = f.get_tensor(key)
+                continue
             m = pattern.match(key)
-            if m is None:
-                raise UsageError(f"{weights}: tensor {key!r} is not a LoRA A or B matrix "
-                                 "(modules_to_save and other extras are not supported)")
+            if m is None:  # a module kept whole (modules_to_save): replaces the tensor
+                full[key.removeprefix(PEFT_PREFIX)] = f.get_tensor(key)
+                continue
             module, emb, which = m.group(1), m.group(2), m.group(3)
             pairs.setdefault(module, {})[which] = f.get_tensor(key)
             kinds[module] = "embedding" if emb else "linear"
+    for module in biases:
+        if module not in pairs:
+            raise UsageError(f"{weights}: a LoRA bias for {module!r}, which has no A and B")
     layers = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
@@ -177,10 +189,11 @@ def load_adapter(path: str | Path) -> LoraAdapter:
         a_alpha = _pattern(cfg.get("alpha_pattern") or {}, module)
         layer_alpha = float(a_alpha if a_alpha is not None else alpha)
         scaling = layer_alpha / math.sqrt(rank) if rslora else layer_alpha / rank
-        layers[module] = LoraLayer(module, a, b, scaling, kinds[module])
+        layers[module] = LoraLayer(module, a, b, scaling, kinds[module], biases.get(module))
     if not layers:
         raise UsageError(f"{weights}: holds no LoRA matrices")
-    return LoraAdapter(layers, r, alpha, rslora, cfg.get("base_model_name_or_path"))
+    return LoraAdapter(layers, r, alpha, rslora, cfg.get("base_model_name_or_path"),
+                       full=full)
 
 
 def meta_model(config: dict, where: str) -> torch.nn.Module:
@@ -241,6 +254,28 @@ def bind(adapter: LoraAdapter, model: Weights, label: str) -> LoraAdapter:
         if have != want:
             raise ShapeMismatchError(f"tensor {layer.tensor!r}: {label} holds shape "
                                      f"{list(have)}, the adapter's A and B make {list(want)}")
+        if layer.bias is not None:
+            b_name = f"{layer.module}.bias"
+            out = (int(layer.B.shape[0]),)
+            if b_name not in names or tuple(model.node.spec(b_name).shape) != out or \
+                    tuple(layer.bias.shape) != out:
+                raise ShapeMismatchError(f"adapter layer {layer.module!r}: its LoRA bias of "
+                                         f"{list(layer.bias.shape)} has no bias of {label} "
+                                         "to go to")
+    tied = bool(model.node.config().get("tie_word_embeddings", True))
+    for name, t in list(adapter.full.items()):
+        if name not in names and tied and any(
+                n != name and n in names and torch.equal(t, other)
+                for n, other in adapter.full.items()):
+            del adapter.full[name]  # a tied head saved with its embedding's values (PEFT)
+            continue
+        if name not in names:
+            raise ShapeMismatchError(f"adapter tensor {name!r} (a module kept whole): {label} "
+                                     "has no such tensor")
+        if tuple(model.node.spec(name).shape) != tuple(t.shape):
+            raise ShapeMismatchError(f"tensor {name!r}: {label} holds shape "
+                                     f"{list(model.node.spec(name).shape)}, the adapter "
+                                     f"{list(t.shape)}")
     return adapter
 
 
@@ -250,10 +285,14 @@ def adapter_digest(adapter: LoraAdapter) -> str:
     for name in sorted(adapter.layers):
         layer = adapter.layers[name]
         h.update(f"{name}\0{layer.kind}\0{layer.scaling!r}\0".encode())
-        for t in (layer.A, layer.B):
+        for t in (layer.A, layer.B, *([layer.bias] if layer.bias is not None else [])):
             t = t.detach().to("cpu").contiguous()
             h.update(str((tuple(t.shape), t.dtype)).encode())
             h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    for name in sorted(adapter.full):
+        t = adapter.full[name].detach().to("cpu").contiguous()
+        h.update(f"{name}\0{tuple(t.shape)}\0{t.dtype}\0".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
@@ -275,6 +314,11 @@ class LoraDeltaNode(Node):
         self.op = op
         self._params = params or {}
         self.by_tensor = {layer.tensor: layer for layer in adapter.layers.values()}
+        self.by_bias = {f"{layer.module}.bias": layer for layer in adapter.layers.values()
+                        if layer.bias is not None}
+        if sign < 0 and (self.by_bias or adapter.full):
+            raise UsageError(f"{op}: an adapter with LoRA biases or whole modules has no "
+                             "residual")
         self.on_compute = on_compute
         self.digest = adapter_digest(adapter)
 
@@ -290,7 +334,14 @@ class LoraDeltaNode(Node):
         return self.inputs[0].spec(name)
 
     def compute(self, name: str, ctx: EvalContext) -> torch.Tensor:
+        if name in self.adapter.full:
+            return self.adapter.full[name].to(ctx.device, self.spec(name).dtype)
         w = ctx.value(self.inputs[0], name)
+        if name in self.by_bias:  # PEFT: bias + lora_B.bias * scaling
+            layer = self.by_bias[name]
+            assert layer.bias is not None
+            return (w.to(torch.float32) + layer.bias.to(w.device, torch.float32)
+                    * layer.scaling).to(w.dtype)
         layer = self.by_tensor.get(name)
         if layer is None:
             return w
@@ -352,6 +403,9 @@ def attach(model: torch.nn.Module, adapter: LoraAdapter) -> list[str]:
     """Give each adapted layer of ``model`` parameters ``lora_A`` and ``lora_B`` (float32,
     from ``adapter``) and a forward hook that adds their product; returns the parameter
     names. Embedding adapters are merged, not trained, and are refused here."""
+    if adapter.full or any(layer.bias is not None for layer in adapter.layers.values()):
+        raise UsageError("adapter training takes A and B only; this adapter also holds LoRA "
+                         "biases or whole modules (merge it with merge_adapter instead)")
     modules = dict(model.named_modules())
     names = []
     for module_name, layer in adapter.layers.items():
