@@ -17,8 +17,9 @@ the tests), with these choices:
   float64 products as well would double the covariance time on a CPU. The mean is, like
   PEFT, cast to float32 for the damped inverse and the SVD, so the damping criterion picks
   the same d. From the same covariance our A, B and W_res are PEFT's bit for bit; between
-  float64 and float32 sums the ``kpa`` factors differ by about 1e-3 relative on the tiny
-  test models: the smallest components of W C' are the most sensitive to C;
+  float64 and float32 sums the ``kpa`` factors differ by a few 1e-3 relative on the tiny
+  test models (``ipa``: about 2e-4): the smallest components of W C' are the most sensitive
+  to C;
 - as PEFT, each example's activations are divided by ``|max X|``, the absolute value of the
   signed maximum (not the largest magnitude), and the mean is over forward passes (examples),
   not tokens; we run one example per pass without padding, so pad tokens never enter C;
