@@ -301,6 +301,9 @@ def test_bad_input_is_one_line(tmp_path: Path) -> None:
     msg = error(tmp_path, "merge-adapter", str(other), str(tmp_path / "d"), "--out",
                 str(tmp_path / "g"), "-q")
     assert "tensor 'transformer.h.0.mlp.c_fc.weight'" in msg and "holds shape [64, 512]" in msg
+    msg = error(tmp_path, "train", gpt2, "--adapter", str(tmp_path / "d"), "--data", str(TASK),
+                "--out", str(tmp_path / "h"), "--steps", "1", "-q")
+    assert "whose adapter belongs on" in msg and "residual" in msg
     # a singular covariance damping cannot fix names the layer
     with pytest.raises(UsageError, match=r"layer 'blocks\.3\.fc'.*stays singular"):
         decompose(torch.randn(4, 6), torch.zeros(6, 6), 2, "kpa", 1.0, "blocks.3.fc")
@@ -346,16 +349,19 @@ def test_merge_adapter_with_lora_bias_and_modules_to_save(tmp_path: Path) -> Non
 
 
 def test_merge_adapter_undoes_extract_lora_at_full_rank(tmp_path: Path) -> None:
-    """`surgery extract-lora` at full rank (norms and the tied embedding kept whole) merged
-    back into the base is the fine-tune again (GPT-2: Conv1D, a head tied to wte)."""
+    """`surgery extract-lora` at full rank merged back into the base gives the fine-tune's
+    linear layers and their biases (GPT-2: Conv1D, lora_bias); the rest stays the base."""
     ft, b = fixture_dir("tiny-gpt2", "math"), base("tiny-gpt2")
     res = surgery("extract-lora", str(ft), str(b), "-r", "64", "-o", str(tmp_path / "lora"),
-                  "--keep-full", "norm,embedding", cwd=tmp_path)
+                  cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     res = surgery("merge-adapter", str(b), str(tmp_path / "lora"), "--out",
                   str(tmp_path / "back"), "-q", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
-    back, want = load(tmp_path / "back"), load(ft)
-    assert set(back.names) == set(want.names)
+    back, want, start = load(tmp_path / "back"), load(ft), load(b)
+    adapted = {f"{n}.{p}" for n in load_adapter(tmp_path / "lora").layers
+               for p in ("weight", "bias")}
+    assert len(adapted) == 32
     for name in want.names:
-        torch.testing.assert_close(back[name], want[name], rtol=0, atol=1e-5)
+        torch.testing.assert_close(back[name], want[name] if name in adapted else start[name],
+                                   rtol=0, atol=1e-5)

@@ -335,7 +335,7 @@ class LoraDeltaNode(Node):
 
     def compute(self, name: str, ctx: EvalContext) -> torch.Tensor:
         if name in self.adapter.full:
-            return self.adapter.full[name].to(ctx.device, self.spec(name).dtype)
+            return self.adapter.full[name].to(ctx.device, self.spec(name).dtype, copy=True)
         w = ctx.value(self.inputs[0], name)
         if name in self.by_bias:  # PEFT: bias + lora_B.bias * scaling
             layer = self.by_bias[name]

@@ -550,6 +550,14 @@ def prepare_adapter(model: str | Path | Weights, spec: str | AdapterSpec,
     if isinstance(spec, AdapterSpec):
         result, res = corda(model, spec.corda, progress=progress)
         return res, result.adapter, {**result.summary(), "data": Path(spec.corda.data).name}
+    own = Path(spec) / "residual"
+    where = model.node.checkpoint.root if isinstance(model, Weights) and \
+        isinstance(model.node, LoadNode) else None if isinstance(model, Weights) else Path(model)
+    if (own / "config.json").is_file() and where is not None and \
+            Path(where).resolve() != own.resolve():
+        raise UsageError(f"adapter {spec}: a surgery corda output, whose adapter belongs on "
+                         f"{own}, not {model} (on the original model it would count the "
+                         "adapted part twice)")
     w = model if isinstance(model, Weights) else Weights(LoadNode(open_checkpoint(str(model))))
     label = weights_label(w)
     adapter = bind(load_adapter(spec), w, label)
