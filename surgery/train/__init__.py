@@ -14,3 +14,9 @@ __all__ = ["DriftBias", "DriftSettings", "GradientMask", "GradientTransform", "G
            "LtSftResult", "MaskedAdamW", "Objective", "TrainConfig", "TrainEvent",
            "TrainResult", "TrainableSet", "TrainingDiverged", "drift_prior", "finetune", "graft",
            "graft_stitch", "lt_sft"]
+
+from surgery.train.adapter import LoraAdapter, load_adapter, merge_adapter
+from surgery.train.corda import CordaSettings, corda, write_corda
+
+__all__ += ["CordaSettings", "LoraAdapter", "corda", "load_adapter", "merge_adapter",
+            "write_corda"]
