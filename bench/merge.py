@@ -5,6 +5,7 @@ checkpoints (a base and three fine-tunes, bf16), each contender in its own proce
     python -m bench.merge --size 0.5B,1B,2B    # how time and memory grow with model size
     python -m bench.merge --tiny --out /tmp/r.md
     python -m bench.merge --device cuda        # on a GPU (both tools), bench/RESULTS-cuda.md
+    python -m bench.merge --ray                # Ray executor, 1 and 2 workers: RESULTS-ray.md
 
 Before every measured process the page cache is emptied (``sync`` and ``drop_caches`` when
 permitted, else ``posix_fadvise(DONTNEED)`` on the inputs), so every contender starts cold.
@@ -103,8 +104,21 @@ METHODS: dict[str, tuple[str, dict]] = {
                   {"merge_method": "dare_ties", "base_model": "base",
                    "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.2}}
                               for m in FINETUNES]}),
+    "della": ("{op: della, base: base, models: [ft1, ft2, ft3], density: 0.4, epsilon: 0.1}",
+              {"merge_method": "della", "base_model": "base",
+               "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.4,
+                                                      "epsilon": 0.1}} for m in FINETUNES]}),
+    "breadcrumbs": (
+        "{op: breadcrumbs, base: base, models: [ft1, ft2, ft3], density: 0.9, gamma: 0.01}",
+        {"merge_method": "breadcrumbs", "base_model": "base",
+         "models": [{"model": m, "parameters": {"weight": 1.0, "density": 0.9, "gamma": 0.01}}
+                    for m in FINETUNES]}),
+    "model_stock": ("{op: model_stock, base: base, models: [ft1, ft2, ft3]}",
+                    {"merge_method": "model_stock", "base_model": "base",
+                     "models": [{"model": m} for m in FINETUNES]}),
 }
 SAME_SEMANTICS = ("linear", "task_arithmetic", "ties")
+SAME_SEMANTICS += ("breadcrumbs", "model_stock")  # della draws differ: statistics only
 
 
 def _generator(seed: int, name: str) -> torch.Generator:
@@ -324,7 +338,8 @@ def bench_size(size: str, methods: list[str], mergekit: bool, work: Path,
                 result.runs[(k, method)].ok for k in outs):
             result.agreement[method] = compare(outs["ours"], outs["mergekit"]) + (
                 "; mergekit keeps the entries tied at the trim threshold in the order of an "
-                "unstable torch.argsort, ours by lowest flat index" if method == "ties" else "")
+                "unstable torch.argsort, ours by lowest flat index"
+                if method in ("ties", "breadcrumbs") else "")
         for out in outs.values():
             shutil.rmtree(out, ignore_errors=True)
     return result
@@ -409,6 +424,8 @@ def render(results: list[SizeResult], command: str, cache_note: str, repeat: int
 # DESIGN.md's targets: (most wall time / the I/O floor's, least speed-up over mergekit).
 TARGETS = {"linear": (1.5, 4.0), "task_arithmetic": (1.5, 4.0), "ties": (None, 10.0),
            "dare_ties": (None, 10.0)}
+TARGETS.update({"della": (None, 10.0), "breadcrumbs": (None, 10.0),
+                "model_stock": (1.5, 4.0)})
 MEMORY_TARGET = 1.5e9  # bytes of peak resident memory, at 1B (and constant in model size)
 
 
@@ -465,7 +482,13 @@ def main(argv: list[str] | None = None) -> None:
                              "(mergekit runs once)")
     parser.add_argument("--keep-cache", action="store_true",
                         help="keep the inputs of every size (default: only 1B and tiny stay)")
+    parser.add_argument("--ray", action="store_true",
+                        help="the Ray executor against the single process (first of --methods,"
+                             " default ties; first of --size), bench/RESULTS-ray.md")
+    parser.add_argument("--ray-workers", default="1,2", help="with --ray: worker counts")
     args = parser.parse_args(argv)
+    if args.ray:
+        return _main_ray(args, argv)
     sizes = ["tiny"] if args.tiny else [s.strip() for s in args.size.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -491,6 +514,25 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m bench.merge " + " ".join(sys.argv[1:] if argv is None else argv)
     out_path.write_text(render(results, command.strip(), cache_note, args.repeat, args.device)
                         + "\n")
+    print(out_path.read_text())
+
+
+def _main_ray(args: argparse.Namespace, argv: list[str] | None) -> None:
+    from bench.ray_merge import bench_ray, render
+
+    size = "tiny" if args.tiny else args.size.split(",")[0].strip()
+    method = "ties" if args.methods == ",".join(METHODS) else args.methods.split(",")[0]
+    work = args.cache / "work"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    try:
+        rows = bench_ray(size, method, [int(n) for n in args.ray_workers.split(",")], work,
+                         args.cache, args.repeat)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    command = "python -m bench.merge " + " ".join(sys.argv[1:] if argv is None else argv)
+    out_path = args.out or HERE / "RESULTS-ray.md"
+    out_path.write_text(render(rows, size, method, command.strip(), args.repeat) + "\n")
     print(out_path.read_text())
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import click
+from surgery_cli.corda import corda, merge_adapter
 from surgery_cli.drift import drift_prior
 from surgery_cli.evaluation import evaluate, prune
 from surgery_cli.graft import GraftBar, graft
@@ -224,3 +225,4 @@ def methods(name: str | None) -> None:
 
 COMMANDS = [plan, apply, inspect, methods, evaluate, prune, sparse, push, diff, train,
             distill_data, drift_prior, extract_lora, graft, convert]
+COMMANDS += [corda, merge_adapter]

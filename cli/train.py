@@ -80,6 +80,9 @@ class TrainBar:
 @click.option("--trainable", multiple=True, help="hft, or a name, kind, glob or re: pattern "
               "of the parameters that train (repeatable; default all).")
 @click.option("--chat", is_flag=True, help="Render prompt+completion with the chat template.")
+@click.option("--adapter", type=click.Path(exists=True, file_okay=False),
+              help="Train only this PEFT LoRA adapter's A and B (a `surgery corda` output: "
+              "MODEL is then its residual); OUT is the merged model, OUT/adapter the adapter.")
 @click.option("--eval-data", type=click.Path(dir_okay=False), help="JSONL scored during "
               "training (perplexity, or accuracy for a classifier).")
 @click.option("--eval-every", type=click.IntRange(min=1), help="Updates between evaluations.")
@@ -103,7 +106,7 @@ class TrainBar:
 def train(model: str, data: str, out: str, steps: int | None, epochs: float | None, lr: float,
           batch_size: int, grad_accum: int, max_length: int, schedule: str, warmup: int,
           weight_decay: float, seed: int, device: str, objective: str,
-          trainable: tuple[str, ...], chat: bool, eval_data: str | None,
+          trainable: tuple[str, ...], chat: bool, adapter: str | None, eval_data: str | None,
           eval_every: int | None, checkpoint_every: int | None, gradient_checkpointing: bool,
           drift: str | None, drift_mode: str, drift_alpha: float, extra: tuple[str, ...],
           dtype: str | None, log_path: str | None, plot: str | None,
@@ -128,6 +131,8 @@ def train(model: str, data: str, out: str, steps: int | None, epochs: float | No
     step.update({k: v for k, (v, default) in defaults.items() if v != default})
     if trainable:
         step["trainable"] = trainable[0] if list(trainable) == ["hft"] else list(trainable)
+    if adapter:
+        step["adapter"] = adapter
     if drift:
         step["drift"] = {"prior": drift, "mode": drift_mode, "alpha": drift_alpha}
     elif drift_mode != "adaptive_cosine" or drift_alpha != 1.0:
@@ -157,6 +162,16 @@ def train(model: str, data: str, out: str, steps: int | None, epochs: float | No
         if log is not None:
             log.close()
     click.echo(f"wrote {results[0].path}")
+    if adapter:  # the trained A and B, next to the merged model
+        import shutil
+
+        from surgery.recipe.run import finetune_steps
+
+        _, node = finetune_steps(recipe)[0]
+        target = results[0].path / "adapter"
+        shutil.rmtree(target, ignore_errors=True)
+        shutil.copytree(node.folder / "adapter", target)
+        click.echo(f"wrote the trained adapter to {target}")
     record = json.loads((results[0].path / "provenance.json").read_text()).get("sections", {})
     if "Fine-tuning" in record:
         lines = record["Fine-tuning"].split("\n")

@@ -63,3 +63,25 @@ __all__ = [
     "task_arithmetic",
     "ties",
 ]
+
+# mergekit 0.1.5's other merge methods (issue 21).
+from surgery.methods import (
+    arcee_fusion,
+    breadcrumbs,
+    breadcrumbs_ties,
+    della,
+    della_linear,
+    karcher,
+    model_stock,
+    multislerp,
+    nearswap,
+    nuslerp,
+    passthrough,
+    ram,
+    ramplus_tl,
+    sce,
+)
+
+__all__ += ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher",
+            "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl",
+            "sce"]

@@ -19,7 +19,7 @@ from surgery.methods.drift import drift_prior, is_projection
 from surgery.train import finetune
 from surgery.train.drift import DriftBias, biased_gradient
 from tests.conftest import FIXTURES, surgery
-from tests.test_train_loop import plain_backward
+from tests.test_train_loop import Grab, plain_backward
 
 BASE = FIXTURES / "tiny-llama" / "base"
 MATH_MODEL = FIXTURES / "tiny-llama" / "math"
@@ -136,25 +136,38 @@ def test_prior_of_another_model_is_refused(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("mode", ["adaptive_cosine", "gradnorm", "absolute"])
 def test_one_biased_update_equals_a_plain_loop(tmp_path: Path, mode: str) -> None:
+    """The biased gradients against the formula in float64 on a plain loop's gradients (the
+    same bits: see test_train_loop), then the update against a plain AdamW fed our biased
+    gradients (fed the float64 ones instead, a near-zero entry's Adam step could move by up
+    to lr on last-bit differences: a flaky test)."""
     prior = drift_prior(load(MATH_MODEL), load(BASE), tmp_path / "p.safetensors").path
     alpha = 0.7
+    grab = Grab()
+    hooked = finetune(BASE, MATH, out=tmp_path / "hooks", steps=1, lr=1e-3, batch_size=4,
+                      hooks=[DriftBias(prior, mode, alpha), grab])
     res = finetune(BASE, MATH, out=tmp_path / "ours", steps=1, lr=1e-3, batch_size=4,
                    drift={"prior": str(prior), "mode": mode, "alpha": alpha})
     ours = _tensors(tmp_path / "ours")
-    assert res.transforms == {"drift": 42}
+    assert res.transforms == {"drift": 42} and hooked.transforms["drift"] == 42
+    assert (tmp_path / "ours" / "model.safetensors").read_bytes() == \
+        (tmp_path / "hooks" / "model.safetensors").read_bytes()
 
     deltas = load_file(str(prior))
     model, opt = plain_backward(lr=1e-3, examples=4)
     for name, p in model.named_parameters():
         if name not in deltas:
+            assert torch.equal(grab.grads[name], p.grad), name
             continue
-        g, d = p.grad, deltas[name]
+        g, d = p.grad.double(), deltas[name].double()
         gn, dn = g.norm().item(), d.norm().item()
         pull = {"absolute": alpha,
                 "gradnorm": alpha * gn / dn,
                 "adaptive_cosine": alpha * gn / dn * ((g * d).sum().item() / (gn * dn) + 1) / 2
                 }[mode]
-        p.grad = g - pull * d
+        want = g - pull * d
+        scale = want.abs().max().item()
+        assert torch.allclose(grab.grads[name].double(), want, rtol=0, atol=1e-5 * scale), name
+        p.grad = grab.grads[name].clone()
     torch.nn.utils.clip_grad_norm_(list(model.parameters()), 1.0)
     opt.step()
     for name, p in model.named_parameters():

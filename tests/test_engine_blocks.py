@@ -140,3 +140,22 @@ def test_a_failing_statistic_fails_the_save_and_writes_nothing(
     with pytest.raises(ValueError, match="no statistic"):
         w.save(tmp_path / "out", device="cpu")
     assert not (tmp_path / "out").exists()
+
+
+def test_kept_tensors_of_a_plain_stream_are_copies_of_their_own() -> None:
+    """Without reuse_outputs the consumer may keep every tensor: none may alias a read buffer
+    that the engine reuses for the next tensors (it once did, for tensors read as stored)."""
+    from safetensors.torch import load_file
+
+    from surgery import load
+    from surgery.engine.stream import StreamOptions, resolve_device, stream_tensors
+    from tests.conftest import FIXTURES
+
+    path = FIXTURES / "tiny-gpt2" / "math"
+    model = load(path)
+    # A small read-ahead budget, so that read buffers are reused many times over.
+    opts = StreamOptions(device=resolve_device("cpu"), prefetch_bytes=64 * 1024)
+    kept = dict(stream_tensors(model.node, model.names, opts, lambda n: model.spec(n).dtype))
+    want = load_file(str(path / "model.safetensors"))
+    assert kept.keys() == want.keys()
+    assert [n for n in want if not torch.equal(kept[n], want[n])] == []

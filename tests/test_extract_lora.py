@@ -75,6 +75,13 @@ def test_full_rank_adapter_gives_the_fine_tune_in_peft(tmp_path: Path, family: s
     res = extract_lora(load(root / "math"), load(root / "base"), tmp_path / "a", rank=512,
                        keep_full=KEEP)
     assert res.uncaptured == [] and res.max_error < 1e-5
+    stored = load_file(str(res.path / "adapter_model.safetensors"))
+    ft = load_file(str(root / "math" / "model.safetensors"))
+    whole = {k.removeprefix("base_model.model."): t for k, t in stored.items() if "lora_" not in k}
+    assert len(whole) > 10
+    for name, t in whole.items():  # kept modules hold the fine-tune's values (a tied head its
+        source = name if name in ft else "transformer.wte.weight"  # embedding's)
+        assert torch.equal(t, ft[source]), name
     cfg = json.loads((res.path / "adapter_config.json").read_text())
     assert cfg["fan_in_fan_out"] is (family == "tiny-gpt2")  # Conv1D, decomposed, not copied
     assert cfg["lora_bias"] is (family == "tiny-gpt2")

@@ -102,7 +102,8 @@ def same_weights(a: Path, b: Path) -> bool:
 
 # What some recipes promise beyond running: layer counts, a card section.
 LAYERS = {"llama-drop-2-3": 4, "gpt2-first-2": 2, "llama-math-code-stack": 8}
-CARD = {"hft-chat": "HFT half-reset selection", "greedy-soup": "## Greedy soup"}
+CARD = {"hft-chat": "HFT half-reset selection", "greedy-soup": "## Greedy soup",
+        "lt-sft-math": "## LT-SFT"}
 
 
 @pytest.mark.parametrize("name", RECIPES)

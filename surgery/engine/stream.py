@@ -468,6 +468,10 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
                 out = pool.tensor(spec.shape, out_dtype(name)).copy_(t)
             else:
                 out = t.to(out_dtype(name)).to("cpu").contiguous()
+                if out.untyped_storage().data_ptr() == t.untyped_storage().data_ptr():
+                    # t may be a read buffer or scratch of the pool, reused once work()
+                    # returns: the consumer keeps the tensor, so it gets a copy of its own.
+                    out = out.clone()
         t0 = time.perf_counter()
         while not stop.is_set():
             try:

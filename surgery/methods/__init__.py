@@ -3,6 +3,7 @@
 from surgery.methods.hft import hft_reset, hft_selection
 from surgery.methods.layer_scaling import lines
 from surgery.methods.layers import drop_layers, keep_first_layers, stack_layers
+from surgery.methods.pass_through import passthrough
 from surgery.methods.schedule import Rule
 from surgery.methods.soup import linear, task_arithmetic
 from surgery.methods.sparse import (
@@ -16,7 +17,19 @@ from surgery.methods.sparse import (
     revert_sparse_deltas,
     sparsify,
 )
+from surgery.methods.sphere_means import karcher, multislerp, nuslerp
 from surgery.methods.spherical import slerp
+from surgery.methods.stock import model_stock
+from surgery.methods.swaps import arcee_fusion, nearswap
+from surgery.methods.task_merges import (
+    breadcrumbs,
+    breadcrumbs_ties,
+    della,
+    della_linear,
+    ram,
+    ramplus_tl,
+    sce,
+)
 from surgery.methods.ties_dare import dare_linear, dare_ties, ties
 
 __all__ = ["Mask", "Rule", "SparseDelta", "apply_sparse_deltas", "dare_linear", "dare_ties",
@@ -24,3 +37,6 @@ __all__ = ["Mask", "Rule", "SparseDelta", "apply_sparse_deltas", "dare_linear", 
            "keep_first_layers", "linear", "lines", "load_mask", "load_sparse_delta",
            "overlap_by_layer", "revert_sparse_deltas", "slerp", "sparsify", "stack_layers",
            "task_arithmetic", "ties"]
+__all__ += ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher",
+            "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl",
+            "sce"]

@@ -20,9 +20,14 @@ from surgery.methods import (
     layer_scaling,
     layers,
     lora_extract,
+    pass_through,
     soup,
     sparse,
+    sphere_means,
     spherical,
+    stock,
+    swaps,
+    task_merges,
     ties_dare,
 )
 from surgery.methods.schedule import Scheduled
@@ -56,10 +61,11 @@ def _build_task_arithmetic(p: soup.TaskArithmeticParams, get: Resolve) -> Weight
 
 
 def _build_sparse_apply(p: sparse.SparseApplyParams, get: Resolve) -> Weights:
-    return sparse.apply_sparse_deltas(get(p.base), [sparse.SparseDeltaFile(d) for d in p.deltas])
+    return sparse.apply_sparse_deltas(get(p.base), [sparse.SparseDeltaFile(d) for d in p.deltas],
+                                      ignore_base_hash=p.ignore_base_hash)
 
 
-def _build_sparse_revert(p: sparse.SparseApplyParams, get: Resolve) -> Weights:
+def _build_sparse_revert(p: sparse.SparseRevertParams, get: Resolve) -> Weights:
     return sparse.revert_sparse_deltas(get(p.base),
                                        [sparse.SparseDeltaFile(d) for d in p.deltas])
 
@@ -119,6 +125,75 @@ def _build_lines(p: layer_scaling.LinesParams, get: Resolve) -> Weights:
                        layer_pattern=p.layer_pattern)
 
 
+def _build_model_stock(p: stock.ModelStockParams, get: Resolve) -> Weights:
+    return stock.model_stock(get(p.base), [get(m) for m in p.models], p.filter_wise)
+
+
+def _build_breadcrumbs(p: task_merges.BreadcrumbsParams, get: Resolve) -> Weights:
+    return task_merges.breadcrumbs(get(p.base), [get(m) for m in p.models], p.density, p.gamma,
+                                   p.weights, p.lambda_, p.normalize, p.rescale,
+                                   p.tie_break, p.layer_pattern)
+
+
+def _build_breadcrumbs_ties(p: task_merges.BreadcrumbsParams, get: Resolve) -> Weights:
+    return task_merges.breadcrumbs_ties(get(p.base), [get(m) for m in p.models], p.density,
+                                        p.gamma, p.weights, p.lambda_, p.normalize, p.rescale,
+                                        p.tie_break, p.layer_pattern)
+
+
+def _build_della(p: task_merges.DellaParams, get: Resolve) -> Weights:
+    return task_merges.della(get(p.base), [get(m) for m in p.models], p.density, p.epsilon,
+                             p.weights, p.lambda_, p.normalize, p.rescale, p.rng,
+                             p.layer_pattern)
+
+
+def _build_della_linear(p: task_merges.DellaLinearParams, get: Resolve) -> Weights:
+    return task_merges.della_linear(get(p.base), [get(m) for m in p.models], p.density,
+                                    p.epsilon, p.weights, p.lambda_, p.normalize, p.rescale,
+                                    p.rng, p.layer_pattern)
+
+
+def _build_nuslerp(p: sphere_means.NuslerpParams, get: Resolve) -> Weights:
+    return sphere_means.nuslerp([get(m) for m in p.models], p.weights,
+                                get(p.base) if p.base else None, p.row_wise, p.flatten,
+                                p.layer_pattern)
+
+
+def _build_multislerp(p: sphere_means.MultislerpParams, get: Resolve) -> Weights:
+    return sphere_means.multislerp([get(m) for m in p.models], p.weights,
+                                   get(p.base) if p.base else None, p.normalize_weights, p.eps,
+                                   p.layer_pattern)
+
+
+def _build_karcher(p: sphere_means.KarcherParams, get: Resolve) -> Weights:
+    return sphere_means.karcher([get(m) for m in p.models], p.max_iter, p.tol)
+
+
+def _build_sce(p: task_merges.SceParams, get: Resolve) -> Weights:
+    return task_merges.sce(get(p.base), [get(m) for m in p.models], p.select_topk)
+
+
+def _build_ram(p: task_merges.RamParams, get: Resolve) -> Weights:
+    return task_merges.ram(get(p.base), [get(m) for m in p.models], p.epsilon)
+
+
+def _build_ramplus_tl(p: task_merges.RamPlusParams, get: Resolve) -> Weights:
+    return task_merges.ramplus_tl(get(p.base), [get(m) for m in p.models], p.r, p.alpha,
+                                  p.epsilon)
+
+
+def _build_nearswap(p: swaps.NearswapParams, get: Resolve) -> Weights:
+    return swaps.nearswap(get(p.base), get(p.model), p.t, p.layer_pattern)
+
+
+def _build_arcee_fusion(p: swaps.ArceeFusionParams, get: Resolve) -> Weights:
+    return swaps.arcee_fusion(get(p.base), get(p.model))
+
+
+
+def _build_passthrough(p: pass_through.PassthroughParams, get: Resolve) -> Weights:
+    return pass_through.passthrough(get(p.model), p.scale, p.layer_pattern)
+
 OPERATIONS: dict[str, Operation] = {
     op.name: op
     for op in (
@@ -130,7 +205,7 @@ OPERATIONS: dict[str, Operation] = {
         Operation("sparse_apply", "Base plus sparse deltas (files), composed by addition",
                   sparse.SPARSE_REF, sparse.SparseApplyParams, ("base",), _build_sparse_apply),
         Operation("sparse_revert", "Model minus sparse deltas (files): undoes sparse_apply",
-                  sparse.SPARSE_REF, sparse.SparseApplyParams, ("base",), _build_sparse_revert),
+                  sparse.SPARSE_REF, sparse.SparseRevertParams, ("base",), _build_sparse_revert),
         Operation("sparsify", "Base plus the top-K magnitude entries of a fine-tune's update",
                   sparse.SPARSE_REF, sparse.SparsifyParams, ("base", "model"), _build_sparsify),
         Operation("hft_reset", "Reset a seeded half of each block's modules to the base",
@@ -156,6 +231,46 @@ OPERATIONS: dict[str, Operation] = {
         Operation("lines", "Scale a task vector by block depth (layer-increasing)",
                   layer_scaling.LINES_REF, layer_scaling.LinesParams,
                   ("base", "model", "tasks"), _build_lines),
+        Operation("model_stock", "Base moved towards the fine-tunes' average by their angle",
+                  stock.MODEL_STOCK_REF, stock.ModelStockParams, ("base", "models"),
+                  _build_model_stock),
+        Operation("breadcrumbs", "Drop the smallest and largest updates, then add them",
+                  task_merges.BREADCRUMBS_REF, task_merges.BreadcrumbsParams,
+                  ("base", "models"), _build_breadcrumbs),
+        Operation("breadcrumbs_ties", "Breadcrumbs' drops, then TIES sign election",
+                  task_merges.BREADCRUMBS_REF, task_merges.BreadcrumbsParams,
+                  ("base", "models"), _build_breadcrumbs_ties),
+        Operation("della", "Magnitude-ranked random drops (MagPrune), then TIES election",
+                  task_merges.DELLA_REF, task_merges.DellaParams, ("base", "models"),
+                  _build_della),
+        Operation("della_linear", "Magnitude-ranked random drops (MagPrune), then add them",
+                  task_merges.DELLA_REF, task_merges.DellaLinearParams, ("base", "models"),
+                  _build_della_linear),
+        Operation("nuslerp", "SLERP of two models or of their task vectors from a base",
+                  sphere_means.NUSLERP_REF, sphere_means.NuslerpParams, ("models", "base"),
+                  _build_nuslerp),
+        Operation("multislerp", "Barycentric interpolation of many models on the sphere",
+                  sphere_means.MULTISLERP_REF, sphere_means.MultislerpParams,
+                  ("models", "base"), _build_multislerp),
+        Operation("karcher", "Karcher mean of models on the hypersphere",
+                  sphere_means.KARCHER_REF, sphere_means.KarcherParams, ("models",),
+                  _build_karcher),
+        Operation("sce", "Select high-variance entries, weight by energy, erase sign conflicts",
+                  task_merges.SCE_REF, task_merges.SceParams, ("base", "models"), _build_sce),
+        Operation("ram", "Unique updates kept whole, shared ones averaged",
+                  task_merges.RAM_REF, task_merges.RamParams, ("base", "models"), _build_ram),
+        Operation("ramplus_tl", "RAM with unique updates scaled by the overlap ratio",
+                  task_merges.RAM_REF, task_merges.RamPlusParams, ("base", "models"),
+                  _build_ramplus_tl),
+        Operation("nearswap", "Take the model's value where it is close to the base's",
+                  swaps.NEARSWAP_REF, swaps.NearswapParams, ("base", "model"),
+                  _build_nearswap),
+        Operation("arcee_fusion", "Add the model's updates of outlying importance (KL-weighted)",
+                  swaps.ARCEE_FUSION_REF, swaps.ArceeFusionParams, ("base", "model"),
+                  _build_arcee_fusion),
+        Operation("passthrough", "One model's tensors, each optionally scaled",
+                  pass_through.PASSTHROUGH_REF, pass_through.PassthroughParams, ("model",),
+                  _build_passthrough),
         Operation("extract_lora", "A fine-tune's task vector as a PEFT LoRA adapter (truncated "
                   "SVD per linear layer), written to out", lora_extract.LORA_EXTRACT_REF,
                   lora_extract.ExtractLoraParams, ("model", "base"), _build_extract_lora,

@@ -8,11 +8,15 @@ exactly K entries are kept. Applying is θ0 + Σ φj; reverting subtracts.
 
 File format (safetensors): per tensor ``<name>:indices`` (int64, sorted row-major flat
 positions) and ``<name>:values``; metadata ``format``, ``base_model``, ``k``, ``selection`` and
-``shapes`` (JSON: name -> shape).
+``shapes`` (JSON: name -> shape); optionally ``base_sha256`` (:func:`weights_sha256` of the
+base, which ``sparse_apply`` checks against the model it is applied to), ``base_revision`` and
+``training`` (JSON: how an LT-SFT delta was trained). Files without ``base_sha256`` (older
+ones, or deltas of in-memory expressions) apply unchecked.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Callable, Sequence
@@ -27,7 +31,15 @@ from surgery.checkpoint import Checkpoint
 from surgery.checkpoint.checkpoint import open_local
 from surgery.engine.stream import StreamOptions, resolve_device, stream_tensors
 from surgery.errors import CheckpointError, ShapeMismatchError, UsageError
-from surgery.expr import ElementwiseNode, EvalContext, Node, Reduction, TensorSpec, Weights
+from surgery.expr import (
+    ElementwiseNode,
+    EvalContext,
+    LoadNode,
+    Node,
+    Reduction,
+    TensorSpec,
+    Weights,
+)
 from surgery.methods.soup import Params
 from surgery.names import TensorKind, layer_index, tensor_kind
 
@@ -205,6 +217,9 @@ class SparseDelta:
     values: dict[str, torch.Tensor]
     selection: str = "global"
     source: str = field(default="<memory>")
+    base_sha256: str | None = None
+    base_revision: str | None = None
+    training: dict | None = None
 
     def save(self, path: str | Path) -> Path:
         """Write the delta as one safetensors file (see the module docstring for the layout)."""
@@ -216,9 +231,15 @@ class SparseDelta:
         meta = {"format": FORMAT, "base_model": self.base_model, "k": str(self.k),
                 "selection": self.selection,
                 "shapes": json.dumps({n: list(s) for n, s in self.shapes.items()})}
+        if self.base_sha256:
+            meta["base_sha256"] = self.base_sha256
+        if self.base_revision:
+            meta["base_revision"] = self.base_revision
+        if self.training is not None:
+            meta["training"] = json.dumps(self.training, sort_keys=True)
         p.parent.mkdir(parents=True, exist_ok=True)
         partial = p.with_name(p.name + ".partial")
-        save_file(tensors, str(partial), metadata=meta)
+        _write_safetensors(partial, tensors, meta)
         partial.replace(p)
         return p
 
@@ -234,6 +255,38 @@ class SparseDelta:
                     dict(self.shapes))
 
 
+def select_entries(base: Weights, model: Weights, density: float = DEFAULT_DENSITY, *,
+                   k: int | None = None, per_tensor: bool = False,
+                   maskable: Sequence[str] = DEFAULT_MASKABLE, device: str = "cpu"
+                   ) -> tuple[Selection, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The selection of :func:`sparsify` and :func:`extract_sparse_delta` (and LT-SFT's mask):
+    per maskable tensor the sorted flat indices of the kept entries of τ = θ1 − θ0 and their
+    float32 values. Two streaming passes (the global threshold, then the entries)."""
+    sel = Selection(base, model, density, k, per_tensor, maskable_filter(maskable))
+    opts = StreamOptions(device=resolve_device(device))
+    indices: dict[str, torch.Tensor] = {}
+    values: dict[str, torch.Tensor] = {}
+    for name, tau in stream_tensors(sel, sel.maskable, opts, lambda _: torch.float32):
+        idx = sel.select(name, tau)
+        indices[name] = idx
+        values[name] = tau.flatten()[idx]
+    return sel, indices, values
+
+
+def _write_safetensors(path: Path, tensors: dict[str, torch.Tensor], meta: dict[str, str]
+                       ) -> None:
+    """A safetensors file with a deterministic header (metadata keys sorted, tensors in the
+    given order), so the same delta gives the same bytes; safetensors' own writer orders
+    the metadata by a randomly seeded hash map."""
+    from surgery.writer.shards import PlannedTensor, encode_header, tensor_bytes
+
+    planned = [PlannedTensor(n, tuple(t.shape), t.dtype) for n, t in tensors.items()]
+    with open(path, "wb") as f:
+        f.write(encode_header(planned, meta))
+        for t in tensors.values():
+            f.write(tensor_bytes(t.detach().cpu().contiguous()))
+
+
 def extract_sparse_delta(base: Weights, model: Weights, density: float = DEFAULT_DENSITY,
                          *, k: int | None = None, per_tensor: bool = False,
                          maskable: Sequence[str] = DEFAULT_MASKABLE,
@@ -245,19 +298,39 @@ def extract_sparse_delta(base: Weights, model: Weights, density: float = DEFAULT
     ``k`` exactly), by one global threshold from a streaming pass; ``per_tensor`` keeps
     ⌊density · nᵢ⌋ in each tensor instead. Two streaming passes; memory O(K).
     """
-    sel = Selection(base, model, density, k, per_tensor, maskable_filter(maskable))
-    opts = StreamOptions(device=resolve_device(device))
-    indices: dict[str, torch.Tensor] = {}
-    values: dict[str, torch.Tensor] = {}
-    for name, tau in stream_tensors(sel, sel.maskable, opts, lambda _: torch.float32):
-        idx = sel.select(name, tau)
-        indices[name] = idx
-        values[name] = tau.flatten()[idx].to(dtype)
+    sel, indices, values = select_entries(base, model, density, k=k, per_tensor=per_tensor,
+                                          maskable=maskable, device=device)
+    values = {n: v.to(dtype) for n, v in values.items()}
     shapes = {n: sel.spec(n).shape for n in sel.maskable}
     kept = sum(i.numel() for i in indices.values())
     sources = base.node.checkpoints()
     return SparseDelta(sources[0].source if sources else "<expression>", kept, shapes, indices,
-                       values, "per_tensor" if per_tensor else "global")
+                       values, "per_tensor" if per_tensor else "global",
+                       base_sha256=weights_sha256(base) if sources else None,
+                       base_revision=sources[0].revision if sources else None)
+
+
+def weights_sha256(weights: Weights | Node) -> str:
+    """The identity of a model that a delta records as its base: for a checkpoint, the
+    SHA-256 of its weight files' SHA-256s in order (the Hub's listing where it gives them,
+    else hashed once and cached by size and mtime); for an expression, of its description
+    and the hashes of every file it reads."""
+    node = weights.node if isinstance(weights, Weights) else weights
+    if isinstance(node, LoadNode):
+        doc: object = _file_hashes(node.checkpoint)
+    else:
+        doc = [node.describe(), sorted(h for ck in dict.fromkeys(node.checkpoints())
+                                       for h in _file_hashes(ck))]
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _file_hashes(ck: Checkpoint) -> list[str]:
+    from surgery.checkpoint.hashing import cached_sha256
+
+    known = ck.known_sha256()
+    if any(f not in known for f in ck.files):
+        ck.fetch([f for f in ck.files if f not in known])
+    return [known[f] if f in known else cached_sha256(f) for f in ck.files]
 
 
 class SparseDeltaFile:
@@ -274,6 +347,9 @@ class SparseDeltaFile:
         self.base_model = meta.get("base_model", "")
         self.k = int(meta.get("k", "0"))
         self.selection = meta.get("selection", "global")
+        self.base_sha256 = meta.get("base_sha256") or None
+        self.base_revision = meta.get("base_revision") or None
+        self.training = json.loads(meta["training"]) if meta.get("training") else None
         self.shapes = {n: tuple(s) for n, s in json.loads(meta.get("shapes", "{}")).items()}
         for name in self.shapes:
             for part in ("indices", "values"):
@@ -289,7 +365,8 @@ class SparseDeltaFile:
         for name in self.shapes:
             idx[name], vals[name] = self.entries(name)
         return SparseDelta(self.base_model, self.k, dict(self.shapes), idx, vals,
-                           self.selection, self.path)
+                           self.selection, self.path, self.base_sha256, self.base_revision,
+                           self.training)
 
 
 def load_sparse_delta(path: str | Path) -> SparseDelta:
@@ -312,7 +389,8 @@ class SparseApplyNode(Node):
 
     reference = SPARSE_REF
 
-    def __init__(self, base: Node, deltas: Sequence[DeltaLike], sign: float, op: str) -> None:
+    def __init__(self, base: Node, deltas: Sequence[DeltaLike], sign: float, op: str,
+                 ignore_base_hash: bool = True) -> None:
         super().__init__()
         if not deltas:
             raise UsageError(f"{op}: deltas: give at least one sparse delta")
@@ -335,6 +413,8 @@ class SparseApplyNode(Node):
                 if not spec.dtype.is_floating_point:
                     raise ShapeMismatchError(f"{op}: tensor {name!r} of the base model is "
                                              f"{spec.dtype}, not a floating tensor")
+        if not ignore_base_hash:
+            check_base_hash(base, self.deltas, op)
 
     def params(self) -> dict:
         return {"deltas": [d.source for d in self.deltas]}
@@ -358,9 +438,29 @@ class SparseApplyNode(Node):
         return flat.reshape(theta.shape)
 
 
-def apply_sparse_deltas(base: Weights, deltas: Sequence[DeltaLike]) -> Weights:
-    """Composition θ = θ0 + Σ φj (arXiv 2110.07560): several deltas compose by addition."""
-    return Weights(SparseApplyNode(base.node, deltas, 1.0, "sparse_apply"))
+def check_base_hash(base: Node, deltas: Sequence[DeltaLike], op: str = "sparse_apply") -> None:
+    """Every delta that records its base's hash was made on ``base``: else an error naming
+    both (the base is hashed only when some delta records a hash)."""
+    recorded = [d for d in deltas if d.base_sha256]
+    if not recorded:
+        return
+    have = weights_sha256(base)
+    cks = base.checkpoints()
+    label = cks[0].source if isinstance(base, LoadNode) else f"the result of {base.op}"
+    for d in recorded:
+        if d.base_sha256 != have:
+            raise UsageError(
+                f"{op}: sparse delta {d.source} was made on base {d.base_model} (sha256 "
+                f"{d.base_sha256[:16]}), not on {label} (sha256 {have[:16]}); pass "
+                "--ignore-base-hash (recipe: ignore_base_hash: true) to apply it anyway")
+
+
+def apply_sparse_deltas(base: Weights, deltas: Sequence[DeltaLike], *,
+                        ignore_base_hash: bool = False) -> Weights:
+    """Composition θ = θ0 + Σ φj (arXiv 2110.07560): several deltas compose by addition.
+    A delta that records its base's hash (``base_sha256``) must be applied to that base,
+    unless ``ignore_base_hash``."""
+    return Weights(SparseApplyNode(base.node, deltas, 1.0, "sparse_apply", ignore_base_hash))
 
 
 def revert_sparse_deltas(model: Weights, deltas: Sequence[DeltaLike]) -> Weights:
@@ -518,6 +618,12 @@ def _group_order(g: LayerOverlap) -> tuple[int, int]:
 
 
 class SparseApplyParams(Params):
+    base: str
+    deltas: list[str] = Field(min_length=1, description="sparse delta files (.safetensors)")
+    ignore_base_hash: bool = Field(False, description="apply deltas made on another base")
+
+
+class SparseRevertParams(Params):
     base: str
     deltas: list[str] = Field(min_length=1, description="sparse delta files (.safetensors)")
 

@@ -26,7 +26,9 @@ from surgery.methods.registry import Operation
 from surgery.prune.operations import PRUNE_OPERATIONS
 from surgery.recipe.schema import OutputSpec, RecipeDoc
 from surgery.recipe.yamlloc import Loc, Located, load_located
+from surgery.train.adapter_ops import ADAPTER_OPERATIONS
 from surgery.train.graft import GRAFT_OPERATIONS
+from surgery.train.lt_sft_operation import LT_SFT_OPERATIONS
 from surgery.train.operations import TRAIN_OPERATIONS
 from surgery.writer import parse_size
 
@@ -47,7 +49,8 @@ class Recipe:
 
 
 OPERATIONS = {**STREAMING_OPERATIONS, **DATA_OPERATIONS, **PRUNE_OPERATIONS,
-              **TRAIN_OPERATIONS, **GRAFT_OPERATIONS}
+              **TRAIN_OPERATIONS, **GRAFT_OPERATIONS, **LT_SFT_OPERATIONS}
+OPERATIONS.update(ADAPTER_OPERATIONS)
 
 
 def suggest(word: str, choices: list[str]) -> str:

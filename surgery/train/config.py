@@ -9,6 +9,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from surgery.methods.soup import Params
+from surgery.train.corda import AdapterSpec
 
 ObjectiveName = Literal["sft", "dft", "asft", "masked_thought", "sorted"]
 
@@ -55,6 +56,9 @@ class TrainConfig(Params):
     trainable: str | list[str] | None = Field(
         None, description="hft, or names/kinds/globs/re: patterns (default: every parameter)")
     hft_seed: int | None = Field(None, description="seed of the HFT selection (default: seed)")
+    adapter: str | AdapterSpec | None = Field(
+        None, description="train only a LoRA adapter's A and B: a PEFT adapter directory "
+        "(on this model) or {corda: {data, rank, mode, ...}}; the result is the merged model")
     chat: bool = Field(False, description="wrap prompt+completion in the chat template")
     add_eos: bool = Field(True, description="end completions and texts with the EOS token")
     eval_data: str | None = Field(None, description="JSONL scored every eval_every updates")
@@ -71,6 +75,8 @@ class TrainConfig(Params):
             if option in self.model_fields_set and self.objective != objective:
                 raise ValueError(f"{option} applies to objective {objective}, not "
                                  f"{self.objective}")
+        if self.adapter is not None and self.trainable is not None:
+            raise ValueError("adapter trains its A and B only; drop trainable")
         if self.eval_every is not None and self.eval_data is None:
             raise ValueError("eval_every needs eval_data")
         if self.hft_seed is not None and self.trainable != "hft":

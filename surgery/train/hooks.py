@@ -98,7 +98,10 @@ class GradientMask(GradientTransform):
         return sorted(self.masks)
 
     def __call__(self, name: str, param: torch.nn.Parameter, grad: torch.Tensor) -> None:
-        grad.mul_(self._device[name])
+        mask = self._device[name]
+        if mask.device != grad.device:  # attached on the CPU, before the model moved
+            mask = self._device[name] = mask.to(grad.device)
+        grad.mul_(mask)
 
     def params(self) -> dict[str, object]:
         return {"masked_tensors": len(self.masks),

@@ -36,7 +36,9 @@ from surgery.errors import UsageError
 from surgery.evaluate.metrics import evaluate_model
 from surgery.expr import Weights
 from surgery.names import TensorKind, tensor_kind
+from surgery.train.adapter import LoraAdapter, TrainedAdapterNode, attach, detach_trained
 from surgery.train.config import TrainConfig
+from surgery.train.corda import prepare_adapter
 from surgery.train.data import (
     Batch,
     TrainData,
@@ -159,6 +161,11 @@ def make_optimizer(params: dict[str, torch.nn.Parameter], config: TrainConfig
     return torch.optim.AdamW([g for g in groups if g["params"]], **kwargs)
 
 
+# Builds the optimiser of a run from its trainable parameters and settings (default
+# :func:`make_optimizer`; LT-SFT's phase 2 passes a masked AdamW).
+OptimizerFactory = Callable[[dict[str, torch.nn.Parameter], TrainConfig], torch.optim.Optimizer]
+
+
 class _Interrupt:
     """Ctrl-C during training: the first ends the run at the next update boundary, after
     saving resumable state; a second one stops at once."""
@@ -199,9 +206,12 @@ class Trainer:
     """One run's state; :func:`finetune` builds it, runs it and saves the result."""
 
     def __init__(self, source: ModelSource, data_path: str | Path, config: TrainConfig,
-                 transforms: Sequence[GradientTransform] = ()) -> None:
+                 transforms: Sequence[GradientTransform] = (),
+                 optimizer: OptimizerFactory | None = None,
+                 adapter: LoraAdapter | None = None) -> None:
         self.source = source
         self.config = config
+        self.optimizer_factory = optimizer or make_optimizer
         self.device = resolve_device(config.device)
         torch.manual_seed(config.seed)
         records = read_records(data_path)
@@ -217,9 +227,15 @@ class Trainer:
         self.eval_sha256 = file_sha256(config.eval_data) if config.eval_data else None
         self.resumed_from = 0
         self.objective: Objective = make_objective(config, self.tokenizer, self.task)
+        self.adapter = adapter
+        if adapter is not None and self.task != "lm":
+            raise UsageError("adapter training is for causal language models, not "
+                             "classifiers")
+        lora = attach(self.model, adapter) if adapter is not None else None
         names = [n for n, _ in self.model.named_parameters()]
         hft_seed = config.seed if config.hft_seed is None else config.hft_seed
-        chosen = set(TrainableSet(config.trainable, hft_seed).select(names))
+        chosen = set(lora) if lora is not None else \
+            set(TrainableSet(config.trainable, hft_seed).select(names))
         self.params: dict[str, torch.nn.Parameter] = {}
         for name, p in self.model.named_parameters():
             p.requires_grad_(name in chosen)
@@ -241,9 +257,10 @@ class Trainer:
         self.steps = total_steps(config, len(self.data.examples))
         self.pad_id = next((int(t) for t in (self.tokenizer.pad_token_id,
                                              self.tokenizer.eos_token_id) if t is not None), 0)
-        self.node = TrainedNode(source.node, self.model, trained_config(source.node, self.model,
-                                                                        self.task),
-                                self.describe())
+        self.node: TrainedNode | TrainedAdapterNode = TrainedNode(
+            source.node, self.model, trained_config(source.node, self.model, self.task),
+            self.describe()) if adapter is None else \
+            TrainedAdapterNode(source.node, self.model, adapter, self.describe())
 
     def describe(self) -> dict[str, Any]:
         """Everything that determines the result: settings, data, objective, hooks."""
@@ -251,7 +268,8 @@ class Trainer:
                 "data": {"path": Path(self.data.path).name, "sha256": self.data.sha256},
                 "eval_data_sha256": self.eval_sha256,
                 "objective": {"name": self.objective.name, **self.objective.params()},
-                "trainable": self.config.trainable or "all",
+                "trainable": self.config.trainable or ("adapter A and B" if self.adapter
+                                                       else "all"),
                 "transforms": [{"name": t.name, **t.params()} for t, _ in self.transforms],
                 "task": self.task}
 
@@ -265,7 +283,7 @@ class Trainer:
             model.config.use_cache = False
             model.gradient_checkpointing_enable(
                 gradient_checkpointing_kwargs={"use_reentrant": False})
-        optimizer = make_optimizer(self.params, config)
+        optimizer = self.optimizer_factory(self.params, config)
         if scratch is not None:
             restored = load_state(scratch, self.params, optimizer)
             if restored is not None:
@@ -379,7 +397,7 @@ def finetune(model: str | Path | Weights, data: str | Path, *, out: str | Path,
              hooks: Sequence[GradientTransform] = (), progress: TrainCallback | None = None,
              force: bool = False, dtype: str | torch.dtype | None = None,
              shard_size: int | str = "5GB", recipe_text: str | None = None,
-             **settings: Any) -> TrainResult:
+             optimizer: OptimizerFactory | None = None, **settings: Any) -> TrainResult:
     """Fine-tune ``model`` (a path, a Hub id or a lazy ``Weights`` expression, materialised
     once) on the JSONL file ``data`` and write the result to ``out``.
 
@@ -387,14 +405,19 @@ def finetune(model: str | Path | Weights, data: str | Path, *, out: str | Path,
     ``epochs``, ``lr``, ``batch_size``, ``grad_accum``, ``max_length``, ``schedule``,
     ``warmup``, ``weight_decay``, ``clip``, ``seed``, ``device``, ``objective``,
     ``trainable``, ``eval_data``, ``eval_every``, ``checkpoint_every``, ...). ``hooks`` are
-    gradient transforms; ``progress`` gets a :class:`TrainEvent` after every update.
+    gradient transforms; ``progress`` gets a :class:`TrainEvent` after every update;
+    ``optimizer`` builds the optimiser from the trainable parameters and the settings
+    (default: AdamW, :func:`make_optimizer`).
 
     With ``checkpoint_every`` (and on Ctrl-C) the training state goes into ``OUT.partial``;
     rerunning the same call resumes there, with the result of an uninterrupted run.
     """
     config = parse_config(settings)
+    adapter, adapter_record = None, None
+    if config.adapter is not None:
+        model, adapter, adapter_record = prepare_adapter(model, config.adapter)
     source = resolve_source(model)
-    trainer = Trainer(source, data, config, hooks)
+    trainer = Trainer(source, data, config, hooks, optimizer, adapter)
     save_args: dict[str, Any] = {"dtype": dtype, "shard_size": shard_size, "device": "cpu",
                                  "seed": config.seed, "recipe_text": recipe_text}
     outdir = OutputDir(Path(out), force=force, inputs=[ck.root for ck in source.checkpoints])
@@ -420,10 +443,14 @@ def finetune(model: str | Path | Weights, data: str | Path, *, out: str | Path,
               "loss_first": history[0]["loss"] if history else None,
               "loss_last": history[-1]["loss"] if history else None,
               "history": history,
-              "resumed_from_update": trainer.resumed_from,
+              "resumed_from_update": trainer.resumed_from, "adapter": adapter_record,
               "device": trainer.device.type, "model": source.label}
     saved = save(trainer.node, out, force=force, extra_provenance={"training": record},
                  extra_sections={"Fine-tuning": card_section(record)}, **save_args)
+    if adapter is not None:  # the trained adapter too, for the model training started from
+        trained = detach_trained(trainer.model, adapter)
+        trained.base_model = str(source.directory)
+        trained.save(saved.path / "adapter", force=True)
     return TrainResult(saved.path, done.step, history, trainer.data.summary(),
                        record["trainable_params"], trainer.frozen, record["transforms"],
                        trainer.resumed_from, saved, saved.provenance)
@@ -448,4 +475,8 @@ def card_section(record: dict[str, Any]) -> str:
                      f"{data['dropped']} dropped with no target left")
     for name, count in record["transforms"].items():
         lines.append(f"- {name}: on {count} tensor(s)")
+    if record.get("adapter"):
+        a = record["adapter"]
+        lines.append(f"- adapter: {a['method']} rank {a['r']} on {a['layers']} layer(s), "
+                     "merged into this checkpoint; trained A and B in `adapter/`")
     return "\n".join(lines)

@@ -28,6 +28,7 @@ from surgery.methods.drift import DRIFT_REF, DriftPriorParams, PriorFile
 from surgery.methods.registry import Operation, Resolve
 from surgery.methods.soup import Params
 from surgery.train.config import TrainConfig
+from surgery.train.corda import adapter_fingerprint, adapter_parameters
 from surgery.train.data import Task, check_fits, classes, file_sha256, load_train_data, task_of
 from surgery.train.distill import DISTILL_REF, distill_data
 from surgery.train.drift import DriftPriorStep, check_prior
@@ -175,6 +176,8 @@ class FinetuneNode(Node):
             if self.settings.drift is not None:
                 extra.append(self.prior.key if self.prior is not None else
                              file_sha256(self.settings.drift.prior))
+            if self.settings.adapter is not None:
+                extra.append(adapter_fingerprint(self.settings.adapter))
             self._key = content_key(self.source.node, extra)
         return self._key
 
@@ -213,6 +216,8 @@ class FinetuneNode(Node):
         """The run's memory estimate and tokens per update (from the tokenized data)."""
         trainable = sum(p.numel() for n, p in self.meta.named_parameters()
                         if n in self.trainable)
+        if self.settings.adapter is not None:
+            trainable = adapter_parameters(self.meta, self.settings.adapter)
         total = sum(p.numel() for p in self.meta.parameters())
         memory = memory_estimate(self.meta, trainable, self.settings)
         if self.encoded is None:  # distilled data: its length is known once it is made

@@ -1,0 +1,132 @@
+"""Model Stock: interpolate between the base and the average of fine-tunes by their angle."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from pydantic import Field
+
+from surgery.errors import UsageError
+from surgery.expr import ElementwiseNode, EvalContext, Weights
+from surgery.methods.soup import Params
+
+MODEL_STOCK_REF = "Model Stock, arXiv 2403.19522"
+
+# Up to this many entries a tensor's angle is computed from the whole tensor in float32, as
+# mergekit does (bit for bit); above, from float64 sums over pieces of it.
+EXACT_ELEMENTS = 4 * 1024 * 1024
+
+
+def stock_ratio(cos: torch.Tensor, count: int) -> torch.Tensor:
+    """t = N cos θ / (1 + (N − 1) cos θ) for N fine-tunes, 0 where the denominator's
+    magnitude is below 1e-6 (no finite t: the base is kept)."""
+    denominator = 1 + (count - 1) * cos
+    singular = denominator.abs() < 1e-6
+    return torch.where(singular, torch.zeros_like(cos),
+                       (count * cos) / torch.where(singular, torch.ones_like(denominator),
+                                                   denominator))
+
+
+def stock_cosine(base: torch.Tensor, models: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The mean over pairs i < j of τ_i·τ_j / max(‖τ_i‖‖τ_j‖, 1e-6), each clamped to [−1, 1],
+    along the last dimension, with a trailing dimension of 1 (τ_i = θ_i − θ₀)."""
+    offsets = [t - base for t in models]
+    cosines = []
+    for i, a in enumerate(offsets):
+        for b in offsets[i + 1:]:
+            norms = torch.norm(a, dim=-1) * torch.norm(b, dim=-1)
+            cosines.append(((a * b).sum(dim=-1) / norms.clamp(min=1e-6)).clamp(-1, 1))
+    return torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+
+
+def _interpolate(t: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor]
+                 ) -> torch.Tensor:
+    average = models[0]
+    for m in models[1:]:
+        average = average + m
+    average = average / len(models)
+    return t * average + (1 - t) * base
+
+
+def model_stock_tensors(theta0: torch.Tensor, thetas: Sequence[torch.Tensor],
+                        filter_wise: bool = False) -> torch.Tensor:
+    """Model Stock on one tensor (arXiv 2403.19522, eq. 3 with k = N fine-tunes):
+
+    τ_i = θ_i − θ₀; cos θ = the mean over pairs i < j of τ_i·τ_j / max(‖τ_i‖‖τ_j‖, 1e-6),
+    each clamped to [−1, 1]; t = N cos θ / (1 + (N − 1) cos θ); θ = t·mean(θ_i) + (1 − t)·θ₀.
+    Where |1 + (N − 1) cos θ| < 1e-6 there is no finite t and θ₀ is kept (t = 0).
+    ``filter_wise``: one angle per row (a 1-D tensor is one row) instead of one per tensor.
+    The steps are mergekit's ``model_stock``, so results agree with it bit for bit.
+    """
+    shape = theta0.shape
+    if filter_wise:
+        base = theta0.unsqueeze(0) if theta0.dim() == 1 else theta0
+        models = [t.unsqueeze(0) if t.dim() == 1 else t for t in thetas]
+    else:
+        base = theta0.reshape(-1)
+        models = [t.reshape(-1) for t in thetas]
+    t = stock_ratio(stock_cosine(base, models), len(models))
+    return _interpolate(t, base, models).reshape(shape)
+
+
+def model_stock(base: Weights, models: Sequence[Weights], filter_wise: bool = False) -> Weights:
+    """Model Stock (arXiv 2403.19522), per tensor: the base moved towards the average of the
+    fine-tunes by t = N cos θ / (1 + (N − 1) cos θ), θ the mean angle between their task
+    vectors (see :func:`model_stock_tensors`). Needs at least two fine-tunes.
+
+    Computed in blocks of rows. Up to ``EXACT_ELEMENTS`` entries (4M) the per-tensor angle is
+    computed from the whole tensor as mergekit does, so results agree bit for bit; above, cos θ
+    comes from dot products and norms accumulated over pieces of the tensor in float64, which
+    rounds differently from (and no worse than) mergekit's float32 reductions.
+    ``filter_wise`` angles are per row and always mergekit's."""
+    if len(models) < 2:
+        raise UsageError(f"model_stock: needs at least two fine-tuned models (got {len(models)})")
+    nodes = [base.node, *(m.node for m in models)]
+    count = len(models)
+
+    def ratio(name: str, ctx: EvalContext) -> torch.Tensor | None:
+        shape = nodes[0].spec(name).shape
+        if filter_wise and len(shape) >= 2:
+            return None  # per row: each block holds whole rows
+        if ctx.rows is None:  # the whole tensor: mergekit's steps
+            ts = [ctx.to_compute(ctx.value(n, name)).reshape(-1) for n in nodes]
+            return stock_ratio(stock_cosine(ts[0], ts[1:]), count)
+        if math.prod(shape) <= EXACT_ELEMENTS:  # gathered whole: mergekit's steps
+            parts = list(zip(*(v for _, v in ctx.pieces(nodes, name)), strict=True))
+            ts = [torch.cat([p.reshape(-1).to(torch.float32) for p in ps]) for ps in parts]
+            return stock_ratio(stock_cosine(ts[0], ts[1:]), count)
+        dots = torch.zeros((count, count), dtype=torch.float64)
+        for _, values in ctx.pieces(nodes, name):
+            theta0 = values[0].reshape(-1).to(torch.float32)
+            taus = torch.stack([v.reshape(-1).to(torch.float32) - theta0 for v in values[1:]])
+            taus = taus.double()
+            dots += taus @ taus.T
+        norms = dots.diagonal().sqrt()
+        cosines = [(dots[i, j] / (norms[i] * norms[j]).clamp(min=1e-6)).clamp(-1, 1)
+                   for i in range(count) for j in range(i + 1, count)]
+        cos = torch.stack(cosines).mean().reshape(1).to(torch.float32)
+        return stock_ratio(cos, count)
+
+    def fn(name: str, ts: list[torch.Tensor], _: EvalContext, t: torch.Tensor | None
+           ) -> torch.Tensor:
+        if t is None:
+            return model_stock_tensors(ts[0], ts[1:], filter_wise=True)
+        shape = ts[0].shape
+        flat = [x.reshape(-1) for x in ts]
+        return _interpolate(t.to(flat[0].device), flat[0], flat[1:]).reshape(shape)
+
+    def ratio_bytes(name: str) -> int:
+        n = math.prod(nodes[0].spec(name).shape)
+        return 2 * len(nodes) * n * 4 if n <= EXACT_ELEMENTS else 0
+
+    return Weights(ElementwiseNode(nodes, fn, "model_stock", {"filter_wise": filter_wise},
+                                   MODEL_STOCK_REF, rowwise=True, statistic=ratio,
+                                   statistic_bytes=ratio_bytes))
+
+
+class ModelStockParams(Params):
+    base: str
+    models: list[str] = Field(min_length=2)
+    filter_wise: bool = Field(False, description="one angle per row instead of per tensor")

@@ -1,0 +1,680 @@
+"""Task-vector merges with a sparsification step other than TIES's trim or DARE's drops:
+Model Breadcrumbs (drop the smallest and the largest updates) and DELLA (magnitude-ranked
+random drops), each with a linear or a TIES-style combination, as mergekit 0.1.5 has them."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from typing import Literal
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from surgery.errors import UsageError
+from surgery.expr import ElementwiseNode, EvalContext, Weights
+from surgery.expr.node import PIECE_ELEMENTS, thread_buffer
+from surgery.methods.schedule import Depth, Schedule, Scheduled, in_closed_unit_interval
+from surgery.methods.soup import Params
+from surgery.methods.ties_dare import (
+    _INT_VIEW,
+    _MIX1,
+    _MIX2,
+    BLOCK,
+    NEAR_LIMIT,
+    SAMPLE_PIECES,
+    Cut,
+    _params,
+    _prepare,
+    _TaskVectorMergeParams,
+    find_cuts,
+)
+
+BREADCRUMBS_REF = "Model Breadcrumbs, arXiv 2312.06795"
+DELLA_REF = "DELLA-Merging (MagPrune), arXiv 2406.11617"
+
+DellaRescale = Literal["l1", "inverse_probability", "none"]
+DellaRng = Literal["hash", "torch"]
+TieBreak = Literal["index", "torch_sort"]
+
+
+def combine_task_vectors(base: torch.Tensor, deltas: torch.Tensor, weights: Sequence[float],
+                         ties: bool, normalize: bool, lambda_: float) -> torch.Tensor:
+    """θ₀ + λ·merged from the stacked sparsified task vectors ``deltas`` [T, ...] (overwritten),
+    in mergekit's generalized task arithmetic, step for step (so results agree bit for bit):
+    d_i = w_i·τ̃_i; linear: merged = Σ d_i (over Σ w_i with ``normalize``, a divisor below
+    1e-8 counting as 1); ``ties``: s = sign(Σ d_i) (+1 at 0), m_i = [sign(d_i) = s],
+    merged = Σ m_i d_i (over Σ m_i w_i with ``normalize``, 0 counting as 1)."""
+    w = torch.tensor(list(weights), dtype=deltas.dtype, device=deltas.device)
+    while w.dim() < deltas.dim():
+        w.unsqueeze_(-1)
+    deltas.mul_(w)
+    if ties:
+        sign = deltas.sign()
+        majority = (deltas.sum(dim=0) >= 0).to(deltas.dtype) * 2 - 1
+        agree = sign == majority
+        merged = (deltas * agree).sum(dim=0)
+        divisor = (w * agree).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        merged = deltas.sum(dim=0)
+        divisor = w.sum(dim=0)
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        merged /= divisor
+    if lambda_ != 1:
+        merged *= lambda_
+    return base + merged
+
+
+def l1_rescaled(tau: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """``kept`` (τ with entries dropped) scaled so that ‖kept‖₁ = ‖τ‖₁, as mergekit's l1
+    rescale; unchanged when either norm is below 1e-7."""
+    before, after = tau.abs().sum(), kept.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return kept
+    return kept * (before / after)
+
+
+def _keep_top(tau: torch.Tensor, k: int) -> torch.Tensor:
+    """τ with only its k entries of largest magnitude (ties at the cut: lower flat index
+    first), the rest zero; k-th value selection, no sort (see ``ties_dare.find_cuts``)."""
+    n = tau.numel()
+    if k >= n:
+        return tau.clone()
+    if k <= 0:
+        return torch.zeros_like(tau)
+    mag = tau.abs().reshape(-1).view(_INT_VIEW[tau.element_size()])
+    (cut,) = find_cuts([(s, lambda s=s: [mag[s:s + BLOCK]]) for s in range(0, n, BLOCK)], k, n,
+                       8 * tau.element_size())
+    out = tau.clone().reshape(-1)
+    cut.apply(out, 0, torch.empty_like(out))
+    return out.reshape(tau.shape)
+
+
+def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float,
+                     tie_break: TieBreak = "index") -> torch.Tensor:
+    """Model Breadcrumbs' sparsification of one task vector (arXiv 2312.06795), with
+    mergekit's counts: of n entries, k = ⌊density·n⌋ are kept, the ⌊gamma·n⌋ of largest |τ|
+    (fewer when k + ⌊gamma·n⌋ > n) and the rest of the smallest are zeroed. So the kept
+    entries are those of ranks ⌊gamma·n⌋ + 1 .. ⌊gamma·n⌋ + k by magnitude from the top.
+    ``density`` ≥ 1 returns τ unchanged (as mergekit: no outlier removal either).
+
+    ``tie_break="index"`` (default): computed as keep_top(n_top + k) − keep_top(n_top), both
+    by k-th value selection in linear time; of equal magnitudes at a cut the lower flat indices
+    rank higher. ``"torch_sort"``: mergekit's way, ranks from ``torch.sort`` of the float32
+    magnitudes, whose order of equal values is unspecified (not stable); it agrees with
+    mergekit bit for bit on the same torch build, also where equal magnitudes straddle a cut
+    (common for task vectors of bf16 checkpoints), and costs a sort of the tensor."""
+    if density >= 1:
+        return tau
+    n = tau.numel()
+    k = int(density * n)
+    n_top = int(gamma * n)
+    n_bot = max(0, n - k - n_top)
+    removed_top = n - n_bot - k
+    if tie_break == "torch_sort":
+        order = torch.sort(tau.abs().reshape(-1).float(), descending=False).indices
+        mask = torch.zeros(n, dtype=tau.dtype, device=tau.device)
+        mask[order[n_bot:n_bot + k]] = 1
+        return tau * mask.reshape(tau.shape)
+    kept = _keep_top(tau, n - n_bot)
+    if removed_top > 0:
+        kept -= _keep_top(tau, removed_top)  # a subset of kept: the difference is exact
+    return kept
+
+
+def _breadcrumbs(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
+                 gamma: Scheduled, weights: Sequence[Scheduled] | None, lambda_: Scheduled,
+                 ties: bool, normalize: bool, rescale: bool, tie_break: TieBreak,
+                 layer_pattern: str | None) -> Weights:
+    dens, ws, lam = _prepare(op, base, models, density, weights, lambda_, layer_pattern)
+    gam = Schedule(f"{op}: gamma", gamma, base.node, Depth.of(base.node, layer_pattern),
+                   check=in_closed_unit_interval)
+
+    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        theta0 = ts[0]
+        d, g = dens(name), gam(name)
+        deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
+        for i, t in enumerate(ts[1:]):
+            tau = t - theta0
+            kept = breadcrumbs_mask(tau, d, g, tie_break)
+            deltas[i] = l1_rescaled(tau, kept) if rescale and d < 1 else kept
+        return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
+                                    lam(name))
+
+    nodes = [base.node, *(m.node for m in models)]
+    params = _params(dens, ws, lam, gamma=gam.describe(), normalize=normalize, rescale=rescale,
+                     tie_break=tie_break)
+    if rescale or tie_break != "index":
+        # The L1 rescale needs whole task vectors, and mergekit's order a whole sort.
+        return Weights(ElementwiseNode(nodes, fn, op, params, BREADCRUMBS_REF))
+
+    def counts(name: str) -> tuple[int, int] | None:
+        """(how many entries of largest magnitude to take, how many of those to drop)."""
+        n = math.prod(nodes[0].spec(name).shape)
+        d, g = dens(name), gam(name)
+        if d >= 1:
+            return None
+        k, n_top = int(d * n), int(g * n)
+        n_bot = max(0, n - k - n_top)
+        return n - n_bot, n - n_bot - k
+
+    def cuts(name: str, ctx: EvalContext) -> list[list[Cut | None]] | None:
+        # Both cuts of each task vector, from pieces of the inputs (see ties_dare.ties).
+        kept = counts(name)
+        if kept is None:
+            return None
+        n = math.prod(nodes[0].spec(name).shape)
+        dtype = ctx.compute_dtype
+
+        def read(rows: tuple[int, int]) -> list[torch.Tensor]:
+            theta0, *thetas = ctx.piece(nodes, name, rows, reuse=True)
+            buf = thread_buffer("breadcrumbs-read", (len(nodes), theta0.numel()), dtype,
+                                theta0.device)
+            base_block = buf[0].copy_(theta0.reshape(-1))
+            return [buf[i].copy_(t.reshape(-1)).sub_(base_block).abs_().view(
+                _INT_VIEW[dtype.itemsize]) for i, t in enumerate(thetas, 1)]
+
+        if not any(0 < k < n for k in kept):  # nothing to select (a scalar, or all or none)
+            return [[None] * len(models) for _ in kept]
+        row = n // nodes[0].spec(name).shape[0]
+        pieces = [(rows[0] * row, lambda rows=rows: read(rows))
+                  for rows in ctx.piece_rows(nodes, name)]
+        return [find_cuts(pieces, k, n, 8 * dtype.itemsize, ctx.map) if 0 < k < n else
+                [None] * len(models) for k in kept]
+
+    def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext,
+                  stat: list[list[Cut | None]] | None) -> torch.Tensor:
+        theta0 = ts[0]
+        deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
+        kept = counts(name)
+        n = math.prod(nodes[0].spec(name).shape)
+        first = ctx.rows[0] * (theta0.numel() // max(ctx.rows[1], 1)) if ctx.rows else 0
+        scratch = torch.empty(theta0.numel(), dtype=theta0.dtype, device=theta0.device)
+        for i, t in enumerate(ts[1:]):
+            tau = (t - theta0).reshape(-1)
+            if kept is None:
+                deltas[i] = tau.reshape(theta0.shape)
+                continue
+            parts = []
+            for k, model_cuts in zip(kept, stat or [], strict=True):
+                if k >= n:
+                    parts.append(tau.clone())
+                elif k <= 0:
+                    parts.append(torch.zeros_like(tau))
+                else:
+                    part = tau.clone()
+                    model_cuts[i].apply(part, first, scratch)
+                    parts.append(part)
+            top, dropped = parts
+            if kept[1] > 0:
+                top -= dropped  # dropped ⊂ top: the difference is exact
+            deltas[i] = top.reshape(theta0.shape)
+        return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
+                                    lam(name))
+
+    def cut_bytes(name: str) -> int:
+        n = math.prod(nodes[0].spec(name).shape)
+        return 2 * len(models) * (SAMPLE_PIECES * PIECE_ELEMENTS * 4 + int(NEAR_LIMIT * n) * 12)
+
+    return Weights(ElementwiseNode(nodes, blockwise, op, params, BREADCRUMBS_REF, rowwise=True,
+                                   statistic=cuts, statistic_bytes=cut_bytes))
+
+
+def breadcrumbs(base: Weights, models: Sequence[Weights], density: Scheduled,
+                gamma: Scheduled = 0.01, weights: Sequence[Scheduled] | None = None,
+                lambda_: Scheduled = 1.0, normalize: bool = False, rescale: bool = False,
+                tie_break: TieBreak = "index", layer_pattern: str | None = None) -> Weights:
+    """Model Breadcrumbs (arXiv 2312.06795), mergekit's ``breadcrumbs``:
+
+    τ_i = θ_i − θ₀; τ̃_i keeps the entries of τ_i ranked ⌊γn⌋ + 1 .. ⌊γn⌋ + ⌊density·n⌋ by
+    magnitude from the top (the largest γ share are outliers, the smallest the noise; see
+    :func:`breadcrumbs_mask`); θ = θ₀ + λ Σ w_i τ̃_i (over Σ w_i with ``normalize``).
+    ``rescale`` scales each τ̃_i back to ‖τ_i‖₁; ``tie_break`` orders equal magnitudes at a
+    cut (see :func:`breadcrumbs_mask`: ``torch_sort`` is mergekit's order, bit for bit).
+    Defaults γ = 0.01, λ = 1, as mergekit (whose ``gamma`` is the share dropped at the top;
+    the share dropped at the bottom is what ``density`` and γ leave).
+    """
+    return _breadcrumbs("breadcrumbs", base, models, density, gamma, weights, lambda_, False,
+                        normalize, rescale, tie_break, layer_pattern)
+
+
+def breadcrumbs_ties(base: Weights, models: Sequence[Weights], density: Scheduled,
+                     gamma: Scheduled = 0.01, weights: Sequence[Scheduled] | None = None,
+                     lambda_: Scheduled = 1.0, normalize: bool = False, rescale: bool = False,
+                     tie_break: TieBreak = "index", layer_pattern: str | None = None
+                     ) -> Weights:
+    """Model Breadcrumbs' sparsification with TIES's sign election (arXiv 2312.06795,
+    2306.01708), mergekit's ``breadcrumbs_ties``: the τ̃_i of :func:`breadcrumbs`, weighted,
+    d_i = w_i τ̃_i; s = sign(Σ d_i) (+1 at 0); θ = θ₀ + λ Σ [sign(d_i) = s] d_i (over the
+    agreeing Σ w_i with ``normalize``; mergekit's default is no normalisation)."""
+    return _breadcrumbs("breadcrumbs_ties", base, models, density, gamma, weights, lambda_,
+                        True, normalize, rescale, tie_break, layer_pattern)
+
+
+# DELLA's counter-based draws: entry j of model i in tensor ``name`` is kept iff the top 31
+# bits of the lowbias32-style hash of DARE (ties_dare.drop_entries) of j xor a key from
+# SHA-256 of (seed, "della", model, name, j div 2³²) fall below p_j·2³¹.
+def della_key(seed: int, name: str, model: int, high: int = 0) -> int:
+    """The unsigned 32-bit key of model ``model``'s draws in tensor ``name``."""
+    digest = hashlib.sha256(f"{seed}\0della:{model}\0{name}\0{high}".encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+def della_torch_seed(seed: int, name: str) -> int:
+    """The seed of the ``torch.Generator`` that draws tensor ``name``'s masks with
+    ``rng="torch"`` (all models, in order, from one generator)."""
+    digest = hashlib.sha256(f"{seed}\0della-torch\0{name}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def uniform31(n: int, key: Callable[[int], int], start: int = 0) -> np.ndarray:
+    """31-bit hash values of flat positions start..start+n−1 (``key(high)``: the key for
+    positions with j div 2³² = high), as int32: x = (j mod 2³²) ^ key; x ^= x >>> 16;
+    x *= 0x7FEB352D; x ^= x >>> 15; x *= 0x846CA68B; value = x >>> 1."""
+    out = np.empty(n, dtype=np.uint32)
+    done = 0
+    while done < n:
+        high, low = divmod(start + done, 1 << 32)
+        m = min(n - done, (1 << 32) - low)
+        x = out[done:done + m]
+        x[:] = np.arange(low, low + m, dtype=np.uint64 if low + m > 1 << 31 else np.uint32)
+        x ^= np.uint32(key(high))
+        x ^= x >> np.uint32(16)
+        x *= np.uint32(_MIX1)
+        x ^= x >> np.uint32(15)
+        x *= np.uint32(_MIX2 & 0xFFFFFFFF)
+        x >>= np.uint32(1)
+        done += m
+    return out.view(np.int32)
+
+
+def hash_draw(seed: int, name: str, model: int
+              ) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """``draw(p, start)``: a 0/1 mask like ``p`` (float32 keep probabilities of the entries
+    at flat positions start.. of model ``model``'s task vector in tensor ``name``), 1 where
+    the position's :func:`uniform31` value is below ⌊p·2³¹⌋ (p·2³¹ is exact in float32)."""
+    def draw(p: torch.Tensor, start: int = 0) -> torch.Tensor:
+        u = torch.from_numpy(uniform31(p.numel(), lambda high: della_key(seed, name, model,
+                                                                           high), start))
+        limit = (p.reshape(-1) * float(1 << 31)).to(torch.int32).cpu()
+        return torch.lt(u, limit).reshape(p.shape).to(device=p.device, dtype=p.dtype)
+
+    return draw
+
+
+def della_probabilities(tau: torch.Tensor, density: float, epsilon: float,
+                        ties: Literal["index", "torch"] = "torch") -> torch.Tensor:
+    """MagPrune's keep probabilities, row by row (a 1-D tensor is one row), as mergekit:
+    with r the rank of |τ| within its row (1 = smallest) and c the row's length,
+    p = (density − ε) + (r − 1)/(c − 1)·2ε, so the smallest entry is kept with p = density − ε,
+    the largest with density + ε, the mean density. A row of one entry (c = 1, which mergekit
+    cannot draw for) gets p = density. Equal magnitudes: ``ties="torch"`` ranks them as
+    ``torch.argsort`` orders them (mergekit; unspecified, its sort is not stable),
+    ``"index"`` by position, lower first (the same on any device and build; by one sort of
+    (magnitude bits, column) keys). The ranks are the inverse of the sorting permutation,
+    scattered (mergekit sorts the permutation again: the same ranks)."""
+    rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    if rows.shape[1] == 1:
+        return torch.full_like(rows, density, dtype=torch.float32)
+    if ties == "torch":
+        order = torch.argsort(rows.abs(), dim=1, descending=False)
+    else:
+        order = _stable_order(rows)
+    steps = torch.arange(1, rows.shape[1] + 1, dtype=torch.float32, device=rows.device)
+    ranks = torch.empty(order.shape, dtype=torch.float32, device=rows.device)
+    ranks.scatter_(1, order, steps.expand(order.shape))
+    rank_norm = ((ranks - 1) / (rows.shape[1] - 1)).clamp(0, 1)
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def _stable_order(rows: torch.Tensor) -> torch.Tensor:
+    """Per row (dimension 1), the permutation sorting |rows| ascending, equal values by
+    position: a sort of the unique int64 keys (|x|'s float32 bits) · 2³² + column, whose low
+    half is then the column (numpy's vectorised sort on the CPU)."""
+    bits = rows.abs().to(torch.float32).view(torch.int32)
+    columns = torch.arange(rows.shape[1], dtype=torch.int64, device=rows.device)
+    columns = columns.reshape(1, -1, *([1] * (rows.dim() - 2)))
+    if rows.device.type == "cpu":
+        keys = bits.numpy().astype(np.int64)
+        keys <<= 32
+        keys |= columns.numpy()
+        keys.sort(axis=1)
+        keys &= 0xFFFFFFFF
+        return torch.from_numpy(keys)
+    keys = (bits.to(torch.int64) << 32) | columns
+    return torch.sort(keys, dim=1).values & 0xFFFFFFFF
+
+
+def della_prune(tau: torch.Tensor, density: float, epsilon: float, rescale: DellaRescale,
+                draw: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """One task vector through MagPrune (arXiv 2406.11617): keep each entry with its
+    :func:`della_probabilities` p, from ``draw(p)`` (a 0/1 float mask like ``p``), then
+    rescale: ``l1`` (mergekit: the survivors scaled to ‖τ‖₁), ``inverse_probability`` (the
+    paper: each survivor divided by its p, unbiased per entry) or ``none``. Returns τ's shape;
+    ``density`` ≥ 1 returns τ."""
+    if density >= 1:
+        return tau
+    rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    p = della_probabilities(tau, density, epsilon)
+    mask = draw(p).to(torch.float32)
+    kept = rows * mask
+    if rescale == "l1":
+        kept = l1_rescaled(rows, kept)
+    elif rescale == "inverse_probability":
+        kept = kept / p
+    return kept.reshape(tau.shape)
+
+
+def _della(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
+           epsilon: Scheduled, weights: Sequence[Scheduled] | None, lambda_: Scheduled,
+           ties: bool, normalize: bool, rescale: DellaRescale, rng: DellaRng,
+           layer_pattern: str | None) -> Weights:
+    dens, ws, lam = _prepare(op, base, models, density, weights, lambda_, layer_pattern)
+    eps = Schedule(f"{op}: epsilon", epsilon, base.node, Depth.of(base.node, layer_pattern),
+                   check=lambda v: None if v >= 0 else "is negative")
+    for name in base.node.names():
+        d, e = dens(name), eps(name)
+        if d < 1 and not (0 < d - e and d + e < 1):
+            raise UsageError(f"{op}: density {d!r} and epsilon {e!r} for tensor {name!r}: "
+                             "density ± epsilon must lie within (0, 1)")
+    if rng not in ("hash", "torch"):
+        raise UsageError(f"{op}: rng must be 'hash' or 'torch' (got {rng!r})")
+    if rescale not in ("l1", "inverse_probability", "none"):
+        raise UsageError(f"{op}: rescale must be l1, inverse_probability or none "
+                         f"(got {rescale!r})")
+
+    nodes = [base.node, *(m.node for m in models)]
+    params = _params(dens, ws, lam, epsilon=eps.describe(), normalize=normalize,
+                     rescale=rescale, rng=rng)
+
+    def whole(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
+        theta0 = ts[0]
+        d, e = dens(name), eps(name)
+        deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
+        gen = torch.Generator(device=theta0.device)
+        gen.manual_seed(della_torch_seed(ctx.seed, name))
+        for i, t in enumerate(ts[1:]):
+            deltas[i] = della_prune(t - theta0, d, e, rescale,
+                                    lambda p: torch.bernoulli(p, generator=gen))
+        return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
+                                    lam(name))
+
+    if rng == "torch":  # one generator's sequence over the whole tensor
+        return Weights(ElementwiseNode(nodes, whole, op, params, DELLA_REF))
+
+    def l1_scales(name: str, ctx: EvalContext
+                  ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]] | None:
+        # Each task vector's mask (kept for the blocks, one byte an entry, so that its ranks
+        # and draws are made once) and ‖τ_i‖₁ / ‖τ̃_i‖₁ over the whole tensor, in float64 over
+        # pieces of whole rows (a 1-D tensor, one row, gathered whole).
+        d, e = dens(name), eps(name)
+        if rescale != "l1" or d >= 1:
+            return None
+        shape = nodes[0].spec(name).shape
+        n = math.prod(shape)
+        row = math.prod(shape[1:]) if len(shape) >= 2 else 0
+        draws = [hash_draw(ctx.seed, name, i) for i in range(len(models))]
+        before = torch.zeros(len(models), dtype=torch.float64)
+        after = torch.zeros(len(models), dtype=torch.float64)
+        masks = [torch.empty(n, dtype=torch.bool) for _ in models]
+        pieces = list(ctx.pieces(nodes, name))
+        if len(shape) < 2:
+            pieces = [(0, [torch.cat([v[i].reshape(-1) for _, v in pieces])
+                           for i in range(len(nodes))])]
+        for first, values in pieces:
+            theta0 = values[0].to(torch.float32)
+            for i, v in enumerate(values[1:]):
+                tau = v.to(torch.float32) - theta0
+                rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+                mask = draws[i](della_probabilities(tau, d, e, "index"), first * row)
+                at = first * row
+                masks[i][at:at + mask.numel()] = mask.reshape(-1).cpu() != 0
+                before[i] += tau.abs().sum(dtype=torch.float64)
+                after[i] += (rows * mask).abs().sum(dtype=torch.float64)
+        scales = [None if b < 1e-7 or a < 1e-7 else (b / a).to(torch.float32)
+                  for b, a in zip(before, after, strict=True)]
+        return scales, masks
+
+    def mask_bytes(name: str) -> int:
+        return len(models) * math.prod(nodes[0].spec(name).shape) if rescale == "l1" else 0
+
+    def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext,
+                  stat: tuple[list[torch.Tensor | None], list[torch.Tensor]] | None
+                  ) -> torch.Tensor:
+        theta0 = ts[0]
+        d, e = dens(name), eps(name)
+        first = ctx.rows[0] * (theta0.numel() // max(ctx.rows[1], 1)) if ctx.rows else 0
+        deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
+        for i, t in enumerate(ts[1:]):
+            tau = t - theta0
+            if d >= 1:
+                deltas[i] = tau
+                continue
+            if stat is not None:  # l1: the statistic's mask and scale
+                scales, masks = stat
+                part = masks[i][first:first + tau.numel()].reshape(tau.shape)
+                kept = tau * part.to(device=tau.device, dtype=tau.dtype)
+                if scales[i] is not None:
+                    kept = kept * scales[i].to(kept.device)
+            else:
+                rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+                p = della_probabilities(tau, d, e, "index")
+                kept = rows * hash_draw(ctx.seed, name, i)(p, first)
+                if rescale == "inverse_probability":
+                    kept = kept / p
+            deltas[i] = kept.reshape(tau.shape)
+        return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
+                                    lam(name))
+
+    # A 1-D tensor is one row: blocks of it would rank apart, so above the engine's block size
+    # (never in today's models) the whole graph is computed tensor by tensor.
+    from surgery.engine.stream import ROW_BLOCK_ELEMENTS
+
+    rowwise = all(len(nodes[0].spec(n).shape) != 1
+                  or math.prod(nodes[0].spec(n).shape) <= ROW_BLOCK_ELEMENTS
+                  for n in nodes[0].names())
+    return Weights(ElementwiseNode(nodes, blockwise, op, params, DELLA_REF, rowwise=rowwise,
+                                   statistic=l1_scales, statistic_bytes=mask_bytes))
+
+
+def della(base: Weights, models: Sequence[Weights], density: Scheduled,
+          epsilon: Scheduled = 0.15, weights: Sequence[Scheduled] | None = None,
+          lambda_: Scheduled = 1.0, normalize: bool = True, rescale: DellaRescale = "l1",
+          rng: DellaRng = "hash", layer_pattern: str | None = None) -> Weights:
+    """DELLA (arXiv 2406.11617), mergekit's ``della``: MagPrune, then TIES's election.
+
+    1. drop: each entry of τ_i = θ_i − θ₀ is kept with probability p rising linearly with its
+       magnitude's rank in its row, from density − ε to density + ε (mean: density; see
+       :func:`della_probabilities`); survivors rescaled (``rescale``: ``l1``, mergekit's and the
+       default; ``inverse_probability``, the paper's 1/p; ``none``);
+    2. elect and merge: d_i = w_i τ̃_i, s = sign(Σ d_i), θ = θ₀ + λ Σ [sign(d_i) = s] d_i over
+       Σ [sign(d_i) = s] w_i (``normalize``, default on as mergekit).
+
+    Draws: ``rng="hash"`` (default) keeps entry j iff a hash of (seed, model, tensor, j) is
+    below p_j·2³¹, the same on any device and thread; ``rng="torch"`` draws
+    ``torch.bernoulli`` from a generator seeded by :func:`della_torch_seed` (seed, tensor),
+    models in order, which is what mergekit draws when torch's global generator is seeded so
+    before each tensor. Equal magnitudes in a row are ranked by position with ``hash`` (so
+    results do not depend on a sort's implementation) and as ``torch.argsort`` orders them
+    with ``torch`` (mergekit's ranks). Defaults ε = 0.15, λ = 1 (mergekit's).
+    """
+    return _della("della", base, models, density, epsilon, weights, lambda_, True, normalize,
+                  rescale, rng, layer_pattern)
+
+
+def della_linear(base: Weights, models: Sequence[Weights], density: Scheduled,
+                 epsilon: Scheduled = 0.15, weights: Sequence[Scheduled] | None = None,
+                 lambda_: Scheduled = 1.0, normalize: bool = False,
+                 rescale: DellaRescale = "l1", rng: DellaRng = "hash",
+                 layer_pattern: str | None = None) -> Weights:
+    """DELLA's MagPrune with a linear combination (arXiv 2406.11617), mergekit's
+    ``della_linear``: the τ̃_i of :func:`della`, θ = θ₀ + λ Σ w_i τ̃_i (over Σ w_i with
+    ``normalize``, off by default as mergekit)."""
+    return _della("della_linear", base, models, density, epsilon, weights, lambda_, False,
+                  normalize, rescale, rng, layer_pattern)
+
+
+class BreadcrumbsParams(_TaskVectorMergeParams):
+    density: Scheduled = Field(description="fraction of each task vector kept, in (0, 1]")
+    gamma: Scheduled = Field(0.01, description="fraction of largest-magnitude entries dropped")
+    normalize: bool = Field(False, description="divide by the sum of weights")
+    rescale: bool = Field(False, description="scale kept entries back to the L1 norm")
+    tie_break: TieBreak = Field("index", description="equal magnitudes at a cut: index "
+                                "(linear time) or torch_sort (mergekit's order)")
+
+
+class DellaParams(_TaskVectorMergeParams):
+    epsilon: Scheduled = Field(0.15, description="keep probability spread: density ± epsilon")
+    normalize: bool = Field(True, description="divide by the agreeing weights")
+    rescale: DellaRescale = Field("l1", description="l1 (mergekit), inverse_probability, none")
+    rng: DellaRng = Field("hash", description="hash (any device) or torch (mergekit's draws)")
+
+
+class DellaLinearParams(DellaParams):
+    normalize: bool = Field(False, description="divide by the sum of weights")
+
+
+SCE_REF = "FuseChat (SCE: select, calculate, erase), arXiv 2408.07990"
+RAM_REF = "Reinforced Agent Merging (RAM), arXiv 2601.13572"
+
+
+def sce_tensors(theta0: torch.Tensor, thetas: Sequence[torch.Tensor],
+                select_topk: float = 1.0) -> torch.Tensor:
+    """SCE on one tensor (arXiv 2408.07990), mergekit's ``sce`` step for step:
+
+    1. select: τ_i = θ_i − θ₀; with ``select_topk`` < 1, keep in every τ_i only the entries
+       where the variance across the models, Var_i(τ_i) (population), is among the
+       k = ⌊select_topk·(number of non-zero variances)⌋ largest (by ``torch.topk``);
+    2. calculate: w_i = mean(τ_i²) / Σ_j mean(τ_j²) (1/T each when that sum is below 1e-6);
+    3. erase: s = sign(Σ τ_i) (+1 at 0), m_i = [sign(τ_i) = s];
+       θ = θ₀ + Σ w_i m_i τ_i / max(Σ w_i m_i, 1e-6).
+    """
+    if not thetas:
+        return theta0
+    taus = torch.stack([t - theta0 for t in thetas], dim=0)
+    if select_topk < 1:
+        taus = taus * _sce_mask(taus, select_topk, theta0.dtype).unsqueeze(0)
+    sign = taus.sign()
+    majority = (taus.sum(dim=0) >= 0).to(theta0.dtype) * 2 - 1
+    agree = sign == majority
+    energy = taus.square().reshape(taus.shape[0], -1).mean(dim=1)
+    total = torch.sum(energy).item()
+    w = torch.ones_like(energy) / energy.shape[0] if abs(total) < 1e-6 else energy / total
+    while w.dim() < taus.dim():
+        w = w.unsqueeze(-1)
+    erased = w * agree
+    merged = (taus * erased).sum(dim=0)
+    return theta0 + merged / torch.sum(erased, dim=0).clamp(min=1e-6)
+
+
+def _sce_mask(taus: torch.Tensor, density: float, dtype: torch.dtype) -> torch.Tensor:
+    if density <= 0:
+        return torch.zeros_like(taus[0], dtype=dtype)
+    var = torch.var(taus, dim=0, unbiased=False)
+    k = int(torch.count_nonzero(var) * density)
+    mask = torch.zeros_like(var, dtype=dtype)
+    if k == 0:
+        return mask
+    _, indices = torch.topk(var.abs().view(-1), k=k, largest=True)
+    mask.view(-1)[indices] = 1
+    return mask
+
+
+def sce(base: Weights, models: Sequence[Weights], select_topk: float = 1.0) -> Weights:
+    """SCE merging (arXiv 2408.07990), per tensor: see :func:`sce_tensors`. ``select_topk``
+    in [0, 1] is the share of entries of highest variance across the models kept (1: all,
+    mergekit's default)."""
+    if not models:
+        raise UsageError("sce: needs at least one fine-tuned model")
+    if not 0 <= select_topk <= 1:
+        raise UsageError(f"sce: select_topk {select_topk!r} is outside [0, 1]")
+
+    def fn(name: str, ts: list[torch.Tensor], _: EvalContext) -> torch.Tensor:
+        return sce_tensors(ts[0], ts[1:], select_topk)
+
+    return Weights(ElementwiseNode([base.node, *(m.node for m in models)], fn, "sce",
+                                   {"select_topk": select_topk}, SCE_REF))
+
+
+def ram_tensors(theta0: torch.Tensor, thetas: Sequence[torch.Tensor], epsilon: float = 1e-5,
+                r: float | None = None, alpha: float = 0.2) -> torch.Tensor:
+    """RAM on one tensor (arXiv 2601.13572), mergekit's ``ram`` / ``ramplus_tl``:
+
+    τ_i = θ_i − θ₀; entry j of τ_i contributes when |τ_ij| > ε; c_j = how many contribute.
+    Entries only one model moves are taken whole, shared ones averaged over their
+    contributors: θ = θ₀ + Σ_i [c_j = 1] τ_ij + [c_j > 1] τ_ij / c_j (over contributors).
+    RAM+ (tensor-local, ``r`` given): model i's unique entries are scaled by
+    λ_i = 1 + r·clamp(ρ_i, 0, α), ρ_i = (its shared contributing entries) / max(its unique
+    ones, ε), counted within this tensor."""
+    if not thetas:
+        return theta0
+    tv = torch.stack([t - theta0 for t in thetas], dim=0).view(len(thetas), -1)
+    moved = tv.abs() > epsilon
+    counts = moved.sum(dim=0, keepdim=True)
+    shared, unique = counts > 1, counts == 1
+    tv = tv * moved
+    if r is None:
+        merged = ((tv * unique) + (tv * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    else:
+        rho = (moved & shared).sum(dim=1) / (moved & unique).sum(dim=1).clamp(min=epsilon)
+        lam = 1 + r * rho.clamp(min=0, max=alpha)
+        merged = ((tv * unique * lam.unsqueeze(-1))
+                  + (tv * shared / counts.clamp(min=1))).sum(dim=0, keepdim=True)
+    return theta0 + merged.reshape_as(theta0)
+
+
+def ram(base: Weights, models: Sequence[Weights], epsilon: float = 1e-5) -> Weights:
+    """Reinforced Agent Merging (arXiv 2601.13572), per tensor: unique updates kept whole,
+    shared ones averaged over the models that make them (see :func:`ram_tensors`)."""
+    return _ram("ram", base, models, epsilon, None, 0.2)
+
+
+def ramplus_tl(base: Weights, models: Sequence[Weights], r: float = 0.1, alpha: float = 0.2,
+               epsilon: float = 1e-5) -> Weights:
+    """RAM+ with tensor-local overlap ratios (arXiv 2601.13572, mergekit's ``ramplus_tl``):
+    :func:`ram` with each model's unique updates scaled by 1 + r·clamp(ρ, 0, α) (see
+    :func:`ram_tensors`). Defaults r = 0.1, α = 0.2, ε = 1e-5 (mergekit's)."""
+    return _ram("ramplus_tl", base, models, epsilon, r, alpha)
+
+
+def _ram(op: str, base: Weights, models: Sequence[Weights], epsilon: float, r: float | None,
+         alpha: float) -> Weights:
+    if not models:
+        raise UsageError(f"{op}: needs at least one fine-tuned model")
+    if not epsilon > 0:
+        raise UsageError(f"{op}: epsilon must be positive (got {epsilon!r})")
+    if r is not None and (r < 0 or alpha < 0):
+        raise UsageError(f"{op}: r and alpha must be non-negative (got r={r!r}, "
+                         f"alpha={alpha!r})")
+
+    def fn(name: str, ts: list[torch.Tensor], _: EvalContext) -> torch.Tensor:
+        return ram_tensors(ts[0], ts[1:], epsilon, r, alpha)
+
+    params: dict[str, object] = {"epsilon": epsilon}
+    if r is not None:
+        params.update(r=r, alpha=alpha)
+    # RAM is entry by entry; RAM+'s overlap ratios count over the whole tensor.
+    return Weights(ElementwiseNode([base.node, *(m.node for m in models)], fn, op, params,
+                                   RAM_REF, rowwise=r is None))
+
+
+class SceParams(Params):
+    base: str
+    models: list[str] = Field(min_length=1)
+    select_topk: float = Field(1.0, ge=0, le=1, description="share of highest-variance "
+                               "entries kept")
+
+
+class RamParams(Params):
+    base: str
+    models: list[str] = Field(min_length=1)
+    epsilon: float = Field(1e-5, gt=0, description="an update counts when |tau| > epsilon")
+
+
+class RamPlusParams(RamParams):
+    r: float = Field(0.1, ge=0, description="gain on unique updates per unit overlap ratio")
+    alpha: float = Field(0.2, ge=0, description="cap of the overlap ratio")
