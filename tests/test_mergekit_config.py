@@ -315,8 +315,18 @@ def test_table_names_existing_operations() -> None:
     from surgery.recipe.build import OPERATIONS
 
     assert {m.op for m in METHODS.values()} <= set(OPERATIONS)
-    assert set(METHODS) == {"linear", "task_arithmetic", "ties", "dare_linear", "dare_ties",
-                            "slerp", "passthrough"}
+    from mergekit.merge_methods import registered_methods
+
+    from surgery.recipe.mergekit import REQUIRED
+
+    # every method of mergekit 0.1.5 has an entry, with its parameters, scopes and defaults
+    assert set(METHODS) == {m.spec.name for m in registered_methods()}
+    for method in registered_methods():
+        theirs = {(p.name, p.scope.value, "required" if p.required else p.default)
+                  for p in method.spec.parameters}
+        ours = {(p.name, p.scope, "required" if p.default is REQUIRED else p.default)
+                for p in METHODS[method.spec.name].params}
+        assert ours == theirs, method.spec.name
 
 
 def test_trim_to_no_entry_is_noted() -> None:

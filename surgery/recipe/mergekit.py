@@ -91,6 +91,8 @@ _INT8 = Param("int8_mask", bool, "shared", False)  # mergekit's mask dtype: same
 _LAMBDA = Param("lambda", float, "shared", 1.0, to="lambda")
 _WEIGHT = Param("weight", float, "non_base", to="weights", per_model=True)
 _DENSITY = Param("density", float, "non_base", 1.0, to="density")
+_GAMMA = Param("gamma", float, "non_base", 0.01, to="gamma")
+_EPSILON = Param("epsilon", float, "non_base", 0.15, to="epsilon")
 _NO_SPARSIFY = "has no effect in mergekit's task_arithmetic (it does not sparsify); remove it"
 
 METHODS: dict[str, MethodMap] = {
@@ -126,11 +128,61 @@ METHODS: dict[str, MethodMap] = {
     "slerp": MethodMap("slerp", (Param("t", float, "shared", to="t"),),
                        base="required", base_key="a", model_key="b", min_models=1,
                        max_models=1, fixed={"epsilon": 5e-4}),  # mergekit: |cos| > 0.9995
+    "breadcrumbs": MethodMap("breadcrumbs", (
+        _INT8, _LAMBDA, _WEIGHT, _DENSITY, _GAMMA,
+        Param("normalize", bool, "shared", False, to="normalize"),
+        Param("rescale", bool, "shared", False, to="rescale"),
+    ), base="required", fixed={"tie_break": "torch_sort"}),  # mergekit's argsort order
+    "breadcrumbs_ties": MethodMap("breadcrumbs_ties", (
+        _INT8, _LAMBDA, _WEIGHT, _DENSITY, _GAMMA,
+        Param("normalize", bool, "shared", False, to="normalize"),
+        Param("rescale", bool, "shared", False, to="rescale"),
+    ), base="required", fixed={"tie_break": "torch_sort"}),
+    "della": MethodMap("della", (
+        _INT8, _LAMBDA, _WEIGHT, _DENSITY, _EPSILON,
+        Param("normalize", bool, "shared", True, to="normalize"),
+        Param("rescale", bool, "shared", True, to="rescale", values={True: "l1", False: "none"}),
+    ), base="required"),
+    "della_linear": MethodMap("della_linear", (
+        _INT8, _LAMBDA, _WEIGHT, _DENSITY, _EPSILON,
+        Param("normalize", bool, "shared", False, to="normalize"),
+        Param("rescale", bool, "shared", True, to="rescale", values={True: "l1", False: "none"}),
+    ), base="required"),
+    "model_stock": MethodMap("model_stock", (
+        Param("filter_wise", bool, "shared", False, to="filter_wise"),
+    ), base="required", min_models=2),
+    "nuslerp": MethodMap("nuslerp", (
+        _WEIGHT,
+        Param("nuslerp_row_wise", bool, "shared", False, to="row_wise"),
+        Param("nuslerp_flatten", bool, "shared", True, to="flatten"),
+    ), base="optional", min_models=2, max_models=2),
+    "multislerp": MethodMap("multislerp", (
+        _WEIGHT,
+        Param("normalize_weights", bool, "shared", True, to="normalize_weights"),
+        Param("eps", float, "shared", 1e-8, to="eps"),
+    ), base="optional"),
+    "karcher": MethodMap("karcher", (
+        Param("max_iter", int, "shared", 10, to="max_iter"),
+        Param("tol", float, "shared", 1e-5, to="tol"),
+    )),
+    "sce": MethodMap("sce", (_INT8, Param("select_topk", float, "shared", 1.0,
+                                          to="select_topk")), base="required"),
+    "nearswap": MethodMap("nearswap", (Param("t", float, "shared", to="t"),), base="required",
+                          model_key="model", max_models=1),
+    "arcee_fusion": MethodMap("arcee_fusion", (), base="required", model_key="model",
+                              max_models=1),
+    "ram": MethodMap("ram", (Param("epsilon", float, "shared", 1e-5, to="epsilon"),),
+                     base="required"),
+    "ramplus_tl": MethodMap("ramplus_tl", (
+        Param("epsilon", float, "shared", 1e-5, to="epsilon"),
+        Param("r", float, "shared", 0.1, to="r"),
+        Param("alpha", float, "shared", 0.2, to="alpha"),
+    ), base="required"),
     "passthrough": MethodMap("stack_layers", (Param("scale", float, "input", None),),
                              max_models=1),
 }
-"""mergekit method name -> our operation. passthrough is layer stacking (slices) or the model
-itself (models); its ``scale`` is a linear step of one model without normalising."""
+"""mergekit method name -> our operation. passthrough is layer stacking (slices), the model
+itself (models), or our passthrough step when it has a ``scale``."""
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
              "out_dtype", "tokenizer_source", "chat_template"}
@@ -406,9 +458,9 @@ class _Resolver:
             return self.validate(setting, loc, p)
         values = [self.validate(v, (*loc, i), p) for i, v in enumerate(setting)]
         seen = self.gradients.setdefault(p.name, [])
-        if p.kind is not bool and values not in seen:
+        if p.kind is float and values not in seen:
             seen.append(values)
-        if p.kind is bool:
+        if p.kind is not float:
             return values[int(t * (len(values) - 1))]
         scaled = t * (len(values) - 1)
         i0 = int(scaled)
@@ -421,6 +473,10 @@ class _Resolver:
             if isinstance(v, bool):
                 return v
             raise self.tr.err(loc, f"{p.name} is true or false (got {v!r})")
+        if p.kind is int:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v != int(v):
+                raise self.tr.err(loc, f"{p.name} is a whole number (got {v!r})")
+            return int(v)
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             try:
                 return float(v)
@@ -641,10 +697,9 @@ def _passthrough(tr: _Translator, slices: list[Slice], top: dict[str, Any],
             t = 0.0 if i is None else (i / (src.end - 1) if src.end > 1 else 1.0)
             v = resolver.value(scale, src.model, name, t)
             values[name] = 1.0 if v is None else v
-        tr.steps["merged"] = {"op": "linear", "models": [src.model],
-                              "weights": [_emit(values, resolver.gradients.get("scale", []),
-                                                src.end)],
-                              "normalize": False}
+        tr.steps["merged"] = {"op": "passthrough", "model": src.model,
+                              "scale": _emit(values, resolver.gradients.get("scale", []),
+                                             src.end)}
         return "merged"
     if scaled:
         raise tr.err(slices[0].loc, "passthrough's scale is supported with models:, not with "
@@ -760,8 +815,8 @@ def _merge_one(tr: _Translator, method: MethodMap, method_name: str, sl: Slice,
     models = [sub[j] for j, s in enumerate(sl.sources) if s in others]
     if takes_base:
         step[method.base_key] = sub[next(j for j, s in enumerate(sl.sources) if s.model == base)]
-    if method.model_key == "b":
-        step["b"] = models[0]
+    if method.max_models == 1 and method.model_key != "models":
+        step[method.model_key] = models[0]
     else:
         step[method.model_key] = models
     if step.get("weights") == [1.0] * len(models) and method.op != "linear":
@@ -806,7 +861,7 @@ def _assign(tr: _Translator, step: dict[str, Any], p: Param, values: dict[str, A
         if value is not None:
             step[p.to] = value
         return
-    if p.kind is bool:
+    if p.kind is not float:
         if len(distinct) != 1:
             raise tr.err(loc, f"{p.name} varies by tensor; ours takes one value")
         step[p.to] = distinct.pop()
