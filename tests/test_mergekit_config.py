@@ -436,3 +436,20 @@ def test_a_new_method_is_one_table_entry(monkeypatch: pytest.MonkeyPatch) -> Non
     step = translate(f"base_model: {BASE}\n" + text, "mk.yml").recipe["steps"]["merged"]
     assert step == {"op": "linear", "weights": [0.3, 0.7], "base": "base",
                     "models": ["math", "code"]}
+
+
+def test_scaled_passthrough_slices(tmp_path: Path) -> None:
+    ours, theirs = both({
+        "merge_method": "passthrough", "dtype": "float32",
+        "slices": [
+            {"sources": [{"model": MATH, "layer_range": [0, 3],
+                          "parameters": {"scale": [{"filter": "o_proj", "value": 0.0},
+                                                   {"filter": "mlp", "value": [0.5, 2.0]}]}}]},
+            {"sources": [{"model": CODE, "layer_range": [1, 4]}],
+             "parameters": {"scale": [{"filter": "norm", "value": 3.0}]}},
+        ],
+    }, tmp_path)
+    assert_same(ours, theirs)
+    math = load_file(f"{MATH}/model.safetensors")
+    assert torch.equal(ours["model.layers.1.mlp.up_proj.weight"],
+                       1.25 * math["model.layers.1.mlp.up_proj.weight"])

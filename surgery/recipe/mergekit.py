@@ -67,6 +67,7 @@ class Param:
     values: dict[Any, Any] | None = None
     refuse: str = ""
     inert: bool = False
+    unset: Any = None  # our value where mergekit's resolves to None
 
 
 @dataclass(frozen=True)
@@ -678,6 +679,12 @@ def _check_filters(tr: _Translator, hits: set[Loc]) -> None:
             scope(src.get("parameters"), ("slices", k, "sources", j, "parameters"))
 
 
+# passthrough with scale, per slice: our passthrough step (scale 1 where mergekit's is unset)
+_SCALED_PASSTHROUGH = MethodMap("passthrough", (Param("scale", float, "input", None,
+                                                      to="scale", unset=1.0),),
+                                model_key="model", max_models=1)
+
+
 def _passthrough(tr: _Translator, slices: list[Slice], top: dict[str, Any],
                  hits: set[Loc]) -> str:
     for sl in slices:
@@ -701,9 +708,8 @@ def _passthrough(tr: _Translator, slices: list[Slice], top: dict[str, Any],
                               "scale": _emit(values, resolver.gradients.get("scale", []),
                                              src.end)}
         return "merged"
-    if scaled:
-        raise tr.err(slices[0].loc, "passthrough's scale is supported with models:, not with "
-                     "slices:")
+    if scaled:  # each slice scaled on its own, then stacked
+        return _merge_slices(tr, _SCALED_PASSTHROUGH, "passthrough", slices, None, top, hits)
     models = [sl.sources[0].model for sl in slices]
     step: dict[str, Any] = {"op": "stack_layers", "models": models,
                             "ranges": [[sl.sources[0].start, sl.sources[0].end]
@@ -794,6 +800,8 @@ def _merge_one(tr: _Translator, method: MethodMap, method_name: str, sl: Slice,
                 for ln in local.values():
                     tensor, t = where(ln, s)
                     values[ln] = resolver.value(p, s.model, tensor, t)
+                    if values[ln] is None:
+                        values[ln] = p.unset
                 per_model[p.name].append(values)
     for p in method.params:
         if p.name not in per_model or p.to is None:
