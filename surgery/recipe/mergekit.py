@@ -498,7 +498,7 @@ def _emit(values: dict[str, Any], gradients: list[list[float]], n: int) -> Any:
         if all(interpolate(gradient, _fraction(name, n)) == v for name, v in values.items()):
             return gradient
     rules = [{"match": "*", "value": common}]
-    rules += [{"match": n, "value": v} for n, v in values.items() if v != common]
+    rules += [{"match": name, "value": v} for name, v in values.items() if v != common]
     return rules
 
 
