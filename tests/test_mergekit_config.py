@@ -249,6 +249,10 @@ def test_cli_apply_convert_round_trip(tmp_path: Path) -> None:
     assert res.returncode == 2 and "--cuda is a mergekit-yaml flag" in res.stderr
     res = surgery("apply", "mk.yml", "x", "--out-shard-size", "lots", cwd=tmp_path)
     assert res.returncode == 2 and "'lots' is not a size" in res.stderr
+    if not torch.cuda.is_available():  # --cuda is the output's device: cuda
+        res = surgery("apply", "mk.yml", "x", "--cuda", cwd=tmp_path)
+        assert res.returncode == 2 and "torch sees no CUDA device" in res.stderr
+        assert not (tmp_path / "x").exists()
 
 
 ERRORS = [
