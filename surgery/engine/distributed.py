@@ -234,6 +234,7 @@ def save_ray(root: Node, path: str | Path, *, address: str = "local",
         pending = {task.remote(graph, fname, shard, str(plan.out.partial), plan.shard_meta,
                                plan.dtypes, seed, plan.device.type, threads_per_task,
                                prefetch_bytes, actor): fname for fname, shard in todo}
+        failed: list[tuple[str, str, str]] = []
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
             done_bytes, done_tensors, _ = ray.get(actor.state.remote())
@@ -246,15 +247,19 @@ def save_ray(root: Node, path: str | Path, *, address: str = "local",
                 try:
                     name, sha, _ = ray.get(ref)
                 except Exception as e:
-                    for other in pending:
-                        ray.cancel(other, force=True)
+                    # The other shards still finish and are recorded: the rerun redoes only
+                    # the ones that failed.
                     cause = getattr(e, "cause", None) or e
-                    where = _where(ray, actor, fname)
-                    raise RunError(f"shard {fname} failed on {where} after {retries} "
-                                   f"retries: {str(cause).strip().splitlines()[-1]}; the "
-                                   f"finished shards stay in {plan.out.partial} for a rerun"
-                                   ) from None
+                    failed.append((fname, _where(ray, actor, fname),
+                                   str(cause).strip().splitlines()[-1]))
+                    continue
                 plan.out.record_shard(name, sha)
+        if failed:
+            fname, where, why = failed[0]
+            more = f" (and {len(failed) - 1} other shard(s))" if len(failed) > 1 else ""
+            raise RunError(f"shard {fname} failed on {where} after {retries} retries: {why}"
+                           f"{more}; the {len(todo) - len(failed)} finished shard(s) stay in "
+                           f"{plan.out.partial}, reused by rerunning the same command")
         if progress is not None and total_tensors:
             progress(ProgressEvent("write", total_tensors, total_tensors, total_bytes,
                                    total_bytes, ""))
