@@ -161,6 +161,8 @@ def train(model: str, data: str, out: str, steps: int | None, epochs: float | No
         bar.close()
         if log is not None:
             log.close()
+    if not results:  # a process of a multi-process run other than rank 0
+        return
     click.echo(f"wrote {results[0].path}")
     if adapter:  # the trained A and B, next to the merged model
         import shutil

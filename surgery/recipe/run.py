@@ -127,6 +127,15 @@ def run_recipe(recipe: Recipe, *, force: bool = False,
     """Run every output of the recipe; each writes its own model directory, then is pushed
     to the Hub when the output says ``push_to_hub``. ``on_train`` gets the updates of the
     finetune steps the outputs need, ``on_graft`` the mask steps of their graft steps."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: train together, ...
+        from surgery.train import ddp
+
+        rank, _ = ddp.world()
+        for _, node in finetune_steps(recipe):
+            node.on_event = on_train if rank == 0 else None
+            node.checkpoint  # noqa: B018  (every process, in step order)
+        if rank != 0:  # ... and rank 0 alone writes the outputs
+            return []
     for _, node in finetune_steps(recipe):
         node.on_event = on_train
     for _, graft_node in graft_steps(recipe):

@@ -16,6 +16,7 @@ run resumed from ``OUT.partial`` equals an uninterrupted one.
 from __future__ import annotations
 
 import copy
+import json
 import math
 import signal
 import threading
@@ -36,6 +37,7 @@ from surgery.errors import UsageError
 from surgery.evaluate.metrics import evaluate_model
 from surgery.expr import Weights
 from surgery.names import TensorKind, tensor_kind
+from surgery.train import ddp
 from surgery.train.adapter import LoraAdapter, TrainedAdapterNode, attach, detach_trained
 from surgery.train.config import TrainConfig
 from surgery.train.corda import prepare_adapter
@@ -58,6 +60,7 @@ from surgery.train.model import (
 from surgery.train.objectives import Objective, make_objective, targets
 from surgery.train.state import Progress, load_state, save_state
 from surgery.writer import OutputDir
+from surgery.writer.output import SCRATCH
 
 
 @dataclass
@@ -86,7 +89,7 @@ class TrainResult:
     frozen_params: int
     transforms: dict[str, int]
     resumed_from: int
-    saved: SaveResult
+    saved: SaveResult | None  # None on the processes of a multi-process run but rank 0
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -212,7 +215,9 @@ class Trainer:
         self.source = source
         self.config = config
         self.optimizer_factory = optimizer or make_optimizer
-        self.device = resolve_device(config.device)
+        self.device = ddp.device_for_rank(resolve_device(config.device))
+        self.rank, self.world_size = ddp.world(self.device)
+        ddp.check_divides(config.grad_accum, self.world_size)
         torch.manual_seed(config.seed)
         records = read_records(data_path)
         self.model, self.tokenizer, self.task = load_for_training(source, records, config,
@@ -290,19 +295,23 @@ class Trainer:
                 progress = restored
                 self.resumed_from = restored.step
         model.train()
+        rank, size = self.rank, self.world_size
         while progress.step < self.steps:
             started = time.perf_counter()
             passes, consumed = micro_batches(self.data, config, progress.consumed, self.pad_id)
             passes = [self.objective.prepare(b, config.seed) for b in passes]
             count = sum(targets(b, self.task) for b in passes)
             loss_value, tokens = 0.0, 0
-            for b in passes:
+            for b in ddp.share(passes, rank, size) if size > 1 else passes:
                 b = b.to(self.device)
                 with _autocast(self.device):
                     loss = self.objective.loss_sum(model, b, self.task, reference) / count
                 loss.backward()
                 loss_value += float(loss.detach())
                 tokens += int(b.attention_mask.sum())
+            if size > 1:  # every process now holds the whole update's gradient
+                loss_value, tokens = ddp.all_reduce(list(self.params.values()), loss_value,
+                                                    tokens)
             if not math.isfinite(loss_value):
                 kept = f"the checkpoint of update {self._saved_step(scratch)} is kept in " \
                     f"{scratch.parent}" if scratch and self._saved_step(scratch) else \
@@ -336,10 +345,10 @@ class Trainer:
                 if interrupt.asked:
                     raise KeyboardInterrupt
             except KeyboardInterrupt:
-                if scratch is not None:
+                if scratch is not None and rank == 0:
                     save_state(scratch, self.params, optimizer, progress)
                 raise
-            if scratch is not None and config.checkpoint_every and \
+            if scratch is not None and rank == 0 and config.checkpoint_every and \
                     progress.step % config.checkpoint_every == 0 and progress.step < self.steps:
                 save_state(scratch, self.params, optimizer, progress)
         model.eval()
@@ -421,8 +430,10 @@ def finetune(model: str | Path | Weights, data: str | Path, *, out: str | Path,
     save_args: dict[str, Any] = {"dtype": dtype, "shard_size": shard_size, "device": "cpu",
                                  "seed": config.seed, "recipe_text": recipe_text}
     outdir = OutputDir(Path(out), force=force, inputs=[ck.root for ck in source.checkpoints])
-    outdir.start(output_fingerprint(trainer.node, **save_args))
-    scratch = outdir.scratch()
+    if trainer.rank == 0:  # the other processes of a multi-process run only train
+        outdir.start(output_fingerprint(trainer.node, **save_args))
+    ddp.barrier()
+    scratch = outdir.scratch() if trainer.rank == 0 else outdir.partial / SCRATCH
     interrupt = _Interrupt()
     try:
         with interrupt.installed():
@@ -445,12 +456,19 @@ def finetune(model: str | Path | Weights, data: str | Path, *, out: str | Path,
               "history": history,
               "resumed_from_update": trainer.resumed_from, "adapter": adapter_record,
               "device": trainer.device.type, "model": source.label}
+    if trainer.rank != 0:
+        ddp.barrier()  # rank 0 writes the output
+        return TrainResult(Path(out), done.step, history, trainer.data.summary(),
+                           record["trainable_params"], trainer.frozen, record["transforms"],
+                           trainer.resumed_from, None,
+                           json.loads((Path(out) / "provenance.json").read_text()))
     saved = save(trainer.node, out, force=force, extra_provenance={"training": record},
                  extra_sections={"Fine-tuning": card_section(record)}, **save_args)
     if adapter is not None:  # the trained adapter too, for the model training started from
         trained = detach_trained(trainer.model, adapter)
         trained.base_model = str(source.directory)
         trained.save(saved.path / "adapter", force=True)
+    ddp.barrier()
     return TrainResult(saved.path, done.step, history, trainer.data.summary(),
                        record["trainable_params"], trainer.frozen, record["transforms"],
                        trainer.resumed_from, saved, saved.provenance)
