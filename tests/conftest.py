@@ -70,3 +70,20 @@ def _private_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Content-addressed results (fine-tunes, distilled data, materialised models, file
     hashes) go to a cache of this test session, never the user's."""
     os.environ["WEIGHT_SURGERY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_mergekit(request: pytest.FixtureRequest):
+    """mergekit computes on the calling thread, our engine on threads of one intra-op thread
+    each; a whole-tensor reduction (a norm in karcher or model_stock) summed by two threads
+    can differ in the last bit. Oracle tests run mergekit on one thread too, whatever an
+    earlier test left set."""
+    if "mergekit" not in request.module.__name__:
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
