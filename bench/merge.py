@@ -418,6 +418,9 @@ def render(results: list[SizeResult], command: str, cache_note: str, repeat: int
             what = "ours" if "cold" in m else "ours vs mergekit (bf16 outputs)"
             lines.append(f"- {m}, {what}: {text}")
         lines.append("")
+    lines += ["", "## On a cluster", "", "`python -m bench.merge --ray` measures the Ray executor "
+              "against one process and estimates a 405B merge on N nodes (bytes per node, time "
+              "at 2 GB/s per node): see `bench/RESULTS-ray.md`."]
     return "\n".join(lines)
 
 
