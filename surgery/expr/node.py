@@ -410,7 +410,7 @@ def check_compatible(inputs: tuple[Node, ...], op: str) -> None:
             what = (f"lacks tensor {missing[0]!r}" if missing
                     else f"has extra tensor {extra[0]!r}")
             raise ShapeMismatchError(
-                f"{op}: model {i} ({_label(other)}) {what} that model 1 ({_label(first)}) "
+                f"{op}: model {i} ({node_label(other)}) {what} that model 1 ({node_label(first)}) "
                 f"{'has' if missing else 'lacks'}"
                 + (f" (+{len(missing) + len(extra) - 1} more)" if len(missing) + len(extra) > 1
                    else "")
@@ -420,18 +420,12 @@ def check_compatible(inputs: tuple[Node, ...], op: str) -> None:
             if a.shape != b.shape:
                 raise ShapeMismatchError(
                     f"{op}: tensor {name!r} has shape {list(b.shape)} in model {i} "
-                    f"({_label(other)}) but {list(a.shape)} in model 1 ({_label(first)})"
+                    f"({node_label(other)}) but {list(a.shape)} in model 1 ({node_label(first)})"
                 )
             if is_mergeable(a.dtype) != is_mergeable(b.dtype):
                 raise ShapeMismatchError(
                     f"{op}: tensor {name!r} is {b.dtype} in model {i} but {a.dtype} in model 1"
                 )
-
-
-def _label(node: Node) -> str:
-    if isinstance(node, LoadNode):
-        return node.checkpoint.source
-    return f"result of {node.op}"
 
 
 class Reduction(ABC):
@@ -467,3 +461,8 @@ class Reduction(ABC):
         if not self._done:
             raise RuntimeError("reduction read before the engine resolved it")
         return self._value
+
+
+def node_label(node: Node) -> str:
+    """How messages name a model: its source for a loaded checkpoint, else the operation."""
+    return node.checkpoint.source if isinstance(node, LoadNode) else f"result of {node.op}"

@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from surgery.checkpoint import open_checkpoint
-from surgery.expr.node import ElementwiseNode, EvalContext, LoadNode, Node, TensorSpec
+from surgery.expr.node import (
+    ElementwiseNode,
+    EvalContext,
+    LoadNode,
+    Node,
+    TensorSpec,
+    node_label,
+)
 
 if TYPE_CHECKING:
     from surgery.engine import SaveResult
@@ -107,3 +114,8 @@ def load(source: str | Path, *, allow_pickle: bool = False) -> Weights:
     loaded with the weights-only unpickler.
     """
     return Weights(LoadNode(open_checkpoint(source, allow_pickle=allow_pickle)))
+
+
+def weights_label(w: Weights) -> str:
+    """How messages name a model (:func:`surgery.expr.node.node_label`)."""
+    return node_label(w.node)

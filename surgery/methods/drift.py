@@ -35,6 +35,7 @@ from surgery.engine.run import parse_dtype, provenance_record
 from surgery.engine.stream import ProgressFn, StreamOptions, resolve_device, stream_tensors
 from surgery.errors import CheckpointError, ShapeMismatchError, UsageError
 from surgery.expr import EvalContext, Node, TensorSpec, Weights
+from surgery.expr.node import node_label
 from surgery.methods.schedule import NameMatcher
 from surgery.methods.soup import Params
 from surgery.names import TensorKind, tensor_kind
@@ -48,11 +49,6 @@ PROJECTION_KINDS = (TensorKind.ATTENTION, TensorKind.MLP)
 def is_projection(name: str, shape: Sequence[int]) -> bool:
     """An attention or MLP weight matrix (biases, norms, embeddings and heads excluded)."""
     return tensor_kind(name) in PROJECTION_KINDS and len(shape) == 2
-
-
-def _label(node: Node) -> str:
-    cks = node.checkpoints()
-    return cks[0].source if len(cks) == 1 and not node.inputs else f"result of {node.op}"
 
 
 class NameMap:
@@ -103,7 +99,7 @@ class PriorNode(Node):
         source_of = NameMap(rules).apply(reasoning.names())
         projections = [n for n in target.names() if is_projection(n, target.spec(n).shape)]
         if not projections:
-            raise UsageError(f"drift_prior: {_label(target)} has no attention or MLP "
+            raise UsageError(f"drift_prior: {node_label(target)} has no attention or MLP "
                              "projection")
         missing = [n for n in projections if n not in source_of]
         allowed: set[str] = set()
@@ -113,14 +109,14 @@ class PriorNode(Node):
             hits = {n for n in missing if test(n)}
             if not hits:
                 raise UsageError(f"allow_missing: {rule!r} names no projection missing from "
-                                 f"{_label(reasoning)}")
+                                 f"{node_label(reasoning)}")
             allowed |= hits
         unexplained = [n for n in missing if n not in allowed]
         if unexplained:
             shown = ", ".join(unexplained[:5]) + (", ..." if len(unexplained) > 5 else "")
             raise UsageError(
-                f"drift_prior: {len(unexplained)} projection(s) of {_label(target)} have no "
-                f"tensor in {_label(reasoning)}: {shown} (map names with map:, or list them "
+                f"drift_prior: {len(unexplained)} projection(s) of {node_label(target)} have no "
+                f"tensor in {node_label(reasoning)}: {shown} (map names with map:, or list them "
                 "in allow_missing:)")
         self.missing = [n for n in projections if n in allowed]
         self.source = {n: source_of[n] for n in projections if n in source_of}
@@ -128,8 +124,8 @@ class PriorNode(Node):
             a, b = reasoning.spec(src).shape, target.spec(name).shape
             if a != b:
                 raise ShapeMismatchError(
-                    f"drift_prior: {src!r} of {_label(reasoning)} has shape {list(a)}, "
-                    f"{name!r} of {_label(target)} {list(b)}")
+                    f"drift_prior: {src!r} of {node_label(reasoning)} has shape {list(a)}, "
+                    f"{name!r} of {node_label(target)} {list(b)}")
 
     def params(self) -> dict[str, Any]:
         return {"map": self.rules, "allow_missing": self.allow_missing_rules}
@@ -184,8 +180,8 @@ def drift_prior(reasoning: Weights, target: Weights, out: str | Path, *,
             if f.is_file():
                 rec["sha256"] = cached_sha256(f)
     provenance.update(map=dict(map or {}), allow_missing=list(allow_missing or []),
-                      missing=node.missing, target=_label(target.node),
-                      reasoning=_label(reasoning.node))
+                      missing=node.missing, target=node_label(target.node),
+                      reasoning=node_label(reasoning.node))
     names = node.names()
     planned = [PlannedTensor(n, node.spec(n).shape, out_dtype) for n in names]
     meta = {"format": PRIOR_FORMAT, "provenance": json.dumps(provenance, sort_keys=True)}

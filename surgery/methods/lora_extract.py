@@ -36,6 +36,7 @@ from surgery.engine.run import parse_dtype, provenance_record
 from surgery.engine.stream import StreamOptions, resolve_device, stream_tensors
 from surgery.errors import ShapeMismatchError, UsageError
 from surgery.expr import Weights
+from surgery.expr.weights import weights_label
 from surgery.methods.soup import Params
 from surgery.names import TensorKind, tensor_kind
 from surgery.writer import PlannedTensor, ShardWriter
@@ -162,7 +163,7 @@ def extract_lora(finetuned: Weights, base: Weights, out: str | Path, *, rank: in
                              f"{', '.join(FULL_KINDS)})")
     tau = finetuned - base  # checks names and shapes from the headers
     config = finetuned.config
-    where = _source(finetuned)
+    where = weights_label(finetuned)
     modules, tied = _meta_modules(config, where)
     names = set(finetuned.names)
     incl, excl = _compile(include, "include"), _compile(exclude, "exclude")
@@ -287,7 +288,7 @@ def extract_lora(finetuned: Weights, base: Weights, out: str | Path, *, rank: in
     pattern = {m: r for m, r in ranks.items() if r != top}
     adapter_config = {
         "peft_type": "LORA", "task_type": _task_type(config),
-        "base_model_name_or_path": _source(base), "r": top, "lora_alpha": top,
+        "base_model_name_or_path": weights_label(base), "r": top, "lora_alpha": top,
         "rank_pattern": pattern, "alpha_pattern": dict(pattern),
         "target_modules": [m for m, _ in targets],
         "modules_to_save": full or None, "fan_in_fan_out": fan_in_fan_out,
@@ -299,17 +300,12 @@ def extract_lora(finetuned: Weights, base: Weights, out: str | Path, *, rank: in
               "layers": [asdict(r) for r in reports], "full_modules": full,
               "uncaptured": uncaptured, "provenance": provenance}
     (partial / "extraction.json").write_text(json.dumps(record, indent=2) + "\n")
-    (partial / "README.md").write_text(_card(where, _source(base), reports, full, uncaptured,
+    (partial / "README.md").write_text(_card(where, weights_label(base), reports, full, uncaptured,
                                              rank))
     if final.exists():
         shutil.rmtree(final)
     os.replace(partial, final)
     return LoraExtraction(final, reports, full, uncaptured)
-
-
-def _source(w: Weights) -> str:
-    cks = w.node.checkpoints()
-    return cks[0].source if len(cks) == 1 and not w.node.inputs else f"result of {w.node.op}"
 
 
 def _card(model: str, base: str, reports: list[LayerReport], full: list[str],

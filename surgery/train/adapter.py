@@ -30,6 +30,7 @@ from safetensors.torch import save_file
 
 from surgery.errors import ShapeMismatchError, UsageError
 from surgery.expr import EvalContext, Node, TensorSpec, Weights
+from surgery.expr.weights import weights_label
 
 PEFT_PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
@@ -357,13 +358,6 @@ class LoraDeltaNode(Node):
             d = layer.scaling * b @ a
             out = w32 - (d if layer.kind == "linear" else d.T)
         return out.to(dtype)
-
-
-def weights_label(w: Weights) -> str:
-    from surgery.expr import LoadNode
-
-    return w.node.checkpoint.source if isinstance(w.node, LoadNode) else \
-        f"result of {w.node.op}"
 
 
 def merge_adapter(model: str | Path | Weights, adapter: str | Path | LoraAdapter) -> Weights:

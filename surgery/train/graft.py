@@ -71,6 +71,7 @@ from surgery.engine.run import SaveResult
 from surgery.errors import DataError, ShapeMismatchError, UsageError
 from surgery.expr import EvalContext, LoadNode, Node, TensorSpec, Weights
 from surgery.expr.node import check_compatible
+from surgery.expr.weights import weights_label
 from surgery.methods.registry import Operation
 from surgery.methods.soup import Params
 from surgery.methods.sparse import GlobalTopK, Mask, keep_top, load_mask, pack_bits
@@ -153,11 +154,6 @@ def relaxed_mask(S: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return bf + (1.0 - 2.0 * bf) * torch.sigmoid(S - c)
 
 
-def _label(w: Weights) -> str:
-    cks = w.node.checkpoints()
-    return cks[0].source if len(cks) == 1 and not w.node.inputs else f"result of {w.node.op}"
-
-
 def _weights(model: str | Path | Weights) -> Weights:
     return model if isinstance(model, Weights) else Weights(LoadNode(open_checkpoint(str(model))))
 
@@ -166,8 +162,8 @@ def check_pair(base: Weights, finetuned: Weights, op: str) -> None:
     """A fine-tune of ``base``'s architecture: same model type, tensor names and shapes."""
     a, b = base.node.config().get("model_type"), finetuned.node.config().get("model_type")
     if a and b and a != b:
-        raise ShapeMismatchError(f"{op}: {_label(finetuned)} is a {b} model, the base "
-                                 f"{_label(base)} a {a} model; give a fine-tune of the base")
+        raise ShapeMismatchError(f"{op}: {weights_label(finetuned)} is a {b} model, the base "
+                                 f"{weights_label(base)} a {a} model; give a fine-tune of the base")
     check_compatible((base.node, finetuned.node), op)
 
 
@@ -238,7 +234,7 @@ class Grafter:
         self.device = resolve_device(config.device)
         self.base, self.finetuned = _weights(base), _weights(finetuned)
         check_pair(self.base, self.finetuned, "graft")
-        label = _label(self.finetuned)
+        label = weights_label(self.finetuned)
         cfg = self.finetuned.node.config()
         kind = check_data(data, cfg, label)
         if config.eval_data:
@@ -649,7 +645,7 @@ class TrainedMask:
         self.base, self.finetuned, self.params = base, finetuned, params
         self.config = GraftConfig.model_validate(params.model_dump(
             exclude={"base", "model", "data", "mask"}, exclude_unset=True))
-        label = _label(finetuned)
+        label = weights_label(finetuned)
         cfg = finetuned.node.config()
         kind = check_data(params.data, cfg, label)
         if self.config.eval_data:

@@ -65,6 +65,7 @@ from surgery.checkpoint.hashing import cache_dir
 from surgery.data import read_records
 from surgery.errors import OutputExistsError, ShapeMismatchError, UsageError
 from surgery.expr import LoadNode, Weights
+from surgery.expr.weights import weights_label
 from surgery.methods.sparse import (
     DEFAULT_DENSITY,
     DEFAULT_MASKABLE,
@@ -289,16 +290,11 @@ def _as_weights(model: str | Path | Weights) -> Weights:
         str(model))))
 
 
-def _label(w: Weights) -> str:
-    cks = w.node.checkpoints()
-    return cks[0].source if isinstance(w.node, LoadNode) else f"result of {w.node.op}"
-
-
 def check_phase1(base: Weights, phase1: Weights, maskable: Sequence[str]) -> None:
     """A phase-1 model must be a fine-tune of the base: the same architecture and, for every
     maskable tensor, the same name and shape (else a one-line error naming the tensor)."""
     b_cfg, p_cfg = base.node.config(), phase1.node.config()
-    where, base_name = _label(phase1), _label(base)
+    where, base_name = weights_label(phase1), weights_label(base)
     b_type, p_type = b_cfg.get("model_type"), p_cfg.get("model_type")
     if b_type and p_type and b_type != p_type:
         raise ShapeMismatchError(f"phase1: {where} is a {p_type} model, the base {base_name} "
@@ -337,7 +333,7 @@ def plan_lt_sft(base: str | Path | Weights, data: str | Path, *, density: float,
         phase1_w = _as_weights(phase1)
         check_phase1(base_w, phase1_w, maskable)
     path = str(data)
-    check_fits(task_of(read_records(path)), base_w.config, path, _label(base_w))
+    check_fits(task_of(read_records(path)), base_w.config, path, weights_label(base_w))
     return LtSftPlan(config, selection, base_w, phase1_w, path, density, list(maskable),
                      float(l1))
 
@@ -391,7 +387,7 @@ def run_lt_sft(plan: LtSftPlan, *, out: str | Path | None = None,
         phase1_w = plan.phase1
         cks = phase1_w.node.checkpoints()
         phase1_dir = Path(cks[0].root) if isinstance(phase1_w.node, LoadNode) else None
-        phase1_record = {"model": _label(phase1_w), "sha256": weights_sha256(phase1_w)}
+        phase1_record = {"model": weights_label(phase1_w), "sha256": weights_sha256(phase1_w)}
     check_phase1(plan.base, phase1_w, plan.maskable)
     sel, indices, _ = select_entries(plan.base, phase1_w, plan.density,
                                      maskable=plan.maskable)
@@ -435,7 +431,7 @@ def _delta(plan: LtSftPlan, sel: Selection, indices: dict[str, torch.Tensor],
             raise RuntimeError(f"lt_sft: phase 2 moved entries of {name!r} outside the mask")
         values[name] = tau[idx]
     cks = plan.base.node.checkpoints()
-    base_label = _label(plan.base)
+    base_label = weights_label(plan.base)
     revision = cks[0].revision if isinstance(plan.base.node, LoadNode) else None
     sha = weights_sha256(plan.base)
     record = {

@@ -24,6 +24,7 @@ from surgery.data import Record, read_records
 from surgery.errors import UsageError
 from surgery.evaluate.layers import find_blocks
 from surgery.expr import EvalContext, Node, TensorSpec, Weights
+from surgery.expr.weights import weights_label
 from surgery.methods.drift import DRIFT_REF, DriftPriorParams, PriorFile
 from surgery.methods.registry import Operation, Resolve
 from surgery.methods.soup import Params
@@ -138,7 +139,7 @@ class FinetuneNode(Node):
         self.settings = config
         records = data.records if isinstance(data, DistilledData) else read_records(data)
         self.task = task_of(records)
-        label = _label(source)
+        label = weights_label(source)
         check_fits(self.task, source.config, self.data_name, label)
         meta = _meta_model(source.config, self.task, records, label)
         self.meta = meta
@@ -264,13 +265,8 @@ def _tokenizer(source: Weights) -> Any:
 
     ck = next((c for c in source.node.checkpoints() if c.tokenizer_files), None)
     if ck is None:
-        raise UsageError(f"{_label(source)}: no tokenizer files to train with")
+        raise UsageError(f"{weights_label(source)}: no tokenizer files to train with")
     return AutoTokenizer.from_pretrained(str(ck.tokenizer_files[0].parent))
-
-
-def _label(w: Weights) -> str:
-    cks = w.node.checkpoints()
-    return cks[0].source if len(cks) == 1 and not w.node.inputs else f"result of {w.node.op}"
 
 
 def _build_finetune(p: FinetuneParams, get: Resolve) -> Weights:
