@@ -37,6 +37,7 @@ from surgery.engine.run import (
     _InputHasher,
     failures_reported,
     finish_save,
+    needed_files,
     plan_save,
     write_shards,
 )
@@ -142,7 +143,8 @@ def _write_one(root: Node, fname: str, shard: list[PlannedTensor], folder: str,
     import ray
 
     ray.get(progress.started.remote(fname, node))  # delivered even if this worker dies
-    for ck, files in _shard_files(root, [t.name for t in shard]).items():
+    # The reductions are resolved on the driver: only this shard's own tensors are read.
+    for ck, files in needed_files(root, [t.name for t in shard], statistics=False).items():
         ck.fetch(files)
     opts = StreamOptions(device=torch.device(device), seed=seed, prefetch_bytes=prefetch,
                          progress=_Report(progress, _kill_once(fname), len(shard)),
@@ -155,14 +157,6 @@ def _write_one(root: Node, fname: str, shard: list[PlannedTensor], folder: str,
         raise OSError(f"{fname}: written with SHA-256 {done[0][:12]}, read back as "
                       f"{on_disk[:12]} on {node}")
     return fname, done[0], node
-
-
-def _shard_files(root: Node, names: list[str]) -> dict[Checkpoint, list[Path]]:
-    files: dict[Checkpoint, set[Path]] = {}
-    for name in names:
-        for ck, n in root.reads(name):
-            files.setdefault(ck, set()).add(ck.info(n).file)
-    return {ck: sorted(fs) for ck, fs in files.items()}
 
 
 def _kill_once(fname: str) -> Path | None:

@@ -151,17 +151,19 @@ class _InputHasher:
                     rec["sha256"] = self.digests[path]
 
 
-def needed_files(root: Node) -> dict[Checkpoint, list[Path]]:
-    """The weight files of each input that evaluating ``root`` reads (statistics passes too)."""
+def needed_files(root: Node, names: list[str] | None = None, statistics: bool = True
+                 ) -> dict[Checkpoint, list[Path]]:
+    """The weight files of each input that evaluating ``names`` of ``root`` (default: all)
+    reads, and with ``statistics`` the files its statistics passes read."""
     files: dict[Checkpoint, set[Path]] = {}
 
     def add(node: Node, name: str) -> None:
         for ck, n in node.reads(name):
             files.setdefault(ck, set()).add(ck.info(n).file)
 
-    for name in root.names():
+    for name in root.names() if names is None else names:
         add(root, name)
-    for node in root.walk():
+    for node in root.walk() if statistics else ():
         for r in node.reductions():
             for name in r.names():
                 for inp in r.inputs:

@@ -31,15 +31,15 @@ import torch
 from pydantic import Field
 
 from surgery.checkpoint.hashing import cached_sha256
-from surgery.engine.run import parse_dtype, provenance_record
-from surgery.engine.stream import ProgressFn, StreamOptions, resolve_device, stream_tensors
+from surgery.engine.run import parse_dtype, provenance_record, write_shards
+from surgery.engine.stream import ProgressFn, StreamOptions, resolve_device
 from surgery.errors import CheckpointError, ShapeMismatchError, UsageError
 from surgery.expr import EvalContext, Node, TensorSpec, Weights
 from surgery.expr.node import node_label
 from surgery.methods.schedule import NameMatcher
 from surgery.methods.soup import Params
 from surgery.names import TensorKind, tensor_kind
-from surgery.writer import PlannedTensor, ShardWriter
+from surgery.writer import PlannedTensor
 
 DRIFT_REF = "DRIFT, arXiv 2510.15050"
 PRIOR_FORMAT = "weight-surgery-drift-prior"
@@ -188,17 +188,8 @@ def drift_prior(reasoning: Weights, target: Weights, out: str | Path, *,
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")
     opts = StreamOptions(device=dev, seed=0, progress=progress)
-    stream = stream_tensors(node, names, opts, lambda _: out_dtype, reuse_outputs=True)
-    writer = ShardWriter(partial, planned, meta)
-    try:
-        for name, tensor in stream:  # whole tensors, or blocks of rows in order
-            writer.add(name, tensor)
-        writer.finish()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        stream.close()
+    write_shards(node, [(partial.name, planned)], partial.parent, meta,
+                 dict.fromkeys(names, out_dtype), opts)
     os.replace(partial, path)
     return PriorResult(path, len(names), node.missing, path.stat().st_size)
 
