@@ -1,0 +1,230 @@
+"""What every row shares: the profile (how many examples and steps), the data, the models,
+and cached work. A fine-tune, a saved merge or a score is computed once per content key and
+reused by every row (and by the next run of the benchmark): keys hash what the result depends
+on (model directories' ``provenance.json`` or weight files' sizes and times, data hashes,
+settings)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import statistics
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bench.fidelity import data as fdata
+from bench.fidelity.models import Models
+
+
+@dataclass(frozen=True)
+class Profile:
+    """Sizes of one run. ``steps`` is the budget of a full fine-tune (optimiser updates of
+    ``batch_size`` examples); rows that compare training methods give each the same."""
+
+    name: str
+    train: int
+    validation: int
+    test: int
+    control: int
+    calibration: int
+    steps: int
+    batch_size: int
+    lr: float  # full fine-tunes of the causal LM
+    adapter_lr: float  # LoRA / CorDA adapters
+    classifier_lr: float
+    seeds: int
+    max_length: int = 64
+
+
+PROFILES = {
+    "full": Profile("full", train=1024, validation=128, test=200, control=96,
+                    calibration=128, steps=96, batch_size=8, lr=1e-4, adapter_lr=1e-3,
+                    classifier_lr=1e-4, seeds=2),
+    "quick": Profile("quick", train=256, validation=48, test=64, control=32, calibration=48,
+                     steps=24, batch_size=8, lr=1e-4, adapter_lr=1e-3, classifier_lr=1e-4,
+                     seeds=1),
+}
+# The fixtures' tiny random models learn only at a larger step size.
+FIXTURE_LR = {"lr": 3e-3, "adapter_lr": 1e-2, "classifier_lr": 3e-3}
+
+
+def digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()
+                          ).hexdigest()[:12]
+
+
+def identity(path: Path) -> Any:
+    """What a cache key records of a model directory or data file."""
+    path = Path(path)
+    if path.is_file():
+        return [str(path), hashlib.sha256(path.read_bytes()).hexdigest()]
+    prov = path / "provenance.json"
+    if prov.is_file():
+        return [str(path), hashlib.sha256(prov.read_bytes()).hexdigest()]
+    return [str(path), sorted((f.name, f.stat().st_size) for f in path.glob("*.safetensors"))]
+
+
+@dataclass
+class Spread:
+    """A figure over seeds: mean and half the range."""
+
+    values: list[float]
+
+    @property
+    def mean(self) -> float:
+        return statistics.fmean(self.values)
+
+    @property
+    def half_range(self) -> float:
+        return (max(self.values) - min(self.values)) / 2
+
+    def fmt(self, digits: int = 3) -> str:
+        if len(self.values) == 1:
+            return f"{self.values[0]:.{digits}f}"
+        return f"{self.mean:.{digits}f} ± {self.half_range:.{digits}f}"
+
+
+def verdict(diffs: Sequence[float], strict: bool = True) -> str:
+    """A claim "A beats B" holds beyond the spread when A − B is above 0 on every seed (at or
+    above 0 for a claim "A ≥ B"). With one seed there is no spread to hold beyond."""
+    ok = all(d > 0 for d in diffs) if strict else all(d >= 0 for d in diffs)
+    if not ok:
+        return "not reproduced at this scale"
+    return "reproduced" if len(diffs) > 1 else "reproduced (1 seed, no spread)"
+
+
+def compare(a: Sequence[float], b: Sequence[float], strict: bool = True,
+            higher_is_better: bool = True) -> str:
+    """The verdict on "a beats b" (``strict``) or "a ≥ b" from paired per-seed figures."""
+    sign = 1.0 if higher_is_better else -1.0
+    return verdict([sign * (x - y) for x, y in zip(a, b, strict=True)], strict)
+
+
+def gain_ratio(score: float, base: float, tuned: float) -> float:
+    """How much of the fine-tune's gain over the base ``score`` keeps (nan without a gain)."""
+    return (score - base) / (tuned - base) if tuned != base else float("nan")
+
+
+@dataclass
+class Row:
+    key: str
+    title: str
+    claim: str
+    arxiv: str
+    verdicts: list[tuple[str, str]]  # (sub-claim, verdict)
+    summary: str  # the deciding figures, one line
+    table: str  # markdown
+    protocol: str
+    plots: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+class Lab:
+    def __init__(self, profile: Profile, models: Models, tasks: Sequence[str],
+                 classify: str, device: str, out_dir: Path, fixtures: bool) -> None:
+        self.p = profile
+        self.models = models
+        self.device = device
+        self.fixtures = fixtures
+        self.out_dir = out_dir
+        self.cache = fdata.cache_dir() / ("fixtures" if fixtures else "real") / profile.name
+        self.cache.mkdir(parents=True, exist_ok=True)
+        counts = {"train": profile.train, "validation": profile.validation, "test": profile.test}
+        self.tasks = [fdata.task(m, counts) for m in tasks]
+        self.classify = fdata.task(classify, {"train": 4 * profile.train,
+                                              "validation": 2 * profile.validation,
+                                              "test": 2 * profile.test})
+        self.control, self.calibration = fdata.control(profile.control, profile.calibration)
+        self.seeds = list(range(profile.seeds))
+        self.lr = FIXTURE_LR["lr"] if fixtures else profile.lr
+        self.adapter_lr = FIXTURE_LR["adapter_lr"] if fixtures else profile.adapter_lr
+        self.classifier_lr = FIXTURE_LR["classifier_lr"] if fixtures else profile.classifier_lr
+        self._scores_path = self.cache / "scores.json"
+        self._scores: dict[str, float] = (json.loads(self._scores_path.read_text())
+                                          if self._scores_path.is_file() else {})
+        self.t0 = time.perf_counter()
+
+    # ---- logging --------------------------------------------------------------------------
+
+    def log(self, msg: str) -> None:
+        print(f"[{time.perf_counter() - self.t0:7.1f}s] {msg}", file=sys.stderr, flush=True)
+
+    # ---- cached results -------------------------------------------------------------------
+
+    def _cached_dir(self, kind: str, key_obj: Any, make: Callable[[Path], None]) -> Path:
+        out = self.cache / kind / f"{key_obj[0]}-{digest(key_obj)}"
+        if (out / "provenance.json").is_file() or (out / "done").is_file():
+            return out
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        make(out)
+        (out / "done").write_text("")
+        self.log(f"{kind} {out.name}: {time.perf_counter() - t:.1f}s")
+        return out
+
+    def train(self, name: str, start: Path, data: Path, **settings: Any) -> Path:
+        """``finetune(start, data, **settings)``, cached. Defaults: the profile's step budget,
+        batch size, learning rate (constant), max_length, and seed 0."""
+        from surgery.train import finetune
+
+        s = {"steps": self.p.steps, "batch_size": self.p.batch_size, "lr": self.lr,
+             "max_length": self.p.max_length, "seed": 0, "device": self.device, **settings}
+
+        def make(out: Path) -> None:
+            finetune(str(start), str(data), out=out, force=True, **s)
+
+        return self._cached_dir("runs", [name, identity(start), identity(data), s], make)
+
+    def save(self, name: str, weights: Any, key: Any) -> Path:
+        """Write a lazy ``Weights`` expression, cached under ``key`` (what it depends on)."""
+        return self._cached_dir("merges", [name, key],
+                                lambda out: weights.save(out, force=True, device="cpu"))
+
+    def made(self, name: str, key: Any, make: Callable[[Path], None]) -> Path:
+        """Any other cached output directory (``make(out)`` writes it)."""
+        return self._cached_dir("made", [name, key], make)
+
+    def _score(self, model: Path, data: Path, metric: str) -> float:
+        from surgery.evaluate import evaluate
+
+        key = digest([identity(model), identity(data), metric])
+        if key not in self._scores:
+            t = time.perf_counter()
+            r = evaluate(model, data, metric, batch_size=16, device=self.device,
+                         max_length=256 if metric == "perplexity" else self.p.max_length)
+            self._scores[key] = r.value
+            self._scores_path.write_text(json.dumps(self._scores, indent=0))
+            self.log(f"{metric} of {Path(model).name} on {Path(data).parent.name}/"
+                     f"{Path(data).name}: {r.value:.4f} ({time.perf_counter() - t:.1f}s)")
+        return self._scores[key]
+
+    def score(self, model: Path, task: fdata.Task, split: str = "test") -> float:
+        """Exact match of the greedy answer on a task split."""
+        return self._score(model, task.path(split), "exact_match")
+
+    def task_ppl(self, model: Path, task: fdata.Task, split: str = "test") -> float:
+        """Perplexity of the reference answers (completion tokens only)."""
+        return self._score(model, task.path(split), "perplexity")
+
+    def control_ppl(self, model: Path) -> float:
+        return self._score(model, self.control, "perplexity")
+
+    def accuracy(self, model: Path, split: str = "test") -> float:
+        return self._score(model, self.classify.labelled[split], "accuracy")
+
+    # ---- shared fine-tunes ----------------------------------------------------------------
+
+    def finetuned(self, task: fdata.Task, seed: int, **settings: Any) -> Path:
+        """The plain SFT of the causal LM on ``task`` (the row-shared fine-tune)."""
+        return self.train(f"sft-{task.module}", self.models.lm, task.path("train"),
+                          seed=seed, **settings)
+
+    def classifier_finetuned(self, seed: int) -> Path:
+        return self.train("clf", self.models.classifier, self.classify.labelled["train"],
+                          seed=seed, lr=self.classifier_lr, batch_size=16)

@@ -1,0 +1,58 @@
+"""``bench/FIDELITY.md``: the summary table, then each row's protocol, figures and plots."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from bench.fidelity.lab import Lab, Row
+
+
+def plot_path(lab: Lab, name: str) -> Path:
+    """Where a row's PNG goes: beside the report, named after it."""
+    return lab.out_dir / f"FIDELITY-{name}.png"
+
+
+def write(path: Path, rows: Sequence[Row], lab: Lab, command: str, seconds: float,
+          cpu: str) -> None:
+    p = lab.p
+    lines = [
+        "# Fidelity benchmark",
+        "",
+        "Does each method do, on a real pretrained model and third-party task data, what its "
+        "paper says it does? Each row states the claim, our figures, and a verdict. A claim is "
+        "*reproduced* only if it holds on every seed (beyond the spread); otherwise it is "
+        "*not reproduced at this scale*, with the figures. Figures are mean ± half the range "
+        "over seeds. The protocol of each row was written before its first run and is not "
+        "tuned to pass.",
+        "",
+        f"- command: `{command}` ({seconds / 60:.1f} min on {os.cpu_count()} CPU cores, "
+        f"{cpu}; device {lab.device})",
+        f"- models: {lab.models.name}",
+        f"- tasks: `{lab.tasks[0].module}` (target task of single-task rows) and "
+        f"`{lab.tasks[1].module}`, from pip `mathematics-dataset` (DeepMind's generator, "
+        "easy level); classifier rows: the True/False questions of "
+        f"`{lab.classify.module}`; scores are exact match of the greedy answer on the test "
+        "split (accuracy for classifiers)",
+        f"- profile `{p.name}`: {p.train} training, {p.validation} validation, {p.test} test "
+        f"questions per task; a full fine-tune is {p.steps} AdamW updates of {p.batch_size} "
+        f"examples (lr {lab.lr:g}, constant; adapters {lab.adapter_lr:g}; classifier "
+        f"{lab.classifier_lr:g}); {p.seeds} seed(s)",
+        f"- control text (forgetting): {p.control} held-out fortunes from Debian's `fortunes` "
+        "package, scored by perplexity (lower is better)",
+        "",
+        "| row | claim (paper) | our figures | verdict | command |",
+        "|---|---|---|---|---|",
+    ]
+    for r in rows:
+        verdicts = "<br>".join(f"{c}: **{v}**" for c, v in r.verdicts)
+        lines.append(f"| {r.title} | {r.claim} (arXiv {r.arxiv}) | {r.summary} | {verdicts} | "
+                     f"`python -m bench.fidelity --only {r.key}"
+                     f"{' --quick' if p.name == 'quick' else ''}` |")
+    for r in rows:
+        lines += ["", f"## {r.title}", "", f"Claim (arXiv {r.arxiv}): {r.claim}", "",
+                  f"Protocol: {r.protocol}", "", r.table, ""]
+        lines += [f"![{r.key}]({Path(q).name})" for q in r.plots]
+        lines += [f"({r.seconds / 60:.1f} min)"]
+    path.write_text("\n".join(lines) + "\n")
