@@ -121,6 +121,9 @@ class Row:
     table: str  # markdown
     protocol: str
     plots: list[str] = field(default_factory=list)
+    # Training methods' (label, target-task test score, control perplexity), first seed:
+    # the report plots every row's points in one figure (target score against forgetting).
+    points: list[tuple[str, float, float]] = field(default_factory=list)
     seconds: float = 0.0
 
 

@@ -14,6 +14,34 @@ def plot_path(lab: Lab, name: str) -> Path:
     return lab.out_dir / f"FIDELITY-{name}.png"
 
 
+def plot_forgetting(rows: Sequence[Row], path: Path) -> Path | None:
+    """Target-task score against control perplexity for every training method of the run."""
+    points = [(r.key, *pt) for r in rows for pt in r.points]
+    if not points:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    keys = sorted({k for k, *_ in points})
+    colours = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(keys)}
+    for key, label, score, ppl in points:
+        ax.scatter(ppl, score, color=colours[key], s=40)
+        ax.annotate(label, (ppl, score), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    for k in keys:
+        ax.scatter([], [], color=colours[k], label=k)
+    ax.set_xlabel("control perplexity (fortunes; lower = less forgetting)")
+    ax.set_ylabel("target task test exact match")
+    ax.set_title("Target score against forgetting, every training method (first seed)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write(path: Path, rows: Sequence[Row], lab: Lab, command: str, seconds: float,
           cpu: str) -> None:
     p = lab.p
@@ -50,6 +78,9 @@ def write(path: Path, rows: Sequence[Row], lab: Lab, command: str, seconds: floa
         lines.append(f"| {r.title} | {r.claim} (arXiv {r.arxiv}) | {r.summary} | {verdicts} | "
                      f"`python -m bench.fidelity --only {r.key}"
                      f"{' --quick' if p.name == 'quick' else ''}` |")
+    forgetting = plot_forgetting(rows, lab.out_dir / "FIDELITY-forgetting.png")
+    if forgetting:
+        lines += ["", f"![target score against forgetting]({forgetting.name})"]
     for r in rows:
         lines += ["", f"## {r.title}", "", f"Claim (arXiv {r.arxiv}): {r.claim}", "",
                   f"Protocol: {r.protocol}", "", r.table, ""]
