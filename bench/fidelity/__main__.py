@@ -68,9 +68,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for key in only:
         lab.log(f"row {key}")
-        t = time.perf_counter()
+        t, c = time.perf_counter(), lab.compute
         row = importlib.import_module(f"bench.fidelity.rows.{ROWS[key]}").run(lab)
-        row.seconds = time.perf_counter() - t
+        row.seconds, row.compute = time.perf_counter() - t, lab.compute - c
         rows.append(row)
         lab.log(f"row {key} done in {row.seconds:.0f}s: "
                 + "; ".join(f"{c}: {v}" for c, v in row.verdicts))

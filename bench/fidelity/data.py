@@ -8,8 +8,10 @@
   knowledge-preserving covariance).
 
 The generator needs ``sympy==1.5.1`` (newer releases break its import) while PyTorch needs a
-current sympy, so it runs in a subprocess whose ``PYTHONPATH`` is a private install under the
-cache (``pip install --target``), made on first use.
+current sympy, so it runs in a subprocess whose ``PYTHONPATH`` is a private install
+(``pip install --target``): ``$MATHEMATICS_DATASET_SITE``, by default
+``~/.cache/weight-surgery/mathematics-dataset``, made on first use or by
+``python -m bench.fidelity.data --install``.
 """
 
 from __future__ import annotations
@@ -70,13 +72,19 @@ def cache_dir() -> Path:
 
 
 def generator_path() -> Path:
-    """The private install of the generator (made on first use)."""
-    site = cache_dir().parent / "mathematics-dataset"
+    """The private install of the generator (made on first use). A tool, not a result: it
+    does not move with ``$WEIGHT_SURGERY_CACHE``."""
+    env = os.environ.get("MATHEMATICS_DATASET_SITE")
+    site = Path(env) if env else Path.home() / ".cache" / "weight-surgery" / "mathematics-dataset"
     if not (site / "mathematics_dataset").is_dir():
         print(f"installing {' '.join(GENERATOR)} into {site} (it needs its own sympy)",
               file=sys.stderr)
-        subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--target",
-                        str(site), *GENERATOR], check=True)
+        done = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet",
+                               "--disable-pip-version-check", "--target", str(site),
+                               *GENERATOR], capture_output=True, text=True)
+        if not (site / "mathematics_dataset").is_dir():
+            raise SystemExit(f"pip could not install {' '.join(GENERATOR)} into {site}:\n"
+                             + done.stderr[-2000:])
     return site
 
 
@@ -163,3 +171,9 @@ def control(n_eval: int, n_calibration: int) -> tuple[Path, Path]:
     _write(ev, [{"text": t} for t in texts[:n_eval]])
     _write(cal, [{"text": t} for t in texts[-n_calibration:]])
     return ev, cal
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["--install"]:
+        raise SystemExit("usage: python -m bench.fidelity.data --install")
+    print(generator_path())

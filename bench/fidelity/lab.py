@@ -125,6 +125,7 @@ class Row:
     # the report plots every row's points in one figure (target score against forgetting).
     points: list[tuple[str, float, float]] = field(default_factory=list)
     seconds: float = 0.0
+    compute: float = 0.0
 
 
 class Lab:
@@ -144,6 +145,7 @@ class Lab:
                                               "test": 2 * profile.test})
         self.control, self.calibration = fdata.control(profile.control, profile.calibration)
         self.seeds = list(range(profile.seeds))
+        self.text_length = 120 if fixtures else 256  # tokens of control text scored
         self.lr = FIXTURE_LR["lr"] if fixtures else profile.lr
         self.adapter_lr = FIXTURE_LR["adapter_lr"] if fixtures else profile.adapter_lr
         self.classifier_lr = FIXTURE_LR["classifier_lr"] if fixtures else profile.classifier_lr
@@ -151,6 +153,9 @@ class Lab:
         self._scores: dict[str, float] = (json.loads(self._scores_path.read_text())
                                           if self._scores_path.is_file() else {})
         self.t0 = time.perf_counter()
+        # Seconds of every result this run used, cached ones at what they cost when made:
+        # what a run from an empty cache would take (on the machine and load of then).
+        self.compute = 0.0
 
     # ---- logging --------------------------------------------------------------------------
 
@@ -161,14 +166,18 @@ class Lab:
 
     def _cached_dir(self, kind: str, key_obj: Any, make: Callable[[Path], None]) -> Path:
         out = self.cache / kind / f"{key_obj[0]}-{digest(key_obj)}"
-        if (out / "provenance.json").is_file() or (out / "done").is_file():
+        done = out / "done"
+        if done.is_file():
+            self.compute += float(done.read_text() or 0)
             return out
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         make(out)
-        (out / "done").write_text("")
-        self.log(f"{kind} {out.name}: {time.perf_counter() - t:.1f}s")
+        seconds = time.perf_counter() - t
+        done.write_text(f"{seconds:.3f}")
+        self.compute += seconds
+        self.log(f"{kind} {out.name}: {seconds:.1f}s")
         return out
 
     def train(self, name: str, start: Path, data: Path, **settings: Any) -> Path:
@@ -193,19 +202,55 @@ class Lab:
         """Any other cached output directory (``make(out)`` writes it)."""
         return self._cached_dir("made", [name, key], make)
 
-    def _score(self, model: Path, data: Path, metric: str) -> float:
+    def _evaluate(self, model: Path, data: Path, metric: str) -> list[float]:
+        """[score, seconds it took]."""
         from surgery.evaluate import evaluate
 
+        t = time.perf_counter()
+        r = evaluate(model, data, metric, batch_size=16, device=self.device,
+                     max_length=self.text_length if metric == "perplexity"
+                     else self.p.max_length)
+        seconds = time.perf_counter() - t
+        self.log(f"{metric} of {Path(model).name} on {Path(data).parent.name}/"
+                 f"{Path(data).name}: {r.value:.4f} ({seconds:.1f}s)")
+        return [r.value, seconds]
+
+    def _cached_score(self, key: str) -> float:
+        value, seconds = self._scores[key]
+        self.compute += seconds
+        return value
+
+    def _score(self, model: Path, data: Path, metric: str) -> float:
         key = digest([identity(model), identity(data), metric])
         if key not in self._scores:
-            t = time.perf_counter()
-            r = evaluate(model, data, metric, batch_size=16, device=self.device,
-                         max_length=256 if metric == "perplexity" else self.p.max_length)
-            self._scores[key] = r.value
+            self._scores[key] = self._evaluate(model, data, metric)
             self._scores_path.write_text(json.dumps(self._scores, indent=0))
-            self.log(f"{metric} of {Path(model).name} on {Path(data).parent.name}/"
-                     f"{Path(data).name}: {r.value:.4f} ({time.perf_counter() - t:.1f}s)")
-        return self._scores[key]
+        return self._cached_score(key)
+
+    def scores_of(self, name: str, weights: Any, key: Any,
+                  wanted: Sequence[tuple[fdata.Task | None, str]]) -> list[float]:
+        """Exact match (or, for task None, control perplexity) of a lazy ``Weights`` on each
+        (task, split) of ``wanted``: written to a scratch directory only if a score is not
+        cached under ``key`` yet, and deleted after (a search writes many candidates)."""
+        keys = [digest(["weights", name, key, t.module if t else "control", split])
+                for t, split in wanted]
+        if any(k not in self._scores for k in keys):
+            tmp = self.cache / "scratch" / f"{name}-{digest(key)}"
+            shutil.rmtree(tmp, ignore_errors=True)
+            t = time.perf_counter()
+            weights.save(tmp, force=True, device="cpu", hash_inputs=False)
+            write = (time.perf_counter() - t) / len(keys)  # the write, shared by the scores
+            try:
+                for k, (t, split) in zip(keys, wanted, strict=True):
+                    if k not in self._scores:
+                        value, seconds = (
+                            self._evaluate(tmp, t.path(split), "exact_match") if t is not None
+                            else self._evaluate(tmp, self.control, "perplexity"))
+                        self._scores[k] = [value, seconds + write]
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            self._scores_path.write_text(json.dumps(self._scores, indent=0))
+        return [self._cached_score(k) for k in keys]
 
     def score(self, model: Path, task: fdata.Task, split: str = "test") -> float:
         """Exact match of the greedy answer on a task split."""
