@@ -135,6 +135,46 @@ def test_dare_ties_statistics(tmp_path: Path) -> None:
         assert (a.sign() == c.sign())[both_moved].double().mean().item() > 0.7
 
 
+def test_per_model_density_and_gamma_with_filters(tmp_path: Path) -> None:
+    """Each model's own density (a filter list, a gradient) and gamma: translated to
+    ``{per_model: [...]}`` and bit for bit with mergekit."""
+    config = {
+        "merge_method": "breadcrumbs_ties", "base_model": BASE, "dtype": "float32",
+        "parameters": {"gamma": 0.02},
+        "models": [
+            {"model": MATH, "parameters": {"weight": 1.0, "density": [
+                {"filter": "mlp", "value": [0.9, 0.3]}, {"value": 0.6}]}},
+            {"model": CODE, "parameters": {"weight": 0.5, "density": 0.4, "gamma": 0.1}},
+            {"model": CHAT, "parameters": {"weight": 0.7, "density": 0.4}},
+        ],
+    }
+    native = translate(yaml.safe_dump(config), "mk.yml").recipe["steps"]["merged"]
+    assert native["gamma"] == {"per_model": [0.02, 0.1, 0.02]}
+    assert native["density"]["per_model"][1:] == [0.4, 0.4]
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+
+
+def test_dare_linear_per_model_density_statistics(tmp_path: Path) -> None:
+    """DARE's drops are random in both tools: with densities 0.3 and 0.8, an entry moves
+    unless both models drop it, 1 − 0.7·0.2 = 0.86, and the math model's own entries (where
+    the code model's weight is 0 on this tensor) move with its density, 0.3."""
+    torch.manual_seed(0)
+    config = {
+        "merge_method": "dare_linear", "base_model": BASE, "dtype": "float32",
+        "models": [{"model": MATH, "parameters": {"density": 0.3, "weight": 1.0}},
+                   {"model": CODE, "parameters": {"density": 0.8, "weight": [
+                       {"filter": "layers.1.", "value": 0.0}, {"value": 1.0}]}}],
+    }
+    ours, theirs = both(config, tmp_path)
+    base = load_file(f"{BASE}/model.safetensors")
+    for name, want in (("model.layers.2.mlp.down_proj.weight", 0.86),
+                       ("model.layers.1.mlp.down_proj.weight", 0.3)):
+        for out in (ours, theirs):
+            moved = (out[name] != base[name]).double().mean().item()
+            assert abs(moved - want) < 0.03, (name, moved)
+
+
 def test_slerp_slices_with_t_gradients_and_filters(tmp_path: Path) -> None:
     ours, theirs = both({
         "merge_method": "slerp", "base_model": BASE, "dtype": "float32",
@@ -279,7 +319,16 @@ ERRORS = [
      "    parameters: {{weight: 1, density: 0.5}}\n", r":5:\d+: .*density: has no effect"),
     ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {math}\n    parameters: "
      "{{weight: 1, density: 0.3}}\n  - model: {code}\n    parameters: {{weight: 1, density: "
-     "0.5}}\n", r":6:\d+: models\.1: density differs between models"),
+     "1.5}}\n", r":7:\d+: models\.1\.parameters\.density: density 1\.5 for model .*code is "
+     r"outside \(0, 1\]$"),
+    ("merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n  - model: {math}\n"
+     "    parameters:\n      weight: 1\n      density: 0.5\n      gamma: [0.1, 1.2]\n",
+     r":8:\d+: models\.0\.parameters\.gamma\.1: gamma 1\.2 for model .*math is outside "
+     r"\[0, 1\]$"),
+    ("merge_method: dare_ties\nbase_model: {base}\nparameters:\n  density:\n    - filter: mlp\n"
+     "      value: 0.0\n    - value: 0.5\nmodels:\n  - model: {math}\n    parameters: "
+     "{{weight: 1}}\n", r":6:\d+: parameters\.density\.0\.value: density 0\.0 for model "
+     r".*math is outside \(0, 1\]$"),
     ("merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.5}}\nmodels:\n"
      "  - model: {math}\n  - model: {code}\n",
      r":4:1: models: mergekit's slerp takes exactly 1 model besides the base"),
@@ -307,11 +356,11 @@ def test_errors_name_the_yaml_line(text: str, message: str, tmp_path: Path) -> N
 def test_native_check_errors_point_at_the_config(tmp_path: Path) -> None:
     """A value our operation rejects is reported at the config's merge_method line."""
     (tmp_path / "mk.yml").write_text(
-        f"base_model: {BASE}\nmerge_method: ties\nmodels:\n  - model: {MATH}\n"
-        "    parameters: {weight: 1, density: 1.5}\n")
-    with pytest.raises(RecipeError, match=r"mk\.yml:2:\d+: merge_method: ties: density 1\.5 "
-                                          r"is outside \(0, 1\] \(in the translated recipe's "
-                                          r"steps\.merged\)"):
+        f"base_model: {BASE}\nmerge_method: della\nmodels:\n  - model: {MATH}\n"
+        "    parameters: {weight: 1, density: 0.1}\n")
+    with pytest.raises(RecipeError, match=r"mk\.yml:2:\d+: merge_method: della: density 0\.1 "
+                                          r"and epsilon 0\.15 for tensor .* \(in the translated "
+                                          r"recipe's steps\.merged\)"):
         load_mergekit(tmp_path / "mk.yml", str(tmp_path / "out"))
 
 
