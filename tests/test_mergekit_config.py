@@ -452,9 +452,71 @@ def test_chat_template_literal_and_auto(tmp_path: Path) -> None:
     assert got.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
     run_ours({**config, "chat_template": "auto"}, tmp_path, "auto")
     assert AutoTokenizer.from_pretrained(tmp_path / "auto").chat_template == theirs_template
-    with pytest.raises(RecipeError, match=r"chat_template: chat_template 'chatml': mergekit's "
-                                          "named templates are not bundled"):
-        run_ours({**config, "chat_template": "chatml"}, tmp_path, "named")
+    with pytest.raises(RecipeError, match=r"chat_template: chat_template 'llama3': mergekit's "
+                                          "llama3 file renders a newline after every turn"):
+        run_ours({**config, "chat_template": "llama3"}, tmp_path, "named")
+    with pytest.raises(RecipeError, match=r"chat_template: chat_template 'chatml3' is neither "
+                                          r"a named template \(chatml, mistral\)"):
+        run_ours({**config, "chat_template": "chatml3"}, tmp_path, "unknown")
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": " hi "}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "hello"}, {"role": "user", "content": "two\nlines"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": " b "}],
+]
+
+
+@pytest.mark.parametrize("name", ["chatml", "mistral"])
+def test_named_chat_templates_render_as_mergekits(name: str, tmp_path: Path) -> None:
+    """mergekit's named templates we carry: the output's chat_template.jinja (where mergekit
+    writes its template too) renders every conversation as mergekit's output does."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+    from transformers import AutoTokenizer
+
+    config = {"merge_method": "linear", "dtype": "float32", "chat_template": name,
+              "models": [{"model": MATH, "parameters": {"weight": 0.6}},
+                         {"model": CODE, "parameters": {"weight": 0.4}}]}
+    ours = run_ours(config, tmp_path)
+    mergekit_merge.run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mk"),
+                             MergeOptions(copy_tokenizer=True, write_model_card=False,
+                                          quiet=True))
+    assert_same(ours, tensors(tmp_path / "mk"))
+    for out in ("ours", "mk"):
+        assert (tmp_path / out / "chat_template.jinja").is_file()
+    mine, theirs = (AutoTokenizer.from_pretrained(tmp_path / out) for out in ("ours", "mk"))
+    for conversation in CONVERSATIONS:
+        for prompt in (False, True):
+            want = theirs.apply_chat_template(conversation, tokenize=False,
+                                              add_generation_prompt=prompt)
+            assert mine.apply_chat_template(conversation, tokenize=False,
+                                            add_generation_prompt=prompt) == want
+    if name == "chatml":
+        assert want.endswith("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n b "
+                             "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_every_named_chat_template_is_carried_or_refused() -> None:
+    """The names are mergekit 0.1.5's; a refused one is refused for the reason given: its
+    rendering is not the published template's (Meta's Llama 3, here)."""
+    import importlib.resources
+
+    from mergekit._data import chat_templates
+    from transformers import AutoTokenizer
+
+    from surgery.recipe.chat_templates import NAMED, REFUSED
+
+    files = importlib.resources.files(chat_templates)
+    names = {p.name.removesuffix(".jinja") for p in files.iterdir()
+             if p.name.endswith(".jinja")}
+    assert names == set(NAMED) | set(REFUSED) and not set(NAMED) & set(REFUSED)
+    tok = AutoTokenizer.from_pretrained(MATH)
+    text = tok.apply_chat_template(CONVERSATIONS[2], tokenize=False,
+                                   chat_template=files.joinpath("llama3.jinja").read_text())
+    assert text == ("<s><|start_header_id|>user<|end_header_id|>\n\na<|eot_id|>\n"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\nb<|eot_id|>\n")
 
 
 def test_per_slice_base_model(tmp_path: Path) -> None:

@@ -163,8 +163,8 @@ CASES: dict[str, tuple[dict[str, Any], str, str]] = {
        for m, base, params in WEIGHTLESS},
     **{f"tests: {m}, weights removed": (bare(m, base, **params), "exact", "")
        for m, base, params in WEIGHTLESS},
-    "tests: chat_template chatml": ({**two("linear"), "chat_template": "chatml"}, "refused",
-                                    r"chat_template: .*named templates are not bundled"),
+    # the template itself against mergekit's: test_mergekit_config.py
+    "tests: chat_template chatml": ({**two("linear"), "chat_template": "chatml"}, "exact", ""),
     "tests: chat_template literal": ({**two("linear"),
                                       "chat_template": "{{messages[0]['content']}}"},
                                      "exact", ""),

@@ -43,6 +43,7 @@ from surgery.methods.layers import rename_block
 from surgery.methods.schedule import in_closed_unit_interval, in_unit_interval, interpolate
 from surgery.names import count_layers, layer_index
 from surgery.recipe.build import Recipe, build_recipe
+from surgery.recipe.chat_templates import NAMED, REFUSED
 from surgery.recipe.yamlloc import Loc, Located, load_located
 
 REQUIRED = object()
@@ -594,8 +595,9 @@ def _tokenizer(tr: _Translator, data: dict[str, Any], base: str | None,
 
 def _chat_template(tr: _Translator, value: Any, tokenizer_from: str) -> str | None:
     """mergekit's chat_template: ``auto`` (the most common template of the inputs, none when
-    they have none), or a Jinja template's text. mergekit's named templates (chatml, llama3,
-    ...) are its own files, which we do not bundle: refused."""
+    they have none), one of its named templates, or a Jinja template's text. Of the names,
+    ``chatml`` and ``mistral`` are standard published templates we carry; mergekit's others
+    are refused, naming why (see :mod:`surgery.recipe.chat_templates`)."""
     at = ("chat_template",)
     if not isinstance(value, str) or not value:
         raise tr.err(at, "chat_template is auto or a Jinja template")
@@ -624,9 +626,15 @@ def _chat_template(tr: _Translator, value: Any, tokenizer_from: str) -> str | No
                             "(as mergekit)")
             return None
         return Counter(found).most_common(1)[0][0]
+    if value in NAMED:
+        return NAMED[value]
+    if value in REFUSED:
+        raise tr.err(at, f"chat_template {value!r}: {REFUSED[value]}; give the template's "
+                     "Jinja text, or auto")
     if len(value) < 20 or "{" not in value:
-        raise tr.err(at, f"chat_template {value!r}: mergekit's named templates are not "
-                     "bundled here; give the template's Jinja text, or auto")
+        raise tr.err(at, f"chat_template {value!r} is neither a named template "
+                     f"({', '.join(sorted(NAMED))}) nor a Jinja template; give its Jinja "
+                     "text, or auto")
     return value
 
 
