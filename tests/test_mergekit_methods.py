@@ -19,11 +19,10 @@ from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskAr
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from surgery import Weights, load
+from surgery import PerModel, Weights, load
 from surgery.errors import UsageError
 from surgery.methods import ties_dare
 from surgery.methods.pass_through import passthrough
-from surgery.methods.schedule import PerModel
 from surgery.methods.sphere_means import karcher, multislerp, nuslerp
 from surgery.methods.stock import model_stock
 from surgery.methods.swaps import arcee_fusion, nearswap
