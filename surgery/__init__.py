@@ -10,6 +10,7 @@ from surgery.errors import SurgeryError, UsageError
 from surgery.expr import Weights, load
 from surgery.methods import (
     Mask,
+    PerModel,
     Rule,
     SparseDelta,
     apply_sparse_deltas,
@@ -35,6 +36,7 @@ from surgery.methods import (
 
 __all__ = [
     "Mask",
+    "PerModel",
     "ProgressEvent",
     "Rule",
     "SaveResult",

@@ -135,6 +135,46 @@ def test_dare_ties_statistics(tmp_path: Path) -> None:
         assert (a.sign() == c.sign())[both_moved].double().mean().item() > 0.7
 
 
+def test_per_model_density_and_gamma_with_filters(tmp_path: Path) -> None:
+    """Each model's own density (a filter list, a gradient) and gamma: translated to
+    ``{per_model: [...]}`` and bit for bit with mergekit."""
+    config = {
+        "merge_method": "breadcrumbs_ties", "base_model": BASE, "dtype": "float32",
+        "parameters": {"gamma": 0.02},
+        "models": [
+            {"model": MATH, "parameters": {"weight": 1.0, "density": [
+                {"filter": "mlp", "value": [0.9, 0.3]}, {"value": 0.6}]}},
+            {"model": CODE, "parameters": {"weight": 0.5, "density": 0.4, "gamma": 0.1}},
+            {"model": CHAT, "parameters": {"weight": 0.7, "density": 0.4}},
+        ],
+    }
+    native = translate(yaml.safe_dump(config), "mk.yml").recipe["steps"]["merged"]
+    assert native["gamma"] == {"per_model": [0.02, 0.1, 0.02]}
+    assert native["density"]["per_model"][1:] == [0.4, 0.4]
+    ours, theirs = both(config, tmp_path)
+    assert_same(ours, theirs)
+
+
+def test_dare_linear_per_model_density_statistics(tmp_path: Path) -> None:
+    """DARE's drops are random in both tools: with densities 0.3 and 0.8, an entry moves
+    unless both models drop it, 1 − 0.7·0.2 = 0.86, and the math model's own entries (where
+    the code model's weight is 0 on this tensor) move with its density, 0.3."""
+    torch.manual_seed(0)
+    config = {
+        "merge_method": "dare_linear", "base_model": BASE, "dtype": "float32",
+        "models": [{"model": MATH, "parameters": {"density": 0.3, "weight": 1.0}},
+                   {"model": CODE, "parameters": {"density": 0.8, "weight": [
+                       {"filter": "layers.1.", "value": 0.0}, {"value": 1.0}]}}],
+    }
+    ours, theirs = both(config, tmp_path)
+    base = load_file(f"{BASE}/model.safetensors")
+    for name, want in (("model.layers.2.mlp.down_proj.weight", 0.86),
+                       ("model.layers.1.mlp.down_proj.weight", 0.3)):
+        for out in (ours, theirs):
+            moved = (out[name] != base[name]).double().mean().item()
+            assert abs(moved - want) < 0.03, (name, moved)
+
+
 def test_slerp_slices_with_t_gradients_and_filters(tmp_path: Path) -> None:
     ours, theirs = both({
         "merge_method": "slerp", "base_model": BASE, "dtype": "float32",
@@ -279,7 +319,16 @@ ERRORS = [
      "    parameters: {{weight: 1, density: 0.5}}\n", r":5:\d+: .*density: has no effect"),
     ("merge_method: ties\nbase_model: {base}\nmodels:\n  - model: {math}\n    parameters: "
      "{{weight: 1, density: 0.3}}\n  - model: {code}\n    parameters: {{weight: 1, density: "
-     "0.5}}\n", r":6:\d+: models\.1: density differs between models"),
+     "1.5}}\n", r":7:\d+: models\.1\.parameters\.density: density 1\.5 for model .*code is "
+     r"outside \(0, 1\]$"),
+    ("merge_method: breadcrumbs\nbase_model: {base}\nmodels:\n  - model: {math}\n"
+     "    parameters:\n      weight: 1\n      density: 0.5\n      gamma: [0.1, 1.2]\n",
+     r":8:\d+: models\.0\.parameters\.gamma\.1: gamma 1\.2 for model .*math is outside "
+     r"\[0, 1\]$"),
+    ("merge_method: dare_ties\nbase_model: {base}\nparameters:\n  density:\n    - filter: mlp\n"
+     "      value: 0.0\n    - value: 0.5\nmodels:\n  - model: {math}\n    parameters: "
+     "{{weight: 1}}\n", r":6:\d+: parameters\.density\.0\.value: density 0\.0 for model "
+     r".*math is outside \(0, 1\]$"),
     ("merge_method: slerp\nbase_model: {base}\nparameters: {{t: 0.5}}\nmodels:\n"
      "  - model: {math}\n  - model: {code}\n",
      r":4:1: models: mergekit's slerp takes exactly 1 model besides the base"),
@@ -307,11 +356,11 @@ def test_errors_name_the_yaml_line(text: str, message: str, tmp_path: Path) -> N
 def test_native_check_errors_point_at_the_config(tmp_path: Path) -> None:
     """A value our operation rejects is reported at the config's merge_method line."""
     (tmp_path / "mk.yml").write_text(
-        f"base_model: {BASE}\nmerge_method: ties\nmodels:\n  - model: {MATH}\n"
-        "    parameters: {weight: 1, density: 1.5}\n")
-    with pytest.raises(RecipeError, match=r"mk\.yml:2:\d+: merge_method: ties: density 1\.5 "
-                                          r"is outside \(0, 1\] \(in the translated recipe's "
-                                          r"steps\.merged\)"):
+        f"base_model: {BASE}\nmerge_method: della\nmodels:\n  - model: {MATH}\n"
+        "    parameters: {weight: 1, density: 0.1}\n")
+    with pytest.raises(RecipeError, match=r"mk\.yml:2:\d+: merge_method: della: density 0\.1 "
+                                          r"and epsilon 0\.15 for tensor .* \(in the translated "
+                                          r"recipe's steps\.merged\)"):
         load_mergekit(tmp_path / "mk.yml", str(tmp_path / "out"))
 
 
@@ -403,9 +452,71 @@ def test_chat_template_literal_and_auto(tmp_path: Path) -> None:
     assert got.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
     run_ours({**config, "chat_template": "auto"}, tmp_path, "auto")
     assert AutoTokenizer.from_pretrained(tmp_path / "auto").chat_template == theirs_template
-    with pytest.raises(RecipeError, match=r"chat_template: chat_template 'chatml': mergekit's "
-                                          "named templates are not bundled"):
-        run_ours({**config, "chat_template": "chatml"}, tmp_path, "named")
+    with pytest.raises(RecipeError, match=r"chat_template: chat_template 'llama3': mergekit's "
+                                          "llama3 file renders a newline after every turn"):
+        run_ours({**config, "chat_template": "llama3"}, tmp_path, "named")
+    with pytest.raises(RecipeError, match=r"chat_template: chat_template 'chatml3' is neither "
+                                          r"a named template \(chatml, mistral\)"):
+        run_ours({**config, "chat_template": "chatml3"}, tmp_path, "unknown")
+
+
+CONVERSATIONS = [
+    [{"role": "user", "content": " hi "}],
+    [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"},
+     {"role": "assistant", "content": "hello"}, {"role": "user", "content": "two\nlines"}],
+    [{"role": "user", "content": "a"}, {"role": "assistant", "content": " b "}],
+]
+
+
+@pytest.mark.parametrize("name", ["chatml", "mistral"])
+def test_named_chat_templates_render_as_mergekits(name: str, tmp_path: Path) -> None:
+    """mergekit's named templates we carry: the output's chat_template.jinja (where mergekit
+    writes its template too) renders every conversation as mergekit's output does."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.options import MergeOptions
+    from transformers import AutoTokenizer
+
+    config = {"merge_method": "linear", "dtype": "float32", "chat_template": name,
+              "models": [{"model": MATH, "parameters": {"weight": 0.6}},
+                         {"model": CODE, "parameters": {"weight": 0.4}}]}
+    ours = run_ours(config, tmp_path)
+    mergekit_merge.run_merge(MergeConfiguration.model_validate(config), str(tmp_path / "mk"),
+                             MergeOptions(copy_tokenizer=True, write_model_card=False,
+                                          quiet=True))
+    assert_same(ours, tensors(tmp_path / "mk"))
+    for out in ("ours", "mk"):
+        assert (tmp_path / out / "chat_template.jinja").is_file()
+    mine, theirs = (AutoTokenizer.from_pretrained(tmp_path / out) for out in ("ours", "mk"))
+    for conversation in CONVERSATIONS:
+        for prompt in (False, True):
+            want = theirs.apply_chat_template(conversation, tokenize=False,
+                                              add_generation_prompt=prompt)
+            assert mine.apply_chat_template(conversation, tokenize=False,
+                                            add_generation_prompt=prompt) == want
+    if name == "chatml":
+        assert want.endswith("<|im_start|>user\na<|im_end|>\n<|im_start|>assistant\n b "
+                             "<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_every_named_chat_template_is_carried_or_refused() -> None:
+    """The names are mergekit 0.1.5's; a refused one is refused for the reason given: its
+    rendering is not the published template's (Meta's Llama 3, here)."""
+    import importlib.resources
+
+    from mergekit._data import chat_templates
+    from transformers import AutoTokenizer
+
+    from surgery.recipe.chat_templates import NAMED, REFUSED
+
+    files = importlib.resources.files(chat_templates)
+    names = {p.name.removesuffix(".jinja") for p in files.iterdir()
+             if p.name.endswith(".jinja")}
+    assert names == set(NAMED) | set(REFUSED) and not set(NAMED) & set(REFUSED)
+    tok = AutoTokenizer.from_pretrained(MATH)
+    text = tok.apply_chat_template(CONVERSATIONS[2], tokenize=False,
+                                   chat_template=files.joinpath("llama3.jinja").read_text())
+    assert text == ("<s><|start_header_id|>user<|end_header_id|>\n\na<|eot_id|>\n"
+                    "<|start_header_id|>assistant<|end_header_id|>\n\nb<|eot_id|>\n")
 
 
 def test_per_slice_base_model(tmp_path: Path) -> None:

@@ -19,8 +19,9 @@ from mergekit.merge_methods.generalized_task_arithmetic import GeneralizedTaskAr
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 
-from surgery import Weights, load
+from surgery import PerModel, Weights, load
 from surgery.errors import UsageError
+from surgery.methods import ties_dare
 from surgery.methods.pass_through import passthrough
 from surgery.methods.sphere_means import karcher, multislerp, nuslerp
 from surgery.methods.stock import model_stock
@@ -164,6 +165,62 @@ def test_della_torch_draws_equal_mergekit(paths: dict[str, Path], models: dict[s
               lambda_=params.get("lambda", 1.0),
               rescale="l1" if params.get("rescale", True) else "none", rng="torch", **kwargs)
     assert_same(ours, theirs)
+
+
+# Per-model sparsification parameters, as mergekit's models: - parameters: {density: ...}:
+# a gradient, a scalar and (for the third model) a density of 1, which keeps it whole.
+PER_MODEL_DENSITY = ([0.9, 0.5, 0.2], 0.6, 1.0)
+
+
+@pytest.mark.parametrize(("op", "extra"), [
+    ("ties", {}),
+    ("breadcrumbs", {"gamma": (0.02, [0.1, 0.0], 0.05)}),
+    ("breadcrumbs_ties", {"gamma": (0.0, 0.08, 0.05)}),
+    ("della", {"epsilon": (0.05, 0.3, 0.1)}),
+    ("della_linear", {"epsilon": (0.05, 0.3, 0.1)}),
+])
+def test_per_model_parameters_equal_mergekit(paths: dict[str, Path], models: dict[str, Weights],
+                                             op: str, extra: dict, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each model trimmed (or dropped) with its own density, gamma or epsilon: a PerModel
+    schedule, bit for bit with mergekit's per-model parameters (DELLA with torch draws)."""
+    import surgery.methods.task_merges as task_merges
+
+    _seeded_mergekit(monkeypatch, 0)
+    weights = (1.0, 0.6, 0.9)
+    theirs = mergekit({"merge_method": op, "base_model": str(paths["base"]),
+                       "models": entries(paths, density=PER_MODEL_DENSITY, weight=weights,
+                                         **extra)}, tmp_path / "mk")
+    fn = getattr(ties_dare, op, None) or getattr(task_merges, op)
+    kwargs = {k: PerModel(per_model=list(v)) for k, v in extra.items()}
+    if op.startswith("della"):
+        kwargs["rng"] = "torch"
+    ours = fn(models["base"], fts(models), density=PerModel(per_model=list(PER_MODEL_DENSITY)),
+              weights=list(weights), **kwargs)
+    assert_same(ours, theirs)
+    # a model with its own density is not the shared one: the third model's 1.0 matters
+    shared = fn(models["base"], fts(models), density=0.6, weights=list(weights), **kwargs)
+    name = "model.layers.3.mlp.up_proj.weight"
+    assert not torch.equal(ours[name], shared[name])
+
+
+def test_per_model_dare_by_formula(models: dict[str, Weights]) -> None:
+    """dare_linear with densities 0.3 and 0.8: each task vector dropped by its own density
+    (the hash of its model index) and rescaled by 1/density_i before the sum."""
+    from surgery.methods.ties_dare import dare_key, dare_linear, drop_entries
+
+    base, fs = models["base"], fts(models, ("math", "code"))
+    ours = dare_linear(base, fs, density=PerModel(per_model=[0.3, 0.8]))
+    seed = 0  # the seed of a tensor read from the expression
+    for name in ("model.layers.1.mlp.up_proj.weight", "model.norm.weight"):
+        want = torch.zeros_like(base[name])
+        for i, (f, d) in enumerate(zip(fs, (0.3, 0.8), strict=True)):
+            tau = (f[name] - base[name]).reshape(-1)
+            drop_entries(tau, 0, d, lambda high, i=i, name=name: dare_key(seed, name, i, high))
+            kept = (tau != 0).double().mean().item()
+            assert abs(kept - d) < 5 * (d * (1 - d) / tau.numel()) ** 0.5 + 1e-9, (name, i)
+            want += tau.reshape(want.shape) / d
+        assert torch.allclose(ours[name], base[name] + want, rtol=0, atol=1e-6), name
 
 
 def test_della_hash_draws_have_mergekits_statistics(models: dict[str, Weights],
@@ -358,6 +415,22 @@ def _recipe(step: str) -> str:
     ("{op: della_linear, base: base, models: [math], density: 0.5, rng: numpy}",
      r"steps\.m\.rng: Input should be 'hash' or 'torch'"),
     ("{op: nearswap, base: base, model: math, t: -1}", r"steps\.m: nearswap: t -1\.0 is neg"),
+    ("{op: ties, base: base, models: [math, code], density: {per_model: [0.5, 1.5]}}",
+     r":3:3: steps\.m: ties: density of models\[1\] \(.*code\) 1\.5 is outside \(0, 1\]"),
+    ("{op: della, base: base, models: [math, code], density: 0.5, "
+     "epsilon: {per_model: [0.1, 0.6]}}",
+     r":3:3: steps\.m: della: density 0\.5 and epsilon 0\.6 of models\[1\] \(.*code\) "
+     r"for tensor .* must lie within \(0, 1\)"),
+    ("{op: breadcrumbs, base: base, models: [math, code], density: {per_model: [0.5]}}",
+     r":3:3: steps\.m: breadcrumbs: density: per_model has 1 values for 2 models"),
+    ("{op: dare_ties, base: base, models: [math], density: {per_model: [0.5], x: 1}}",
+     r"steps\.m\.density\.x: unknown key"),
+    ("{op: dare_ties, base: base, models: [math, code], density: {per_model: [0.5, abc]}}",
+     r"steps\.m\.density\.per_model\.1: expected a number, a list of numbers"),
+    ("{op: dare_ties, base: base, models: [math], density: {abc: 1}}",
+     r"steps\.m\.density\.abc: unknown key"),
+    ("{op: dare_ties, base: base, models: [math], density: abc}",
+     r"steps\.m\.density: expected a number, .* rules, or \{per_model: \[\.\.\.\]\}"),
 ])
 def test_recipe_parameters_out_of_range_are_one_line_errors(step: str, message: str) -> None:
     from surgery.errors import RecipeError
@@ -379,6 +452,13 @@ def test_recipe_steps_build_the_functions_graphs(models: dict[str, Weights]) -> 
          "tie_break: torch_sort}",
          breadcrumbs(models["base"], fts(models, ("math", "code")), 0.6, 0.05,
                      tie_break="torch_sort")),
+        ("{op: ties, base: base, models: [math, code], density: {per_model: [[0.9, 0.2], 0.5]}}",
+         ties_dare.ties(models["base"], fts(models, ("math", "code")),
+                        PerModel(per_model=[[0.9, 0.2], 0.5]))),
+        ("{op: della_linear, base: base, models: [math, code], density: 0.5, "
+         "epsilon: {per_model: [0.1, 0.3]}}",
+         della_linear(models["base"], fts(models, ("math", "code")), 0.5,
+                      PerModel(per_model=[0.1, 0.3]))),
         ("{op: multislerp, base: base, models: [math, code], weights: [0.2, 0.8]}",
          multislerp(fts(models, ("math", "code")), [0.2, 0.8], models["base"])),
     ]:
@@ -421,8 +501,21 @@ def test_blocked_tensors_equal_mergekit(paths: dict[str, Path], models: dict[str
           "models": entries(paths, ("math", "code"), weight=(0.3, 0.5))},
          nuslerp(fts(models, ("math", "code")), [0.3, 0.5], models["base"], flatten=False), 0.0),
     ]
+    per_model = PerModel(per_model=list(PER_MODEL_DENSITY))
+    cases += [
+        ({"merge_method": "breadcrumbs_ties", "base_model": base,
+          "models": entries(paths, density=PER_MODEL_DENSITY, gamma=(0.05, 0.0, 0.1),
+                            weight=1.0)},
+         breadcrumbs_ties(models["base"], fts(models), density=per_model,
+                          gamma=PerModel(per_model=[0.05, 0.0, 0.1])), 0.0),
+        ({"merge_method": "ties", "base_model": base,
+          "models": entries(paths, density=PER_MODEL_DENSITY, weight=1.0)},
+         ties_dare.ties(models["base"], fts(models), density=per_model), 0.0),
+    ]
     # DELLA's default hash draws: blocks and their l1 statistic draw what the whole tensor does.
-    for i, ours in enumerate([della(models["base"], fts(models), density=0.5, epsilon=0.2),
+    for i, ours in enumerate([della(models["base"], fts(models), density=per_model,
+                                    epsilon=0.05),
+                              della(models["base"], fts(models), density=0.5, epsilon=0.2),
                               della_linear(models["base"], fts(models), density=0.5,
                                            rescale="inverse_probability")]):
         ours.save(tmp_path / f"della{i}", threads=2)

@@ -15,7 +15,9 @@ def test_methods_lists_every_operation() -> None:
         assert f"\n{name}: " in "\n" + result.output
     assert "ties: Trim, elect sign, disjoint merge of task vectors [TIES-merging, arXiv " \
            "2306.01708]" in result.output
-    assert "    density: schedule, required - fraction of each task vector kept" in result.output
+    assert "    density: schedule or {per_model: [schedule, ...]}, required - fraction of each " \
+           "task vector kept" in result.output
+    assert "    lambda: schedule, default 1.0" in result.output
     assert "    consensus: sum|count, default 'sum'" in result.output
 
 

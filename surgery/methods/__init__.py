@@ -4,7 +4,7 @@ from surgery.methods.hft import hft_reset, hft_selection
 from surgery.methods.layer_scaling import lines
 from surgery.methods.layers import drop_layers, keep_first_layers, stack_layers
 from surgery.methods.pass_through import passthrough
-from surgery.methods.schedule import Rule
+from surgery.methods.schedule import PerModel, Rule
 from surgery.methods.soup import linear, task_arithmetic
 from surgery.methods.sparse import (
     Mask,
@@ -32,8 +32,8 @@ from surgery.methods.task_merges import (
 )
 from surgery.methods.ties_dare import dare_linear, dare_ties, ties
 
-__all__ = ["Mask", "Rule", "SparseDelta", "apply_sparse_deltas", "dare_linear", "dare_ties",
-           "drop_layers", "extract_sparse_delta", "hft_reset", "hft_selection",
+__all__ = ["Mask", "PerModel", "Rule", "SparseDelta", "apply_sparse_deltas", "dare_linear",
+           "dare_ties", "drop_layers", "extract_sparse_delta", "hft_reset", "hft_selection",
            "keep_first_layers", "linear", "lines", "load_mask", "load_sparse_delta",
            "overlap_by_layer", "revert_sparse_deltas", "slerp", "sparsify", "stack_layers",
            "task_arithmetic", "ties"]

@@ -30,7 +30,7 @@ from surgery.methods import (
     task_merges,
     ties_dare,
 )
-from surgery.methods.schedule import Scheduled
+from surgery.methods.schedule import ModelScheduled, Scheduled
 
 Resolve = Callable[[str], Weights]
 
@@ -302,6 +302,8 @@ def describe_params(op: Operation) -> list[ParamInfo]:
 def _type_name(annotation: Any) -> str:
     if annotation is Scheduled:
         return "schedule"
+    if annotation is ModelScheduled:
+        return "schedule or {per_model: [schedule, ...]}"
     origin, args = get_origin(annotation), get_args(annotation)
     if origin is Literal:
         return "|".join(str(a) for a in args)

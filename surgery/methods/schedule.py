@@ -17,6 +17,10 @@ A numeric method parameter (``density``, ``weight``, ``t``, ``lambda``, ...) may
   tensor are an error, as is a rule that matches no tensor. Tensors no rule matches get the
   parameter's default, or fail when it has none.
 
+A sparsification parameter of a task-vector merge (``density``, ``gamma``, ``epsilon``) may
+also differ between the merged models: ``{per_model: [v_1, ..., v_T]}``, one value of any of the
+forms above per model, in the order of ``models`` (see :class:`PerModel`).
+
 Everything is resolved from tensor names when the graph is built, before any weight is read.
 """
 
@@ -28,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeAlias
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from surgery.errors import UsageError
 from surgery.expr import Node
@@ -51,6 +55,21 @@ class Rule(BaseModel):
 Gradient: TypeAlias = list[float]
 Scheduled: TypeAlias = float | Gradient | list[Rule]
 """The recipe type of a schedulable parameter: scalar, depth gradient, or rules."""
+
+
+class PerModel(BaseModel):
+    """One schedule per merged model, in the order of the operation's ``models``. A plain
+    list would be read as a depth gradient, hence the key: ``density: {per_model: [0.5,
+    [1, 0.7, 0.1], 0.33]}`` trims the first model to half, the second by depth."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    per_model: list[Scheduled] = Field(min_length=1)
+
+
+ModelScheduled: TypeAlias = Scheduled | PerModel
+"""The recipe type of a parameter that may differ between models: a schedule shared by all
+of them, or :class:`PerModel`."""
 
 
 @dataclass(frozen=True)
@@ -254,3 +273,26 @@ def per_model_weights(op: str, weights: Sequence[Scheduled] | None, count: int, 
     if len(weights) != count:
         raise UsageError(f"{op}: weights has {len(weights)} values for {count} models")
     return [Schedule(f"{op}: weights[{i}]", w, node, depth) for i, w in enumerate(weights)]
+
+
+def per_model_schedules(param: str, spec: ModelScheduled, labels: Sequence[str], node: Node,
+                        depth: Depth, *, check: Callable[[float], str | None] | None = None
+                        ) -> list[Schedule]:
+    """One schedule per model (``labels`` name them, in order) from a shared schedule or a
+    :class:`PerModel`; ``param`` names the parameter in errors (``"ties: density"``), and an
+    error in one model's value names that model."""
+    if not isinstance(spec, PerModel):
+        shared = Schedule(param, spec, node, depth, check=check)
+        return [shared] * len(labels)
+    if len(spec.per_model) != len(labels):
+        raise UsageError(f"{param}: per_model has {len(spec.per_model)} values for "
+                         f"{len(labels)} models")
+    return [Schedule(f"{param} of models[{i}] ({label})", s, node, depth, check=check)
+            for i, (label, s) in enumerate(zip(labels, spec.per_model, strict=True))]
+
+
+def describe_per_model(schedules: Sequence[Schedule]) -> float | list | dict:
+    """JSON-able form of per-model schedules: the shared one's, else ``{per_model: [...]}``."""
+    if all(s is schedules[0] for s in schedules):
+        return schedules[0].describe()
+    return {"per_model": [s.describe() for s in schedules]}

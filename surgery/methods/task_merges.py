@@ -16,7 +16,14 @@ from pydantic import Field
 from surgery.errors import UsageError
 from surgery.expr import ElementwiseNode, EvalContext, Weights
 from surgery.expr.node import PIECE_ELEMENTS, thread_buffer
-from surgery.methods.schedule import Depth, Schedule, Scheduled, in_closed_unit_interval
+from surgery.methods.schedule import (
+    Depth,
+    ModelScheduled,
+    Scheduled,
+    describe_per_model,
+    in_closed_unit_interval,
+    per_model_schedules,
+)
 from surgery.methods.soup import Params
 from surgery.methods.ties_dare import (
     _INT_VIEW,
@@ -30,6 +37,7 @@ from surgery.methods.ties_dare import (
     _prepare,
     _TaskVectorMergeParams,
     find_cuts,
+    model_labels,
 )
 
 BREADCRUMBS_REF = "Model Breadcrumbs, arXiv 2312.06795"
@@ -126,46 +134,52 @@ def breadcrumbs_mask(tau: torch.Tensor, density: float, gamma: float,
     return kept
 
 
-def _breadcrumbs(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
-                 gamma: Scheduled, weights: Sequence[Scheduled] | None, lambda_: Scheduled,
+def _breadcrumbs(op: str, base: Weights, models: Sequence[Weights], density: ModelScheduled,
+                 gamma: ModelScheduled, weights: Sequence[Scheduled] | None, lambda_: Scheduled,
                  ties: bool, normalize: bool, rescale: bool, tie_break: TieBreak,
                  layer_pattern: str | None) -> Weights:
     dens, ws, lam = _prepare(op, base, models, density, weights, lambda_, layer_pattern)
-    gam = Schedule(f"{op}: gamma", gamma, base.node, Depth.of(base.node, layer_pattern),
-                   check=in_closed_unit_interval)
+    gam = per_model_schedules(f"{op}: gamma", gamma, model_labels(models), base.node,
+                              Depth.of(base.node, layer_pattern), check=in_closed_unit_interval)
 
     def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         theta0 = ts[0]
-        d, g = dens(name), gam(name)
         deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
         for i, t in enumerate(ts[1:]):
             tau = t - theta0
-            kept = breadcrumbs_mask(tau, d, g, tie_break)
+            d = dens[i](name)
+            kept = breadcrumbs_mask(tau, d, gam[i](name), tie_break)
             deltas[i] = l1_rescaled(tau, kept) if rescale and d < 1 else kept
         return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
                                     lam(name))
 
     nodes = [base.node, *(m.node for m in models)]
-    params = _params(dens, ws, lam, gamma=gam.describe(), normalize=normalize, rescale=rescale,
-                     tie_break=tie_break)
+    params = _params(dens, ws, lam, gamma=describe_per_model(gam), normalize=normalize,
+                     rescale=rescale, tie_break=tie_break)
     if rescale or tie_break != "index":
         # The L1 rescale needs whole task vectors, and mergekit's order a whole sort.
         return Weights(ElementwiseNode(nodes, fn, op, params, BREADCRUMBS_REF))
 
-    def counts(name: str) -> tuple[int, int] | None:
-        """(how many entries of largest magnitude to take, how many of those to drop)."""
+    def counts(name: str) -> list[tuple[int, int] | None]:
+        """Per model: (how many entries of largest magnitude to take, how many of those to
+        drop), None to keep the task vector whole."""
         n = math.prod(nodes[0].spec(name).shape)
-        d, g = dens(name), gam(name)
-        if d >= 1:
-            return None
-        k, n_top = int(d * n), int(g * n)
-        n_bot = max(0, n - k - n_top)
-        return n - n_bot, n - n_bot - k
+        out: list[tuple[int, int] | None] = []
+        for dm, gm in zip(dens, gam, strict=True):
+            d, g = dm(name), gm(name)
+            if d >= 1:
+                out.append(None)
+                continue
+            k, n_top = int(d * n), int(g * n)
+            n_bot = max(0, n - k - n_top)
+            out.append((n - n_bot, n - n_bot - k))
+        return out
 
-    def cuts(name: str, ctx: EvalContext) -> list[list[Cut | None]] | None:
-        # Both cuts of each task vector, from pieces of the inputs (see ties_dare.ties).
+    def cuts(name: str, ctx: EvalContext) -> list[list[Cut]] | None:
+        # Both cuts of each task vector (the top-k cuts of all models, then the cuts of
+        # the largest dropped), from pieces of the inputs (see ties_dare.ties).
         kept = counts(name)
-        if kept is None:
+        if all(c is None for c in kept):
             return None
         n = math.prod(nodes[0].spec(name).shape)
         dtype = ctx.compute_dtype
@@ -178,39 +192,33 @@ def _breadcrumbs(op: str, base: Weights, models: Sequence[Weights], density: Sch
             return [buf[i].copy_(t.reshape(-1)).sub_(base_block).abs_().view(
                 _INT_VIEW[dtype.itemsize]) for i, t in enumerate(thetas, 1)]
 
-        if not any(0 < k < n for k in kept):  # nothing to select (a scalar, or all or none)
-            return [[None] * len(models) for _ in kept]
-        row = n // nodes[0].spec(name).shape[0]
-        pieces = [(rows[0] * row, lambda rows=rows: read(rows))
-                  for rows in ctx.piece_rows(nodes, name)]
-        return [find_cuts(pieces, k, n, 8 * dtype.itemsize, ctx.map) if 0 < k < n else
-                [None] * len(models) for k in kept]
+        ks = [[n, 0] if c is None else list(c) for c in kept]
+        width = 8 * dtype.itemsize
+        pieces: list = []
+        if any(0 < k < n for pair in ks for k in pair):  # else nothing to select: no reads
+            row = n // nodes[0].spec(name).shape[0]
+            pieces = [(rows[0] * row, lambda rows=rows: read(rows))
+                      for rows in ctx.piece_rows(nodes, name)]
+        return [find_cuts(pieces, [pair[j] for pair in ks], n, width, ctx.map)
+                for j in range(2)]
 
     def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext,
-                  stat: list[list[Cut | None]] | None) -> torch.Tensor:
+                  stat: list[list[Cut]] | None) -> torch.Tensor:
         theta0 = ts[0]
         deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
         kept = counts(name)
-        n = math.prod(nodes[0].spec(name).shape)
         first = ctx.rows[0] * (theta0.numel() // max(ctx.rows[1], 1)) if ctx.rows else 0
         scratch = torch.empty(theta0.numel(), dtype=theta0.dtype, device=theta0.device)
         for i, t in enumerate(ts[1:]):
             tau = (t - theta0).reshape(-1)
-            if kept is None:
+            if kept[i] is None or stat is None:
                 deltas[i] = tau.reshape(theta0.shape)
                 continue
-            parts = []
-            for k, model_cuts in zip(kept, stat or [], strict=True):
-                if k >= n:
-                    parts.append(tau.clone())
-                elif k <= 0:
-                    parts.append(torch.zeros_like(tau))
-                else:
-                    part = tau.clone()
-                    model_cuts[i].apply(part, first, scratch)
-                    parts.append(part)
-            top, dropped = parts
-            if kept[1] > 0:
+            top = tau.clone()
+            stat[0][i].apply(top, first, scratch)
+            if kept[i][1] > 0:
+                dropped = tau.clone()
+                stat[1][i].apply(dropped, first, scratch)
                 top -= dropped  # dropped ⊂ top: the difference is exact
             deltas[i] = top.reshape(theta0.shape)
         return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
@@ -224,8 +232,8 @@ def _breadcrumbs(op: str, base: Weights, models: Sequence[Weights], density: Sch
                                    statistic=cuts, statistic_bytes=cut_bytes))
 
 
-def breadcrumbs(base: Weights, models: Sequence[Weights], density: Scheduled,
-                gamma: Scheduled = 0.01, weights: Sequence[Scheduled] | None = None,
+def breadcrumbs(base: Weights, models: Sequence[Weights], density: ModelScheduled,
+                gamma: ModelScheduled = 0.01, weights: Sequence[Scheduled] | None = None,
                 lambda_: Scheduled = 1.0, normalize: bool = False, rescale: bool = False,
                 tie_break: TieBreak = "index", layer_pattern: str | None = None) -> Weights:
     """Model Breadcrumbs (arXiv 2312.06795), mergekit's ``breadcrumbs``:
@@ -236,21 +244,24 @@ def breadcrumbs(base: Weights, models: Sequence[Weights], density: Scheduled,
     ``rescale`` scales each τ̃_i back to ‖τ_i‖₁; ``tie_break`` orders equal magnitudes at a
     cut (see :func:`breadcrumbs_mask`: ``torch_sort`` is mergekit's order, bit for bit).
     Defaults γ = 0.01, λ = 1, as mergekit (whose ``gamma`` is the share dropped at the top;
-    the share dropped at the bottom is what ``density`` and γ leave).
+    the share dropped at the bottom is what ``density`` and γ leave). ``density`` and
+    ``gamma`` may differ between models (:class:`~surgery.methods.schedule.PerModel`), as
+    mergekit's per-model parameters.
     """
     return _breadcrumbs("breadcrumbs", base, models, density, gamma, weights, lambda_, False,
                         normalize, rescale, tie_break, layer_pattern)
 
 
-def breadcrumbs_ties(base: Weights, models: Sequence[Weights], density: Scheduled,
-                     gamma: Scheduled = 0.01, weights: Sequence[Scheduled] | None = None,
+def breadcrumbs_ties(base: Weights, models: Sequence[Weights], density: ModelScheduled,
+                     gamma: ModelScheduled = 0.01, weights: Sequence[Scheduled] | None = None,
                      lambda_: Scheduled = 1.0, normalize: bool = False, rescale: bool = False,
                      tie_break: TieBreak = "index", layer_pattern: str | None = None
                      ) -> Weights:
     """Model Breadcrumbs' sparsification with TIES's sign election (arXiv 2312.06795,
     2306.01708), mergekit's ``breadcrumbs_ties``: the τ̃_i of :func:`breadcrumbs`, weighted,
     d_i = w_i τ̃_i; s = sign(Σ d_i) (+1 at 0); θ = θ₀ + λ Σ [sign(d_i) = s] d_i (over the
-    agreeing Σ w_i with ``normalize``; mergekit's default is no normalisation)."""
+    agreeing Σ w_i with ``normalize``; mergekit's default is no normalisation). ``density``
+    and ``gamma`` may be per model, as for :func:`breadcrumbs`."""
     return _breadcrumbs("breadcrumbs_ties", base, models, density, gamma, weights, lambda_,
                         True, normalize, rescale, tie_break, layer_pattern)
 
@@ -369,18 +380,22 @@ def della_prune(tau: torch.Tensor, density: float, epsilon: float, rescale: Dell
     return kept.reshape(tau.shape)
 
 
-def _della(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
-           epsilon: Scheduled, weights: Sequence[Scheduled] | None, lambda_: Scheduled,
+def _della(op: str, base: Weights, models: Sequence[Weights], density: ModelScheduled,
+           epsilon: ModelScheduled, weights: Sequence[Scheduled] | None, lambda_: Scheduled,
            ties: bool, normalize: bool, rescale: DellaRescale, rng: DellaRng,
            layer_pattern: str | None) -> Weights:
     dens, ws, lam = _prepare(op, base, models, density, weights, lambda_, layer_pattern)
-    eps = Schedule(f"{op}: epsilon", epsilon, base.node, Depth.of(base.node, layer_pattern),
-                   check=lambda v: None if v >= 0 else "is negative")
+    labels = model_labels(models)
+    eps = per_model_schedules(f"{op}: epsilon", epsilon, labels, base.node,
+                              Depth.of(base.node, layer_pattern),
+                              check=lambda v: None if v >= 0 else "is negative")
     for name in base.node.names():
-        d, e = dens(name), eps(name)
-        if d < 1 and not (0 < d - e and d + e < 1):
-            raise UsageError(f"{op}: density {d!r} and epsilon {e!r} for tensor {name!r}: "
-                             "density ± epsilon must lie within (0, 1)")
+        for i, (dm, em) in enumerate(zip(dens, eps, strict=True)):
+            d, e = dm(name), em(name)
+            if d < 1 and not (0 < d - e and d + e < 1):
+                who = f" of models[{i}] ({labels[i]})" if len(models) > 1 else ""
+                raise UsageError(f"{op}: density {d!r} and epsilon {e!r}{who} for tensor "
+                                 f"{name!r}: density ± epsilon must lie within (0, 1)")
     if rng not in ("hash", "torch"):
         raise UsageError(f"{op}: rng must be 'hash' or 'torch' (got {rng!r})")
     if rescale not in ("l1", "inverse_probability", "none"):
@@ -388,17 +403,16 @@ def _della(op: str, base: Weights, models: Sequence[Weights], density: Scheduled
                          f"(got {rescale!r})")
 
     nodes = [base.node, *(m.node for m in models)]
-    params = _params(dens, ws, lam, epsilon=eps.describe(), normalize=normalize,
+    params = _params(dens, ws, lam, epsilon=describe_per_model(eps), normalize=normalize,
                      rescale=rescale, rng=rng)
 
     def whole(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         theta0 = ts[0]
-        d, e = dens(name), eps(name)
         deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
         gen = torch.Generator(device=theta0.device)
         gen.manual_seed(della_torch_seed(ctx.seed, name))
         for i, t in enumerate(ts[1:]):
-            deltas[i] = della_prune(t - theta0, d, e, rescale,
+            deltas[i] = della_prune(t - theta0, dens[i](name), eps[i](name), rescale,
                                     lambda p: torch.bernoulli(p, generator=gen))
         return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
                                     lam(name))
@@ -410,9 +424,11 @@ def _della(op: str, base: Weights, models: Sequence[Weights], density: Scheduled
                   ) -> tuple[list[torch.Tensor | None], list[torch.Tensor]] | None:
         # Each task vector's mask (kept for the blocks, one byte an entry, so that its ranks
         # and draws are made once) and ‖τ_i‖₁ / ‖τ̃_i‖₁ over the whole tensor, in float64 over
-        # pieces of whole rows (a 1-D tensor, one row, gathered whole).
-        d, e = dens(name), eps(name)
-        if rescale != "l1" or d >= 1:
+        # pieces of whole rows (a 1-D tensor, one row, gathered whole). A model whose
+        # density is 1 here keeps its task vector whole: no mask.
+        de = [(dm(name), em(name)) for dm, em in zip(dens, eps, strict=True)]
+        drawn = [i for i, (d, _) in enumerate(de) if d < 1]
+        if rescale != "l1" or not drawn:
             return None
         shape = nodes[0].spec(name).shape
         n = math.prod(shape)
@@ -420,15 +436,17 @@ def _della(op: str, base: Weights, models: Sequence[Weights], density: Scheduled
         draws = [hash_draw(ctx.seed, name, i) for i in range(len(models))]
         before = torch.zeros(len(models), dtype=torch.float64)
         after = torch.zeros(len(models), dtype=torch.float64)
-        masks = [torch.empty(n, dtype=torch.bool) for _ in models]
+        masks = [torch.empty(n if i in drawn else 0, dtype=torch.bool)
+                 for i in range(len(models))]
         pieces = list(ctx.pieces(nodes, name))
         if len(shape) < 2:
             pieces = [(0, [torch.cat([v[i].reshape(-1) for _, v in pieces])
                            for i in range(len(nodes))])]
         for first, values in pieces:
             theta0 = values[0].to(torch.float32)
-            for i, v in enumerate(values[1:]):
-                tau = v.to(torch.float32) - theta0
+            for i in drawn:
+                d, e = de[i]
+                tau = values[i + 1].to(torch.float32) - theta0
                 rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
                 mask = draws[i](della_probabilities(tau, d, e, "index"), first * row)
                 at = first * row
@@ -440,17 +458,18 @@ def _della(op: str, base: Weights, models: Sequence[Weights], density: Scheduled
         return scales, masks
 
     def mask_bytes(name: str) -> int:
-        return len(models) * math.prod(nodes[0].spec(name).shape) if rescale == "l1" else 0
+        drawn = sum(d(name) < 1 for d in dens)
+        return drawn * math.prod(nodes[0].spec(name).shape) if rescale == "l1" else 0
 
     def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext,
                   stat: tuple[list[torch.Tensor | None], list[torch.Tensor]] | None
                   ) -> torch.Tensor:
         theta0 = ts[0]
-        d, e = dens(name), eps(name)
         first = ctx.rows[0] * (theta0.numel() // max(ctx.rows[1], 1)) if ctx.rows else 0
         deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
         for i, t in enumerate(ts[1:]):
             tau = t - theta0
+            d, e = dens[i](name), eps[i](name)
             if d >= 1:
                 deltas[i] = tau
                 continue
@@ -481,8 +500,8 @@ def _della(op: str, base: Weights, models: Sequence[Weights], density: Scheduled
                                    statistic=l1_scales, statistic_bytes=mask_bytes))
 
 
-def della(base: Weights, models: Sequence[Weights], density: Scheduled,
-          epsilon: Scheduled = 0.15, weights: Sequence[Scheduled] | None = None,
+def della(base: Weights, models: Sequence[Weights], density: ModelScheduled,
+          epsilon: ModelScheduled = 0.15, weights: Sequence[Scheduled] | None = None,
           lambda_: Scheduled = 1.0, normalize: bool = True, rescale: DellaRescale = "l1",
           rng: DellaRng = "hash", layer_pattern: str | None = None) -> Weights:
     """DELLA (arXiv 2406.11617), mergekit's ``della``: MagPrune, then TIES's election.
@@ -501,26 +520,30 @@ def della(base: Weights, models: Sequence[Weights], density: Scheduled,
     before each tensor. Equal magnitudes in a row are ranked by position with ``hash`` (so
     results do not depend on a sort's implementation) and as ``torch.argsort`` orders them
     with ``torch`` (mergekit's ranks). Defaults ε = 0.15, λ = 1 (mergekit's).
+    ``density`` and ``epsilon`` may differ between models
+    (:class:`~surgery.methods.schedule.PerModel`), as mergekit's per-model parameters;
+    density ± ε must lie in (0, 1) for every model and tensor.
     """
     return _della("della", base, models, density, epsilon, weights, lambda_, True, normalize,
                   rescale, rng, layer_pattern)
 
 
-def della_linear(base: Weights, models: Sequence[Weights], density: Scheduled,
-                 epsilon: Scheduled = 0.15, weights: Sequence[Scheduled] | None = None,
+def della_linear(base: Weights, models: Sequence[Weights], density: ModelScheduled,
+                 epsilon: ModelScheduled = 0.15, weights: Sequence[Scheduled] | None = None,
                  lambda_: Scheduled = 1.0, normalize: bool = False,
                  rescale: DellaRescale = "l1", rng: DellaRng = "hash",
                  layer_pattern: str | None = None) -> Weights:
     """DELLA's MagPrune with a linear combination (arXiv 2406.11617), mergekit's
     ``della_linear``: the τ̃_i of :func:`della`, θ = θ₀ + λ Σ w_i τ̃_i (over Σ w_i with
-    ``normalize``, off by default as mergekit)."""
+    ``normalize``, off by default as mergekit). ``density`` and ``epsilon`` may be per
+    model, as for :func:`della`."""
     return _della("della_linear", base, models, density, epsilon, weights, lambda_, False,
                   normalize, rescale, rng, layer_pattern)
 
 
 class BreadcrumbsParams(_TaskVectorMergeParams):
-    density: Scheduled = Field(description="fraction of each task vector kept, in (0, 1]")
-    gamma: Scheduled = Field(0.01, description="fraction of largest-magnitude entries dropped")
+    gamma: ModelScheduled = Field(0.01, description="fraction of largest-magnitude entries "
+                                  "dropped")
     normalize: bool = Field(False, description="divide by the sum of weights")
     rescale: bool = Field(False, description="scale kept entries back to the L1 norm")
     tie_break: TieBreak = Field("index", description="equal magnitudes at a cut: index "
@@ -528,7 +551,8 @@ class BreadcrumbsParams(_TaskVectorMergeParams):
 
 
 class DellaParams(_TaskVectorMergeParams):
-    epsilon: Scheduled = Field(0.15, description="keep probability spread: density ± epsilon")
+    epsilon: ModelScheduled = Field(0.15, description="keep probability spread: density ± "
+                                    "epsilon")
     normalize: bool = Field(True, description="divide by the agreeing weights")
     rescale: DellaRescale = Field("l1", description="l1 (mergekit), inverse_probability, none")
     rng: DellaRng = Field("hash", description="hash (any device) or torch (mergekit's draws)")

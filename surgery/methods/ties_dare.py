@@ -15,11 +15,15 @@ from pydantic import Field
 from surgery.errors import UsageError
 from surgery.expr import ElementwiseNode, EvalContext, Weights
 from surgery.expr.node import PIECE_ELEMENTS, thread_buffer
+from surgery.expr.weights import weights_label
 from surgery.methods.schedule import (
     Depth,
+    ModelScheduled,
     Schedule,
     Scheduled,
+    describe_per_model,
     in_unit_interval,
+    per_model_schedules,
     per_model_weights,
 )
 from surgery.methods.soup import Params
@@ -123,12 +127,26 @@ def sample_bracket(sample: torch.Tensor, k: int, n: int) -> tuple[int, int]:
     return lo, min(hi, (1 << 31) - 1)
 
 
-def find_cuts(pieces: Sequence[Piece], k: int, n: int, width: int = 32,
+def keep_all(n: int) -> Cut:
+    """The cut that keeps every entry of an n-entry task vector."""
+    return Cut(0, n)
+
+
+def keep_none(width: int = 32) -> Cut:
+    """The cut that zeroes every entry (of magnitudes ``width`` bits wide): every magnitude's
+    bits are below the largest signed value of that width, and no tie is kept."""
+    return Cut((1 << (width - 1)) - 1, 0)
+
+
+def find_cuts(pieces: Sequence[Piece], k: int | Sequence[int], n: int, width: int = 32,
               map_: Callable[[Callable, Sequence], list] = _serial_map) -> list[Cut]:
     """For each of several task vectors, the cut keeping its k entries of largest magnitude
     (``pieces``: (flat start, read) of consecutive pieces of the vectors, ``read()`` giving
     the flat magnitude bits of each vector there, valid until the thread's next ``read()``;
     ``n`` entries in all, ``width`` bits each; ``map_`` may share the pieces among threads).
+    ``k`` is one count for all vectors or one per vector; a vector with k ≥ n gets
+    :func:`keep_all`, one with k ≤ 0 :func:`keep_none`, and the pieces are read only when
+    some vector has 0 < k < n.
 
     For float32 magnitudes of several pieces, one pass: a sample of the pieces (see
     :func:`sample_pieces`) brackets the k-th largest (:func:`sample_bracket`), and the pass
@@ -136,11 +154,32 @@ def find_cuts(pieces: Sequence[Piece], k: int, n: int, width: int = 32,
     largest then lies (found exactly, with the indices of its ties); when the bracket missed
     it, or holds too many entries (see ``NEAR_LIMIT``), :func:`radix_cuts` reads them
     again."""
+    if isinstance(k, int):
+        if not 0 < k < n:
+            raise ValueError(f"find_cuts: one k for all vectors must be in (0, {n}), got {k}")
+    else:
+        ks = list(k)
+        active = [i for i, ki in enumerate(ks) if 0 < ki < n]
+        if len(active) < len(ks):
+            def subset(read: Callable[[], list[torch.Tensor]]) -> list[torch.Tensor]:
+                values = read()
+                return [values[i] for i in active]
+
+            found = iter(find_cuts([(start, lambda read=read: subset(read))
+                                    for start, read in pieces], [ks[i] for i in active], n,
+                                   width, map_) if active else [])
+            return [next(found) if 0 < ki < n else keep_all(n) if ki >= n
+                    else keep_none(width) for ki in ks]
     if width == 32 and len(pieces) > 1:
         cuts = _one_pass_cuts(pieces, k, n, map_)
         if cuts is not None:
             return cuts
     return radix_cuts(pieces, k, n, width, map_)
+
+
+def _kth(k: int | Sequence[int], v: int) -> int:
+    """Vector v's count of entries to keep."""
+    return k if isinstance(k, int) else k[v]
 
 
 # A piece with more than this share of its entries within the bracket (tensors of a few
@@ -152,14 +191,14 @@ class _TooMany(Exception):
     """A piece has too many entries within the bracket."""
 
 
-def _one_pass_cuts(pieces: Sequence[Piece], k: int, n: int,
+def _one_pass_cuts(pieces: Sequence[Piece], k: int | Sequence[int], n: int,
                    map_: Callable[[Callable, Sequence], list]) -> list[Cut] | None:
     sampled = sample_pieces(len(pieces))
     kept = {i: [b.clone() for b in pieces[i][1]()] for i in sampled}  # read() reuses buffers
     size = sum(kept[i][0].numel() for i in sampled)
     stride = max(size // SAMPLE_ENTRIES, 1)
-    brackets = [sample_bracket(torch.cat([kept[i][v][::stride] for i in sampled]), k, n)
-                for v in range(len(kept[0]))]
+    brackets = [sample_bracket(torch.cat([kept[i][v][::stride] for i in sampled]), _kth(k, v),
+                               n) for v in range(len(kept[0]))]
 
     def scan(i: int) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
         out = []
@@ -181,7 +220,7 @@ def _one_pass_cuts(pieces: Sequence[Piece], k: int, n: int,
     for v in range(len(brackets)):
         # The k-th largest is among the entries near the estimate when fewer than k are
         # above them and at least k are above or near; it is the rank-th largest of those.
-        rank = k - sum(p[v][0] for p in per_piece)
+        rank = _kth(k, v) - sum(p[v][0] for p in per_piece)
         bits = torch.cat([p[v][2] for p in per_piece])
         if not 0 < rank <= len(bits):
             return None
@@ -234,7 +273,7 @@ def _bracket_torch(flat: torch.Tensor, lo: int, hi: int
     return int(top.sum()), near.int(), flat[near]
 
 
-def radix_cuts(pieces: Sequence[Piece], k: int, n: int, width: int = 32,
+def radix_cuts(pieces: Sequence[Piece], k: int | Sequence[int], n: int, width: int = 32,
                map_: Callable[[Callable, Sequence], list] = _serial_map) -> list[Cut]:
     """For each of several task vectors, the cut keeping its k entries of largest magnitude,
     by radix selection on 16-bit digits of the magnitude bits, highest first (arguments as
@@ -263,7 +302,8 @@ def radix_cuts(pieces: Sequence[Piece], k: int, n: int, width: int = 32,
         per_piece = map_(count, pieces)
         hists = [torch.stack(h).sum(0) for h in zip(*per_piece, strict=True)]
         if not known:
-            prefix, rank, tied = [0] * len(hists), [k] * len(hists), [0] * len(hists)
+            prefix, tied = [0] * len(hists), [0] * len(hists)
+            rank = [_kth(k, v) for v in range(len(hists))]
         for i, h in enumerate(hists):
             above = h.flip(0).cumsum(0).flip(0)  # matching entries with this digit or higher
             digit = int(torch.nonzero(above >= rank[i]).max())
@@ -390,24 +430,31 @@ def _stack_weights(schedules: list[Schedule], name: str, like: torch.Tensor) -> 
     return torch.tensor([s(name) for s in schedules], dtype=like.dtype, device=like.device)
 
 
-def _prepare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
+def _prepare(op: str, base: Weights, models: Sequence[Weights], density: ModelScheduled,
              weights: Sequence[Scheduled] | None, lambda_: Scheduled,
-             layer_pattern: str | None) -> tuple[Schedule, list[Schedule], Schedule]:
+             layer_pattern: str | None) -> tuple[list[Schedule], list[Schedule], Schedule]:
+    """Per-model density and weight schedules and the shared lambda."""
     if not models:
         raise UsageError(f"{op}: needs at least one fine-tuned model")
     depth = Depth.of(base.node, layer_pattern)
-    dens = Schedule(f"{op}: density", density, base.node, depth, check=in_unit_interval)
+    dens = per_model_schedules(f"{op}: density", density, model_labels(models), base.node,
+                               depth, check=in_unit_interval)
     ws = per_model_weights(op, weights, len(models), base.node, depth)
     lam = Schedule(f"{op}: lambda", lambda_, base.node, depth)
     return dens, ws, lam
 
 
-def _params(density: Schedule, ws: list[Schedule], lam: Schedule, **extra: object) -> dict:
-    return {"density": density.describe(), "weights": [w.describe() for w in ws],
+def model_labels(models: Sequence[Weights]) -> list[str]:
+    return [weights_label(m) for m in models]
+
+
+def _params(density: list[Schedule], ws: list[Schedule], lam: Schedule, **extra: object
+            ) -> dict:
+    return {"density": describe_per_model(density), "weights": [w.describe() for w in ws],
             "lambda": lam.describe(), **extra}
 
 
-def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
+def ties(base: Weights, models: Sequence[Weights], density: ModelScheduled,
          weights: Sequence[Scheduled] | None = None, lambda_: Scheduled = 1.0,
          consensus: Consensus = "sum", normalize: bool = True,
          layer_pattern: str | None = None) -> Weights:
@@ -421,7 +468,9 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
        input agrees; ``normalize=False`` keeps the weighted sum); θ = θ₀ + λ·merged.
 
     With equal weights this is the paper's disjoint mean and mergekit's ``ties``. ``density``,
-    each weight and ``lambda_`` may be schedules (see :mod:`surgery.methods.schedule`).
+    each weight and ``lambda_`` may be schedules (see :mod:`surgery.methods.schedule`), and
+    ``density`` may differ between models (a :class:`~surgery.methods.schedule.PerModel`:
+    model i keeps its own k_i = ⌊density_i·n⌋), as mergekit's per-model ``density``.
     """
     dens, ws, lam = _prepare("ties", base, models, density, weights, lambda_, layer_pattern)
 
@@ -433,8 +482,8 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
     def cuts(name: str, ctx: EvalContext) -> list[Cut]:
         # The whole-tensor statistic: each task vector's cut, from pieces of the inputs.
         n = n_of(name)
-        k = int(dens(name) * n)
-        if not 0 < k < n:
+        ks = [int(d(name) * n) for d in dens]
+        if all(k >= n for k in ks):
             return []
         dtype = ctx.compute_dtype
 
@@ -447,10 +496,13 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
             return [buf[i].copy_(t.reshape(-1)).sub_(base_block).abs_().view(
                 _INT_VIEW[dtype.itemsize]) for i, t in enumerate(thetas, 1)]
 
-        row = n // nodes[0].spec(name).shape[0]  # k < n: not a scalar
+        width = 8 * dtype.itemsize
+        if not any(0 < k < n for k in ks):  # nothing to select: no piece is read
+            return find_cuts([], ks, n, width)
+        row = n // nodes[0].spec(name).shape[0]  # some k < n: not a scalar
         pieces = [(rows[0] * row, lambda rows=rows: read(rows))
                   for rows in ctx.piece_rows(nodes, name)]
-        return find_cuts(pieces, k, n, 8 * dtype.itemsize, ctx.map)
+        return find_cuts(pieces, ks, n, width, ctx.map)
 
     def cut_bytes(name: str) -> int:
         # The sampled pieces, kept as float32, and what the scan collects: an int32 index
@@ -463,7 +515,6 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
            ) -> torch.Tensor:
         # Inputs come as stored (bf16 typically) and are converted block by block.
         dtype = ctx.compute_dtype
-        k = int(dens(name) * n_of(name))
         w = torch.tensor([s(name) for s in ws], dtype=dtype, device=ts[0].device)
         scale = lam(name)
         first = ctx.rows[0] * (ts[0].numel() // max(ctx.rows[1], 1)) if ctx.rows else 0
@@ -472,8 +523,6 @@ def ties(base: Weights, models: Sequence[Weights], density: Scheduled,
         for start, base_block, taus in task_vector_blocks(ts, dtype, ctx.empty):
             for i, cut in enumerate(cuts):
                 cut.apply(taus[i], first + start, work[0])
-            if k == 0:
-                taus.zero_()
             merged = disjoint_merge(taus, w, consensus, normalize, work)
             if scale != 1:
                 merged.mul_(scale)
@@ -615,7 +664,7 @@ def drop_and_rescale(tau: torch.Tensor, density: float, rescale: Rescale,
     return dropped * (before / after)
 
 
-def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
+def _dare(op: str, base: Weights, models: Sequence[Weights], density: ModelScheduled,
           weights: Sequence[Scheduled] | None, lambda_: Scheduled, rescale: Rescale,
           consensus: Consensus | None, normalize: bool, layer_pattern: str | None) -> Weights:
     dens, ws, lam = _prepare(op, base, models, density, weights, lambda_, layer_pattern)
@@ -639,17 +688,18 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
     def whole(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         # The l1 rescale needs the norms of whole task vectors.
         theta0 = ts[0]
-        d = dens(name)
-        taus = torch.stack([drop_and_rescale(t - theta0, d, rescale, key)
-                            for t, key in zip(ts[1:], keys(ctx, name), strict=True)])
+        taus = torch.stack([drop_and_rescale(t - theta0, d(name), rescale, key)
+                            for t, d, key in zip(ts[1:], dens, keys(ctx, name), strict=True)])
         return theta0 + combine(taus, _stack_weights(ws, name, theta0)) * lam(name)
 
     def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext) -> torch.Tensor:
         # Inverse-density rescale is entry by entry: blocks of the stored inputs, converted
         # block by block, each entry dropped by the hash of its position. Every combination
-        # is homogeneous in the τ_i, so the 1/density rescale is applied once, to the result.
+        # is homogeneous in the τ_i, so a 1/density rescale shared by all models is applied
+        # once, to the result; densities that differ rescale each τ_i before the combination.
         dtype = ctx.compute_dtype
-        d = dens(name)
+        ds = [d(name) for d in dens]
+        shared = ds[0] if all(d == ds[0] for d in ds) else None
         w = torch.tensor([s(name) for s in ws], dtype=dtype, device=ts[0].device)
         scale = lam(name)
         n = ts[0].numel()
@@ -659,12 +709,14 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
         work = ctx.empty((3, min(BLOCK, n)), dtype)
         bits = ctx.empty((2, min(HASH_STEP, n)), torch.int32)
         for start, base_block, taus in task_vector_blocks(ts, dtype, ctx.empty):
-            if d < 1.0:
-                for tau, key in zip(taus, model_keys, strict=True):
+            for tau, d, key in zip(taus, ds, model_keys, strict=True):
+                if d < 1.0:
                     drop_entries(tau, first + start, d, key, bits)
+                    if shared is None:
+                        tau.div_(d)
             merged = combine(taus, w, work)
-            if d < 1.0:
-                merged.div_(d)
+            if shared is not None and shared < 1.0:
+                merged.div_(shared)
             if scale != 1:
                 merged.mul_(scale)
             torch.add(base_block, merged, out=out[start:start + taus.shape[1]])
@@ -680,7 +732,7 @@ def _dare(op: str, base: Weights, models: Sequence[Weights], density: Scheduled,
                                    rowwise=by_entry, convert=not by_entry))
 
 
-def dare_linear(base: Weights, models: Sequence[Weights], density: Scheduled,
+def dare_linear(base: Weights, models: Sequence[Weights], density: ModelScheduled,
                 weights: Sequence[Scheduled] | None = None, lambda_: Scheduled = 1.0,
                 rescale: Rescale = "inverse_density", normalize: bool = False,
                 layer_pattern: str | None = None) -> Weights:
@@ -689,20 +741,22 @@ def dare_linear(base: Weights, models: Sequence[Weights], density: Scheduled,
     τ̃_i = drop_and_rescale(θ_i − θ₀), each entry dropped with p = 1 − density and survivors
     scaled by 1/(1 − p); θ = θ₀ + λ Σ w_i τ̃_i (divided by Σ w_i with ``normalize=True``).
     Which entries are dropped is a hash of (recipe seed, model index, tensor name, entry
-    position): see :func:`drop_entries`.
+    position): see :func:`drop_entries`. ``density`` may differ between models (a
+    :class:`~surgery.methods.schedule.PerModel`), as mergekit's per-model ``density``.
     """
     return _dare("dare_linear", base, models, density, weights, lambda_, rescale, None,
                  normalize, layer_pattern)
 
 
-def dare_ties(base: Weights, models: Sequence[Weights], density: Scheduled,
+def dare_ties(base: Weights, models: Sequence[Weights], density: ModelScheduled,
               weights: Sequence[Scheduled] | None = None, lambda_: Scheduled = 1.0,
               rescale: Rescale = "inverse_density", consensus: Consensus = "sum",
               normalize: bool = False, layer_pattern: str | None = None) -> Weights:
     """DARE with TIES sign election (arXiv 2311.03099, 2306.01708): the dropped and rescaled
     τ̃_i go through TIES's election and disjoint merge (no magnitude trim). The default is the
     weighted sum of agreeing entries (``normalize=False``, as mergekit's ``dare_ties``), since
-    the rescale already keeps each τ̃_i unbiased.
+    the rescale already keeps each τ̃_i unbiased. ``density`` may be per model, as for
+    :func:`dare_linear`.
     """
     return _dare("dare_ties", base, models, density, weights, lambda_, rescale, consensus,
                  normalize, layer_pattern)
@@ -711,7 +765,7 @@ def dare_ties(base: Weights, models: Sequence[Weights], density: Scheduled,
 class _TaskVectorMergeParams(Params):
     base: str
     models: list[str] = Field(min_length=1)
-    density: Scheduled = Field(description="fraction of each task vector kept, in (0, 1]")
+    density: ModelScheduled = Field(description="fraction of each task vector kept, in (0, 1]")
     weights: list[Scheduled] | None = Field(None, description="one per model (default 1)")
     lambda_: Scheduled = Field(1.0, alias="lambda", description="scale of the merged vector")
     layer_pattern: str | None = Field(None, description="regex capturing the block index")

@@ -63,7 +63,8 @@ def _allowed_keys(model: type[BaseModel]) -> list[str]:
 
 
 # The member tags pydantic puts in an error's location for the union ``Scheduled``.
-_SCHEDULE_TAGS = {"float": "number", "list[float]": "gradient", "list[Rule]": "rules"}
+_SCHEDULE_TAGS = {"float": "number", "list[float]": "gradient", "list[Rule]": "rules",
+                  "PerModel": "per_model"}
 
 
 def _prefer_unknown(errors: list[Any]) -> list[Any]:
@@ -71,25 +72,38 @@ def _prefer_unknown(errors: list[Any]) -> list[Any]:
     return sorted(errors, key=lambda e: e["type"] != "extra_forbidden")
 
 
-def _schedule_error(errors: list[Any]) -> tuple[Any, str | None]:
+def _schedule_error(errors: list[Any], skip: int = 0) -> tuple[Any, str | None]:
     """For a value of a schedulable parameter, the error of the form the value was meant to
-    take (rules when it is a list of mappings, a gradient for another list); a value of none
-    of the forms gets one plain message."""
+    take (rules when it is a list of mappings, a gradient for another list, one model's
+    schedule in ``per_model``); a value of none of the forms gets one plain message. ``skip``:
+    how many parts of the locations lie above the value."""
     first = errors[0]
-    tags = [i for i, part in enumerate(first["loc"]) if part in _SCHEDULE_TAGS]
+    tags = [i for i, part in enumerate(first["loc"]) if i >= skip and part in _SCHEDULE_TAGS]
     if not tags:
         return _prefer_unknown(errors)[0], None
     at = first["loc"][:tags[0]]
     value = first.get("input")
+    per_model = any(len(e["loc"]) > len(at) and e["loc"][len(at)] == "PerModel"
+                    for e in errors)
+    form = None
     if isinstance(value, list) and value:
         form = "rules" if all(isinstance(v, dict) for v in value) else "gradient"
+    elif isinstance(value, dict) and per_model:
+        form = "per_model"
+    if form is not None:
         for e in _prefer_unknown(errors):
             loc = e["loc"]
             if loc[:len(at)] == at and len(loc) > len(at) and _SCHEDULE_TAGS.get(
                     loc[len(at)]) == form:
+                if form == "per_model" and len(loc) > len(at) + 3:
+                    # (PerModel, per_model, i, ...): model i's schedule is what is wrong
+                    inner = loc[:len(at) + 3]
+                    return _schedule_error([x for x in errors
+                                            if x["loc"][:len(inner)] == inner], len(inner))
                 return e, None
+    also = ", or {per_model: [...]} with one of those per model" if per_model else ""
     return {**first, "loc": at}, (f"expected a number, a list of numbers (a depth gradient) or "
-                                  f"a list of {{match, value}} rules (got {value!r})")
+                                  f"a list of {{match, value}} rules{also} (got {value!r})")
 
 
 def _validation_error(doc: Located, err: ValidationError, prefix: Loc,

@@ -30,6 +30,7 @@ from __future__ import annotations
 import math
 import re
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -39,9 +40,10 @@ import yaml
 from surgery.checkpoint import Checkpoint, open_checkpoint
 from surgery.errors import RecipeError, UsageError
 from surgery.methods.layers import rename_block
-from surgery.methods.schedule import interpolate
+from surgery.methods.schedule import in_closed_unit_interval, in_unit_interval, interpolate
 from surgery.names import count_layers, layer_index
 from surgery.recipe.build import Recipe, build_recipe
+from surgery.recipe.chat_templates import NAMED, REFUSED
 from surgery.recipe.yamlloc import Loc, Located, load_located
 
 REQUIRED = object()
@@ -53,7 +55,10 @@ class Param:
     """One parameter of a mergekit method and where its value goes in our operation.
 
     ``to`` is our recipe key (None: accepted, no effect on the result); ``per_model``: our
-    key takes one value per model (a list), else one value for all models; ``values`` maps
+    key takes one value per model (a list, as ``weights``), else a per-model parameter
+    (``non_base`` or ``input`` scope) is one value when every model has the same and
+    ``{per_model: [...]}`` when they differ (``density``); ``check`` returns what is wrong
+    with a value (out of range), reported at its YAML line naming the model; ``values`` maps
     mergekit's values of a discrete parameter to ours (a value missing from it is refused with
     ``refuse``); ``inert`` marks a parameter mergekit accepts but ignores for this method,
     which we refuse rather than ignore."""
@@ -68,6 +73,7 @@ class Param:
     refuse: str = ""
     inert: bool = False
     unset: Any = None  # our value where mergekit's resolves to None
+    check: Callable[[float], str | None] | None = None
 
 
 @dataclass(frozen=True)
@@ -91,9 +97,10 @@ class MethodMap:
 _INT8 = Param("int8_mask", bool, "shared", False)  # mergekit's mask dtype: same result
 _LAMBDA = Param("lambda", float, "shared", 1.0, to="lambda")
 _WEIGHT = Param("weight", float, "non_base", to="weights", per_model=True)
-_DENSITY = Param("density", float, "non_base", 1.0, to="density")
-_GAMMA = Param("gamma", float, "non_base", 0.01, to="gamma")
-_EPSILON = Param("epsilon", float, "non_base", 0.15, to="epsilon")
+_DENSITY = Param("density", float, "non_base", 1.0, to="density", check=in_unit_interval)
+_GAMMA = Param("gamma", float, "non_base", 0.01, to="gamma", check=in_closed_unit_interval)
+_EPSILON = Param("epsilon", float, "non_base", 0.15, to="epsilon",
+                 check=lambda v: None if v >= 0 else "is negative")
 _NO_SPARSIFY = "has no effect in mergekit's task_arithmetic (it does not sparsify); remove it"
 
 METHODS: dict[str, MethodMap] = {
@@ -429,7 +436,7 @@ class _Resolver:
     def value(self, p: Param, model: str | None, tensor: str, t: float) -> Any:
         for scope, loc in self.scopes(model):
             if p.name in scope:
-                v = self.evaluate(scope[p.name], (*loc, p.name), p, tensor, t)
+                v = self.evaluate(scope[p.name], (*loc, p.name), p, tensor, t, model)
                 if v is not None:
                     return v
         if p.default is REQUIRED:
@@ -439,25 +446,28 @@ class _Resolver:
                               f"{tensor}{who}")
         return p.default
 
-    def evaluate(self, setting: Any, loc: Loc, p: Param, tensor: str, t: float) -> Any:
+    def evaluate(self, setting: Any, loc: Loc, p: Param, tensor: str, t: float,
+                 model: str | None) -> Any:
         if isinstance(setting, dict):  # one conditional
             conds = [(setting, loc)]
         elif isinstance(setting, list) and setting and isinstance(setting[0], dict):
             conds = [(c, (*loc, i)) for i, c in enumerate(setting)]
         else:
-            return self.scalar_or_gradient(setting, loc, p, t)
+            return self.scalar_or_gradient(setting, loc, p, t, model)
         for cond, at in conds:
             f = cond.get("filter")
             if f is None or f == "*" or f in tensor:
                 if f is not None:
                     self.hits.add(at)
-                return self.evaluate(cond["value"], (*at, "value"), p, tensor, t)
+                return self.evaluate(cond["value"], (*at, "value"), p, tensor, t, model)
         return None
 
-    def scalar_or_gradient(self, setting: Any, loc: Loc, p: Param, t: float) -> Any:
+    def scalar_or_gradient(self, setting: Any, loc: Loc, p: Param, t: float,
+                           model: str | None) -> Any:
         if not isinstance(setting, list):
-            return self.validate(setting, loc, p)
-        values = [self.validate(v, (*loc, i), p) for i, v in enumerate(setting)]
+            return self.checked(self.validate(setting, loc, p), loc, p, model)
+        values = [self.checked(self.validate(v, (*loc, i), p), (*loc, i), p, model)
+                  for i, v in enumerate(setting)]
         seen = self.gradients.setdefault(p.name, [])
         if p.kind is float and values not in seen:
             seen.append(values)
@@ -468,6 +478,15 @@ class _Resolver:
         i1 = min(len(values) - 1, i0 + 1)
         frac = scaled - i0
         return float((1 - frac) * values[i0] + frac * values[i1])
+
+    def checked(self, v: Any, loc: Loc, p: Param, model: str | None) -> Any:
+        """``v`` when ``p.check`` finds nothing wrong with it (interpolation stays between
+        a gradient's values, so checking those covers every tensor's)."""
+        problem = p.check(v) if p.check is not None else None
+        if problem:
+            who = f" for model {self.tr.inputs[model]}" if model is not None else ""
+            raise self.tr.err(loc, f"{p.name} {v!r}{who} {problem}")
+        return v
 
     def validate(self, v: Any, loc: Loc, p: Param) -> Any:
         if p.kind is bool:
@@ -576,8 +595,9 @@ def _tokenizer(tr: _Translator, data: dict[str, Any], base: str | None,
 
 def _chat_template(tr: _Translator, value: Any, tokenizer_from: str) -> str | None:
     """mergekit's chat_template: ``auto`` (the most common template of the inputs, none when
-    they have none), or a Jinja template's text. mergekit's named templates (chatml, llama3,
-    ...) are its own files, which we do not bundle: refused."""
+    they have none), one of its named templates, or a Jinja template's text. Of the names,
+    ``chatml`` and ``mistral`` are standard published templates we carry; mergekit's others
+    are refused, naming why (see :mod:`surgery.recipe.chat_templates`)."""
     at = ("chat_template",)
     if not isinstance(value, str) or not value:
         raise tr.err(at, "chat_template is auto or a Jinja template")
@@ -606,9 +626,15 @@ def _chat_template(tr: _Translator, value: Any, tokenizer_from: str) -> str | No
                             "(as mergekit)")
             return None
         return Counter(found).most_common(1)[0][0]
+    if value in NAMED:
+        return NAMED[value]
+    if value in REFUSED:
+        raise tr.err(at, f"chat_template {value!r}: {REFUSED[value]}; give the template's "
+                     "Jinja text, or auto")
     if len(value) < 20 or "{" not in value:
-        raise tr.err(at, f"chat_template {value!r}: mergekit's named templates are not "
-                     "bundled here; give the template's Jinja text, or auto")
+        raise tr.err(at, f"chat_template {value!r} is neither a named template "
+                     f"({', '.join(sorted(NAMED))}) nor a Jinja template; give its Jinja "
+                     "text, or auto")
     return value
 
 
@@ -809,16 +835,14 @@ def _merge_one(tr: _Translator, method: MethodMap, method_name: str, sl: Slice,
         if p.per_model:
             step[p.to] = [_emit(v, resolver.gradients.get(p.name, []), n)
                           for v in per_model[p.name]]
-        else:  # one value for all models in our op (density)
-            first = per_model[p.name][0]
-            for s, v in zip(others, per_model[p.name], strict=True):
-                if v != first:
-                    raise tr.err(s.loc, f"{p.name} differs between models ({tr.inputs[s.model]}"
-                                 f" vs {tr.inputs[others[0].model]}); our {method.op} takes "
-                                 f"one {p.name} for all models")
-            step[p.to] = _emit(first, resolver.gradients.get(p.name, []), n)
+        else:  # one value for all models, or {per_model: [...]} where they differ
+            emitted = [_emit(v, resolver.gradients.get(p.name, []), n)
+                       for v in per_model[p.name]]
+            same = all(e == emitted[0] for e in emitted)
+            step[p.to] = emitted[0] if same else {"per_model": emitted}
             if method.op == "ties" and p.name == "density":
-                _check_tiny_trim(tr, ref, first, local)
+                for v in per_model[p.name][:1] if same else per_model[p.name]:
+                    _check_tiny_trim(tr, ref, v, local)
     step.update(method.fixed)
     models = [sub[j] for j, s in enumerate(sl.sources) if s in others]
     if takes_base:
