@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     lab = Lab(profile, models(args.models), tasks, args.classify, args.device,
               args.out.parent, args.models == "fixtures")
     t0 = time.perf_counter()
+    command = ("python -m bench.fidelity "
+               + " ".join(argv if argv is not None else sys.argv[1:])).strip()
     rows = []
     for key in only:
         lab.log(f"row {key}")
@@ -74,9 +76,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         lab.log(f"row {key} done in {row.seconds:.0f}s: "
                 + "; ".join(f"{c}: {v}" for c, v in row.verdicts))
-    command = "python -m bench.fidelity " + " ".join(argv if argv is not None else sys.argv[1:])
-    report.write(args.out, rows, lab, command.strip(), time.perf_counter() - t0,
-                 platform.processor() or platform.machine())
+        # after every row, so that an interrupted run leaves the rows it finished
+        report.write(args.out, rows, lab, command, time.perf_counter() - t0,
+                     platform.processor() or platform.machine(),
+                     pending=only[len(rows):])
     print(f"wrote {args.out}")
     return 0
 

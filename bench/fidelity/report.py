@@ -43,7 +43,7 @@ def plot_forgetting(rows: Sequence[Row], path: Path) -> Path | None:
 
 
 def write(path: Path, rows: Sequence[Row], lab: Lab, command: str, seconds: float,
-          cpu: str) -> None:
+          cpu: str, pending: Sequence[str] = ()) -> None:
     p = lab.p
     lines = [
         "# Fidelity benchmark",
@@ -72,6 +72,8 @@ def write(path: Path, rows: Sequence[Row], lab: Lab, command: str, seconds: floa
         f"- control text (forgetting): {p.control} held-out fortunes from Debian's `fortunes` "
         "package, scored by perplexity (lower is better)",
         "",
+        *([f"- **incomplete**: the run stopped before the rows {', '.join(pending)}", ""]
+          if pending else []),
         "| row | claim (paper) | our figures | verdict | command |",
         "|---|---|---|---|---|",
     ]
