@@ -223,6 +223,11 @@ def test_stitch_with_disjoint_masks_equals_each_graft_on_its_entries(tmp_path: P
     torch.testing.assert_close(over[name], want, rtol=0, atol=1e-6)
     out = stitched.save(tmp_path / "s")
     assert (out.path / "model.safetensors").is_file()
+    # rest: the tensors no mask covers come from the given model, the masked ones as before
+    kept = graft_stitch(base, [math_], [m1], rest=math_)
+    for name in base.names:
+        want = one[name] if name in shapes else math_[name]
+        assert torch.equal(kept[name], want), name
 
 
 def test_bad_input_fails_before_work_with_one_line(tmp_path: Path) -> None:

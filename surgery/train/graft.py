@@ -522,16 +522,23 @@ class MaskFile:
 
 
 def graft_stitch(base: str | Path | Weights, finetuned: Sequence[str | Path | Weights],
-                 masks: Sequence[str | Path | Mask]) -> Weights:
+                 masks: Sequence[str | Path | Mask],
+                 rest: str | Path | Weights | None = None) -> Weights:
     """Several grafts into one multi-task model (arXiv 2302.06600):
     θ0 + Σi (mi / cover) ⊙ τi, cover the number of masks holding the entry; entries no mask
-    holds, and tensors no mask covers, stay θ0. Lazy: ``.save(path)`` streams it."""
+    holds stay θ0. Tensors no mask covers come from ``rest`` (default θ0; a fine-tune, as
+    ``graft``'s ``rest: finetuned`` does, keeps e.g. a new head). Lazy: ``.save(path)``
+    streams it."""
     b = _weights(base)
     models = [_weights(m) for m in finetuned]
     opened: list[MaskLike] = [m if isinstance(m, Mask) else MaskFile(m) for m in masks]
     labels = [getattr(m, "source", f"mask {i + 1}") for i, m in enumerate(opened)]
+    kept = None
+    if rest is not None:
+        kept = _weights(rest).node
+        check_pair(b, Weights(kept), "graft_stitch")
     return Weights(GraftStitchNode(b.node, [m.node for m in models], opened, "graft_stitch",
-                                   labels))
+                                   labels, rest=kept))
 
 
 # --- The Python API ------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from bench.fidelity.lab import Lab, Row, Spread, compare, gain_ratio, identity, verdict
-from surgery import Mask, load, load_mask
+from surgery import Mask, load_mask
 from surgery.methods.sparse import pack_bits
 from surgery.train import graft, graft_stitch
 
@@ -31,32 +31,24 @@ PROTOCOL = (
     "the graftable set (head, embeddings, norms, biases) keeps the fine-tune's values. To "
     "show what the mask itself recovers, two controls keep the same rest: a random mask with "
     "the graft's count in every tensor (seeded with s), and no mask (θ0 on the whole "
-    "graftable set); both are `graft_stitch` of the fine-tune with a public `Mask` that "
-    "also holds every entry of the non-graftable tensors. Figures: test accuracy; gain ratio "
+    "graftable set); both are `graft_stitch` of the fine-tune with `rest` the fine-tune. "
+    "Figures: test accuracy; gain ratio "
     "= (model − start) / (fine-tune − start). Claims: the graft's gain ratio ≥ 90%; the "
     "random mask's < 90%; the graft beats no mask (the 1% carries gain beyond the rest)."
 )
 
 
-def stitched_mask(lab: Lab, graft_mask: Mask, seed: int, draw: bool) -> Mask:
-    """Every entry of the non-graftable floating tensors, plus, with ``draw``, as many
-    random entries per graftable tensor as the graft's mask holds there."""
-    start = load(lab.models.classifier)
+def control_mask(graft_mask: Mask, seed: int, draw: bool) -> Mask:
+    """Over the graft's tensors: with ``draw``, as many random entries per tensor as the
+    graft's mask holds there; without, none (θ0 on the whole graftable set)."""
     gen = torch.Generator().manual_seed(seed)
-    bits, shapes = {}, {}
-    for name in start.names:
-        spec = start.spec(name)
-        if not spec.dtype.is_floating_point:
-            continue
-        numel = math.prod(spec.shape)
-        if name not in graft_mask.shapes:
-            idx = torch.arange(numel)
-        elif draw:
-            idx = torch.randperm(numel, generator=gen)[:graft_mask.count(name)]
-        else:
-            continue
-        bits[name], shapes[name] = pack_bits(idx, numel), tuple(spec.shape)
-    return Mask(bits, shapes)
+    bits = {}
+    for name, shape in graft_mask.shapes.items():
+        numel = math.prod(shape)
+        idx = (torch.randperm(numel, generator=gen)[:graft_mask.count(name)] if draw
+               else torch.empty(0, dtype=torch.long))
+        bits[name] = pack_bits(idx, numel)
+    return Mask(bits, dict(graft_mask.shapes))
 
 
 def grafted(lab: Lab, tuned: Path, seed: int) -> Path:
@@ -89,10 +81,10 @@ def run(lab: Lab) -> Row:
         share = (f"{mask.count():,} of {sum(math.prod(v) for v in mask.shapes.values()):,} "
                  "graftable entries")
         key = [identity(start), identity(tuned), identity(made / "mask.safetensors")]
-        rand = lab.save("graft-random", graft_stitch(start, [tuned], [stitched_mask(
-            lab, mask, s, True)]), [*key, "random", s])
-        rest = lab.save("graft-rest-only", graft_stitch(start, [tuned], [stitched_mask(
-            lab, mask, s, False)]), [*key, "rest"])
+        rand = lab.save("graft-random", graft_stitch(start, [tuned], [control_mask(
+            mask, s, True)], rest=tuned), [*key, "random", s])
+        rest = lab.save("graft-rest-only", graft_stitch(start, [tuned], [control_mask(
+            mask, s, False)], rest=tuned), [*key, "rest"])
         t, g, r, n = (lab.accuracy(p) for p in (tuned, made / "model", rand, rest))
         tuned_a.append(t)
         graft_a.append(g)
