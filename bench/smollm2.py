@@ -10,11 +10,11 @@ import os
 import shutil
 from pathlib import Path
 
+from surgery.checkpoint import hashing
+
 
 def cache_root() -> Path:
-    base = os.environ.get("WEIGHT_SURGERY_CACHE")
-    root = Path(base) if base else Path.home() / ".cache" / "weight-surgery"
-    return root / "test-models"
+    return hashing.cache_dir() / "test-models"
 
 
 def gguf_path() -> Path | None:

@@ -25,6 +25,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from surgery.checkpoint import hashing
+
 GENERATOR = ["mathematics-dataset==1.0.1", "sympy==1.5.1"]
 FORTUNES = Path("/usr/share/games/fortunes")
 # Generated with one seed per (module, split); every split's questions are disjoint from
@@ -67,8 +69,7 @@ print(json.dumps(out))
 
 
 def cache_dir() -> Path:
-    base = os.environ.get("WEIGHT_SURGERY_CACHE")
-    return (Path(base) if base else Path.home() / ".cache" / "weight-surgery") / "fidelity"
+    return hashing.cache_dir() / "fidelity"
 
 
 def generator_path() -> Path:

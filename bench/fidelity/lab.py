@@ -150,8 +150,9 @@ class Lab:
         self.adapter_lr = FIXTURE_LR["adapter_lr"] if fixtures else profile.adapter_lr
         self.classifier_lr = FIXTURE_LR["classifier_lr"] if fixtures else profile.classifier_lr
         self._scores_path = self.cache / "scores.json"
-        self._scores: dict[str, float] = (json.loads(self._scores_path.read_text())
-                                          if self._scores_path.is_file() else {})
+        # key -> [score, seconds it took]
+        self._scores: dict[str, list[float]] = (json.loads(self._scores_path.read_text())
+                                                if self._scores_path.is_file() else {})
         self.t0 = time.perf_counter()
         # Seconds of every result this run used, cached ones at what they cost when made:
         # what a run from an empty cache would take (on the machine and load of then).
@@ -237,14 +238,15 @@ class Lab:
         if any(k not in self._scores for k in keys):
             tmp = self.cache / "scratch" / f"{name}-{digest(key)}"
             shutil.rmtree(tmp, ignore_errors=True)
-            t = time.perf_counter()
+            start = time.perf_counter()
             weights.save(tmp, force=True, device="cpu", hash_inputs=False)
-            write = (time.perf_counter() - t) / len(keys)  # the write, shared by the scores
+            write = (time.perf_counter() - start) / len(keys)  # shared by the scores
             try:
-                for k, (t, split) in zip(keys, wanted, strict=True):
+                for k, (task, split) in zip(keys, wanted, strict=True):
                     if k not in self._scores:
                         value, seconds = (
-                            self._evaluate(tmp, t.path(split), "exact_match") if t is not None
+                            self._evaluate(tmp, task.path(split), "exact_match")
+                            if task is not None
                             else self._evaluate(tmp, self.control, "perplexity"))
                         self._scores[k] = [value, seconds + write]
             finally:

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from bench.fidelity.lab import Lab, Row
+from surgery.evaluate.plot import figure, save_figure
 
 
 def plot_path(lab: Lab, name: str) -> Path:
@@ -19,12 +20,8 @@ def plot_forgetting(rows: Sequence[Row], path: Path) -> Path | None:
     points = [(r.key, *pt) for r in rows for pt in r.points]
     if not points:
         return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 5.5))
+    plt, fig, ax = figure("Target score against forgetting, every training method (first "
+                          "seed)", (8, 5.5))
     keys = sorted({k for k, *_ in points})
     colours = {k: plt.get_cmap("tab10")(i % 10) for i, k in enumerate(keys)}
     for key, label, score, ppl in points:
@@ -34,12 +31,8 @@ def plot_forgetting(rows: Sequence[Row], path: Path) -> Path | None:
         ax.scatter([], [], color=colours[k], label=k)
     ax.set_xlabel("control perplexity (fortunes; lower = less forgetting)")
     ax.set_ylabel("target task test exact match")
-    ax.set_title("Target score against forgetting, every training method (first seed)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save_figure(plt, fig, path)
 
 
 def write(path: Path, rows: Sequence[Row], lab: Lab, command: str, seconds: float,

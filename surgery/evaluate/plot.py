@@ -10,19 +10,21 @@ from surgery.errors import UsageError
 from surgery.methods.greedy_soup import GreedySoupResult
 
 
-def _figure(title: str) -> tuple[Any, Any, Any]:
+def figure(title: str, size: tuple[float, float] = (8, 4.5)) -> tuple[Any, Any, Any]:
+    """(pyplot, figure, axes) on the Agg backend, titled, with a light grid."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    fig, ax = plt.subplots(figsize=size, dpi=120)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
     return plt, fig, ax
 
 
-def _save(plt: Any, fig: Any, path: str | Path) -> Path:
+def save_figure(plt: Any, fig: Any, path: str | Path) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (its folder made), and close it."""
     p = Path(path)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -38,7 +40,7 @@ def _save(plt: Any, fig: Any, path: str | Path) -> Path:
 def plot_layer_scores(angular: Sequence[float], block_influence: Sequence[float], n: int,
                       dropped: Sequence[int], path: str | Path) -> Path:
     """Angular distance d(l) for n-block runs and block influence BI(l), dropped blocks marked."""
-    plt, fig, ax = _figure(f"Per-block scores (n = {n}); dropped blocks {list(dropped)}")
+    plt, fig, ax = figure(f"Per-block scores (n = {n}); dropped blocks {list(dropped)}")
     ax.plot(range(len(angular)), angular, "o-", label=f"angular distance d(l, l+{n})")
     ax.plot(range(len(block_influence)), block_influence, "s-", label="block influence BI(l)")
     for b in dropped:
@@ -46,13 +48,13 @@ def plot_layer_scores(angular: Sequence[float], block_influence: Sequence[float]
     ax.set_xlabel("block l")
     ax.set_ylabel("score (lower = more redundant)")
     ax.legend()
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_soup_trajectory(names: Sequence[str], scores: Sequence[float],
                          kept: Sequence[bool], metric: str, path: str | Path) -> Path:
     """Held-out score of each candidate soup in order; kept candidates filled, rejected hollow."""
-    plt, fig, ax = _figure(f"Greedy soup: {metric} of each candidate soup")
+    plt, fig, ax = figure(f"Greedy soup: {metric} of each candidate soup")
     x = list(range(len(scores)))
     ax.plot(x, scores, "-", color="gray", alpha=0.6)
     for i, (s, k) in enumerate(zip(scores, kept, strict=True)):
@@ -61,7 +63,7 @@ def plot_soup_trajectory(names: Sequence[str], scores: Sequence[float],
     ax.set_xticks(x, list(names), rotation=20, ha="right")
     ax.set_xlabel("candidate added (green: kept, red: rejected)")
     ax.set_ylabel(metric)
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)
 
 
 def plot_greedy_soup(result: GreedySoupResult, metric: str, path: str | Path) -> Path:
@@ -76,7 +78,7 @@ def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path) -> Path
     """Training loss per update, with evaluation scores (when present) on a second axis."""
     if not history:
         raise UsageError("no training updates to plot")
-    plt, fig, ax = _figure("Fine-tuning loss")
+    plt, fig, ax = figure("Fine-tuning loss")
     ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="train loss")
     ax.set_xlabel("update")
     ax.set_ylabel("loss")
@@ -90,4 +92,4 @@ def plot_loss_curve(history: Sequence[dict[str, Any]], path: str | Path) -> Path
             other.set_ylabel(key.removeprefix("eval_"))
         other.legend(loc="upper right")
     ax.legend(loc="upper left")
-    return _save(plt, fig, path)
+    return save_figure(plt, fig, path)

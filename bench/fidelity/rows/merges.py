@@ -7,6 +7,7 @@ from __future__ import annotations
 from bench.fidelity.lab import Lab, Row, Spread, compare, identity
 from bench.fidelity.report import plot_path
 from surgery import Weights, dare_ties, lines, load, task_arithmetic, ties
+from surgery.evaluate.plot import figure, save_figure
 
 LAMBDAS = (0.3, 0.5, 0.7, 1.0)
 BETAS = (0.0, 0.25, 0.5, 0.75, 1.0)
@@ -96,20 +97,12 @@ def run(lab: Lab) -> Row:
 
 
 def plot_beta(curve: list[tuple[float, list[float]]], names: list[str], path) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    plt, fig, ax = figure("Multi-task LiNeS: β against both tasks' scores (first seed)",
+                          (6.5, 4.2))
     xs = [x for x, _ in curve]
     for i, name in enumerate(names):
         ax.plot(xs, [sc[i] for _, sc in curve], "o-", label=name)
     ax.set_xlabel("LiNeS β (multi-task α from the L1 ratio)")
     ax.set_ylabel("validation exact match")
-    ax.set_title("Multi-task LiNeS: β against both tasks' scores (first seed)")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return str(save_figure(plt, fig, path))

@@ -10,6 +10,7 @@ from pathlib import Path
 from bench.fidelity.lab import Lab, Row, Spread, compare, identity
 from bench.fidelity.report import plot_path
 from surgery import keep_first_layers, load
+from surgery.evaluate.plot import figure, save_figure
 
 # Each is TrainConfig.objective with its defaults (ASFT λ 0.05, KL(Q‖P); masked thought p 0.2
 # with the unk/pad token; sorted exits k, 2k, .., L with k = ⌈L/4⌉).
@@ -40,25 +41,16 @@ def exits_of(run: Path) -> list[int]:
 
 def plot_depths(lab: Lab, exits: list[int], sorted_ppl: list[float], sft_ppl: list[float]
                 ) -> str:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
+    plt, fig, ax = figure("Sorted fine-tuning's sub-models against truncated SFT (first seed)",
+                          (6, 4))
     ax.plot(exits, sorted_ppl, "o-", label="sorted fine-tuning, first e blocks")
     ax.plot(exits, sft_ppl, "s--", label="SFT, first e blocks (truncated)")
     ax.set_yscale("log")
     ax.set_xticks(exits)
     ax.set_xlabel("sub-model depth e (blocks)")
     ax.set_ylabel(f"answer perplexity, {lab.tasks[0].module} test")
-    ax.set_title("Sorted fine-tuning's sub-models against truncated SFT (first seed)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    path = plot_path(lab, "sorted-depth")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
+    return str(save_figure(plt, fig, plot_path(lab, "sorted-depth")))
 
 
 def run(lab: Lab) -> Row:
