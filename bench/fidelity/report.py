@@ -50,8 +50,8 @@ def write(path: Path, rows: Sequence[Row], lab: Lab, command: str, seconds: floa
         "",
         f"- command: `{command}`: {seconds / 60:.1f} min of wall time on {os.cpu_count()} "
         f"CPU cores ({cpu}; device {lab.device}); the trainings, merges and scores it used "
-        f"took {lab.compute / 60:.1f} min when they were made (what a run from an empty "
-        "cache takes; intermediate results are cached and shared between rows)",
+        f"took {lab.compute / 60:.1f} min when they were made, each counted once (what a "
+        "run from an empty cache takes; intermediate results are cached and shared between rows)",
         f"- models: {lab.models.name}",
         f"- tasks: `{lab.tasks[0].module}` (target task of single-task rows) and "
         f"`{lab.tasks[1].module}`, from pip `mathematics-dataset` (DeepMind's generator, "
@@ -82,6 +82,6 @@ def write(path: Path, rows: Sequence[Row], lab: Lab, command: str, seconds: floa
         lines += ["", f"## {r.title}", "", f"Claim (arXiv {r.arxiv}): {r.claim}", "",
                   f"Protocol: {r.protocol}", "", r.table, ""]
         lines += [f"![{r.key}]({Path(q).name})" for q in r.plots]
-        lines += ["", f"({r.compute / 60:.1f} min of compute, {r.seconds / 60:.1f} min in this "
-                  "invocation)"]
+        lines += ["", f"({r.compute / 60:.1f} min of compute for the results this row used "
+                  f"first, {r.seconds / 60:.1f} min in this invocation)"]
     path.write_text("\n".join(lines) + "\n")
