@@ -10,6 +10,7 @@ models and third-party task data (see ``bench/fidelity/__init__.py``).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import platform
 import sys
@@ -57,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
                          f"{', '.join(ROWS)}")
     profile = PROFILES["quick" if args.quick else "full"]
     if args.seeds:
-        profile = type(profile)(**{**profile.__dict__, "seeds": args.seeds})
+        profile = dataclasses.replace(profile, seeds=args.seeds)
     if args.device == "cuda":  # more steps where a GPU makes them cheap
-        profile = type(profile)(**{**profile.__dict__, "steps": profile.steps * 4,
-                                   "train": profile.train * 4})
+        profile = dataclasses.replace(profile, steps=profile.steps * 4,
+                                      train=profile.train * 4)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     lab = Lab(profile, models(args.models), tasks, args.classify, args.device,
               args.out.parent, args.models == "fixtures")

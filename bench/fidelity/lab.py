@@ -242,7 +242,15 @@ class Lab:
                   wanted: Sequence[tuple[fdata.Task | None, str]]) -> list[float]:
         """Exact match (or, for task None, control perplexity) of a lazy ``Weights`` on each
         (task, split) of ``wanted``: written to a scratch directory only if a score is not
-        cached under ``key`` yet, and deleted after (a search writes many candidates)."""
+        cached under ``key`` yet, and deleted after (a search writes many candidates). A
+        plain ``load(DIR)`` is scored from ``DIR`` itself, under its own identity."""
+        from surgery.expr.node import LoadNode
+
+        node = weights.node
+        if isinstance(node, LoadNode) and Path(node.checkpoint.source).is_dir():
+            model = Path(node.checkpoint.source)
+            return [self.score(model, task, split) if task is not None
+                    else self.control_ppl(model) for task, split in wanted]
         keys = [digest(["weights", name, key, t.module if t else "control", split])
                 for t, split in wanted]
         if any(k not in self._scores for k in keys):

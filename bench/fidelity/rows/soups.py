@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from bench.fidelity.lab import Lab, Row, Spread, compare, identity
 from bench.fidelity.report import plot_path
-from surgery import linear, load
-from surgery.evaluate import CheckpointScorer
+from surgery import Weights, linear, load
 from surgery.evaluate.plot import plot_greedy_soup
 from surgery.methods.greedy_soup import run_greedy_soup
 
@@ -37,8 +36,12 @@ def run(lab: Lab) -> Row:
         top = max(val, key=lambda n: (val[n], -list(val).index(n)))
         key = [identity(p) for p in paths.values()]
         u = lab.save("uniform-soup", linear([load(p) for p in paths.values()]), key)
-        scorer = CheckpointScorer(task.path("validation"), "exact_match", batch_size=16,
-                                  device=lab.device, max_length=lab.p.max_length)
+        def scorer(w: Weights, key: list = key) -> float:
+            # an ingredient is scored from its own run directory (already cached), a
+            # candidate soup under its expression
+            return lab.scores_of("soup-candidate", w, [key, w.node.describe()],
+                                 [(task, "validation")])[0]
+
         result = run_greedy_soup({n: load(p) for n, p in paths.items()}, scorer)
         g = lab.save("greedy-soup", linear([load(paths[k]) for k in result.kept]),
                      [identity(paths[k]) for k in result.kept])
