@@ -68,6 +68,12 @@ print(json.dumps(out))
 """
 
 
+def digest(obj: object) -> str:
+    """A short content key of a JSON-able object (the cache's folder names)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()
+                          ).hexdigest()[:12]
+
+
 def cache_dir() -> Path:
     return hashing.cache_dir() / "fidelity"
 
@@ -115,8 +121,7 @@ class Task:
 def task(module: str, counts: dict[str, int], level: int = 0) -> Task:
     """Generate (or reuse) ``counts[split]`` questions of ``module`` per split at difficulty
     ``level`` (0 easy, 1 medium, 2 hard: the generator's train-easy/medium/hard entropy)."""
-    key = hashlib.sha256(json.dumps([module, level, counts, SPLIT_SEEDS],
-                                    sort_keys=True).encode()).hexdigest()[:12]
+    key = digest([module, level, counts, SPLIT_SEEDS])
     where = cache_dir() / "data" / f"{module}-{key}"
     files = {s: where / f"{s}.jsonl" for s in counts}
     labelled = {s: where / f"{s}.labels.jsonl" for s in counts}

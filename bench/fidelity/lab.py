@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.fidelity import data as fdata
+from bench.fidelity.data import digest
 from bench.fidelity.models import Models
 
 
@@ -54,11 +55,6 @@ PROFILES = {
 }
 # The fixtures' tiny random models learn only at a larger step size.
 FIXTURE_LR = {"lr": 3e-3, "adapter_lr": 1e-2, "classifier_lr": 3e-3}
-
-
-def digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()
-                          ).hexdigest()[:12]
 
 
 def identity(path: Path) -> Any:
