@@ -23,6 +23,7 @@ from surgery.engine.stream import (
     Profile,
     ProgressFn,
     StreamOptions,
+    any_rowwise,
     default_threads,
     is_rowwise,
     resolve_device,
@@ -294,8 +295,7 @@ def finish_save(plan: PlannedOutput, root: Node, recipe_text: str | None,
     chat_template.jinja), provenance and card; then rename ``OUT.partial`` into place."""
     out, provenance, checkpoints = plan.out, plan.provenance, plan.checkpoints
     _write_side_files(out, root, plan.shards, plan.fnames, plan.out_dtype, recipe_text,
-                      tokenizer_from or next((c for c in checkpoints if c.tokenizer_files),
-                                             None), chat_template)
+                      output_tokenizer(root, checkpoints, tokenizer_from), chat_template)
     if hasher:
         hasher.fill(provenance, checkpoints)
     for key, records in _node_records(root).items():
@@ -309,6 +309,20 @@ def finish_save(plan: PlannedOutput, root: Node, recipe_text: str | None,
     out.write_text("README.md", render_card(provenance, root.config(), recipe_text, refs,
                                             plan.path.name))
     return out.commit()
+
+
+def output_tokenizer(root: Node, checkpoints: list[Checkpoint],
+                     tokenizer_from: Checkpoint | None) -> list[Path]:
+    """The tokenizer files an output gets: ``tokenizer_from``'s when given, else the
+    vocabulary a node of the graph made (an aligned vocabulary), else the first input's that
+    has any."""
+    if tokenizer_from is not None:
+        return list(tokenizer_from.tokenizer_files)
+    for node in root.walk():
+        files = node.tokenizer_files()
+        if files:
+            return files
+    return next((list(c.tokenizer_files) for c in checkpoints if c.tokenizer_files), [])
 
 
 @contextmanager
@@ -387,7 +401,7 @@ def _out_of_memory(e: BaseException) -> bool:
 
 def _write_side_files(out: OutputDir, root: Node, shards: list[list[PlannedTensor]],
                       fnames: list[str], dtype: torch.dtype | None, recipe_text: str | None,
-                      tokenizer_from: Checkpoint | None, chat_template: str | None = None
+                      tokenizer_files: list[Path], chat_template: str | None = None
                       ) -> None:
     if len(shards) > 1:
         write_index(out.path("model.safetensors.index.json"), zip(fnames, shards, strict=True))
@@ -401,9 +415,8 @@ def _write_side_files(out: OutputDir, root: Node, shards: list[list[PlannedTenso
             if "torch_dtype" not in config and "dtype" not in config:
                 config["dtype"] = name
         out.write_text("config.json", json.dumps(config, indent=2) + "\n")
-    if tokenizer_from is not None:
-        for f in tokenizer_from.tokenizer_files:
-            out.copy_in(f)
+    for f in tokenizer_files:
+        out.copy_in(f)
     if chat_template is not None:
         # transformers reads chat_template.jinja before tokenizer_config.json's key
         out.write_text("chat_template.jinja", chat_template)
@@ -422,12 +435,12 @@ def estimate_peak_bytes(root: Node, dtype: torch.dtype | None = None,
     the shard writer's staging buffers. A job is a whole tensor, or a row piece of about
     ``ROW_BLOCK_ELEMENTS`` elements when the graph is row-wise."""
     nodes = [n for n in root.walk() if n.inputs]
-    rowwise = is_rowwise(root)
+    rowwise = any_rowwise(root)
     worst_job = worst_read = 0
     for name in root.names():
         spec = root.spec(name)
         share = (ROW_BLOCK_ELEMENTS / spec.numel
-                 if rowwise and spec.numel > ROW_BLOCK_ELEMENTS else 1.0)
+                 if is_rowwise(root, name) and spec.numel > ROW_BLOCK_ELEMENTS else 1.0)
         read = int(share * sum(ck.info(n).nbytes for ck, n in root.reads(name)))
         numel = int(share * spec.numel)
         out_size = numel * (dtype.itemsize if dtype and spec.dtype.is_floating_point

@@ -249,7 +249,8 @@ class Lookahead:
         self.opts = opts
         # (A scalar is computed whole, its statistics with it.)
         self.requests = {n: r for n in dict.fromkeys(names)
-                         if root.spec(n).shape and (r := statistic_requests(root, n))}
+                         if root.spec(n).shape and is_rowwise(root, n)
+                         and (r := statistic_requests(root, n))}
         self.order = list(self.requests)
         self.position = {n: i for i, n in enumerate(self.order)}
         self.futures: dict[str, Future[dict]] = {}
@@ -428,8 +429,10 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
     end = object()
     stop = threading.Event()
     cuda = opts.device.type == "cuda"
-    rowwise = reuse_outputs and not cuda and is_rowwise(root)
-    jobs = [job for n in names for job in _jobs(root, n, rowwise)]
+    by_rows = {n for n in names if is_rowwise(root, n)} if reuse_outputs and not cuda \
+        else set()
+    rowwise = bool(by_rows)
+    jobs = [job for n in names for job in _jobs(root, n, n in by_rows)]
     budget = max(opts.prefetch_bytes, max((j.nbytes for j in jobs), default=0))
     # Freed buffers kept for reuse, as many bytes as the reader may hold ahead.
     pool = BufferPool(budget, pin=cuda)
@@ -442,7 +445,7 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
     def work(job: Job, ctx: EvalContext) -> float:
         name = job.name
         spec = root.spec(name)
-        if lookahead is not None and spec.shape:
+        if lookahead is not None and spec.shape and name in by_rows:
             stats = lookahead.of(name)
             first, rows = job.rows or (0, spec.shape[0])
             out = pool.tensor((rows, *spec.shape[1:]), out_dtype(name))
@@ -520,10 +523,29 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
         raise error[0]
 
 
-def is_rowwise(root: Node) -> bool:
-    """Whether every output element depends only on the same element of the inputs, so large
-    tensors can be read, computed and written in row pieces."""
-    return all(isinstance(n, LoadNode) or getattr(n, "rowwise", False) for n in root.walk())
+def is_rowwise(root: Node, name: str | None = None) -> bool:
+    """Whether every output element (of tensor ``name``, else of every tensor) depends only
+    on the same element of the inputs, so large tensors can be read, computed and written in
+    row pieces. A node may be row-wise for some tensors only (``rowwise_tensor``)."""
+    if name is None:
+        return all(isinstance(n, LoadNode) or getattr(n, "rowwise", False) for n in root.walk())
+    seen: set[tuple[int, str]] = set()
+
+    def visit(node: Node, sub: str) -> bool:
+        if (id(node), sub) in seen or isinstance(node, LoadNode):
+            return True
+        seen.add((id(node), sub))
+        whole = getattr(node, "rowwise_tensor", None)
+        if not (whole(sub) if whole is not None else getattr(node, "rowwise", False)):
+            return False
+        return all(visit(child, n) for child, n in node.input_names(sub))
+
+    return visit(root, name)
+
+
+def any_rowwise(root: Node) -> bool:
+    """Whether some tensor of ``root`` is row-wise (:func:`is_rowwise`)."""
+    return any(is_rowwise(root, n) for n in root.names())
 
 
 def _jobs(root: Node, name: str, rowwise: bool) -> list[Job]:

@@ -15,6 +15,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -234,6 +235,11 @@ class Node(ABC):
     def card_sections(self) -> dict[str, str]:
         """Model-card sections (title -> markdown) reporting choices this node made."""
         return {}
+
+    def tokenizer_files(self) -> list[Path]:
+        """The tokenizer files of this node's output when it has a vocabulary of its own
+        (see :mod:`surgery.methods.vocabulary`); empty: its inputs' tokenizer."""
+        return []
 
     def provenance_records(self) -> dict[str, Any]:
         """Records for the output's provenance.json (key -> JSON-able value) of work this

@@ -40,3 +40,8 @@ __all__ = ["Mask", "PerModel", "Rule", "SparseDelta", "apply_sparse_deltas", "da
 __all__ += ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher",
             "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl",
             "sce"]
+
+# Models with different tokenizers, over one vocabulary.
+from surgery.methods.vocabulary import align_vocabularies  # noqa: E402
+
+__all__ += ["align_vocabularies"]

@@ -215,6 +215,7 @@ def parse_recipe(text: str, source: str = "recipe.yaml") -> tuple[Located, Recip
                 raise located.error(("steps", name, fname), f"{ref!r} is a model; give a "
                                     "JSONL file or a step that yields data (distill_data)")
     _check_cycles(located, steps)
+    _check_vocabulary(located, doc)
     for i, out in enumerate(doc.outputs()):
         at: Loc = ("output", i) if isinstance(doc.output, list) else ("output",)
         if out.from_ not in names:
@@ -241,6 +242,33 @@ def parse_recipe(text: str, source: str = "recipe.yaml") -> tuple[Located, Recip
         if out.device not in ("auto", "cpu") and not out.device.startswith("cuda"):
             raise located.error((*at, "device"), "device must be auto, cpu or cuda[:N]")
     return located, doc, steps
+
+
+def _check_vocabulary(located: Located, doc: RecipeDoc) -> None:
+    vocab = doc.vocabulary
+    if vocab is None:
+        return
+    inputs = list(doc.inputs)
+    models = vocab.models if vocab.models is not None else inputs
+    for i, name in enumerate(models):
+        if name not in doc.inputs:
+            raise located.error(("vocabulary", "models", i), f"no input named {name!r}"
+                                f"{suggest(name, inputs)}")
+    if len(set(models)) != len(models):
+        raise located.error(("vocabulary", "models"), "an input is named twice")
+    for key in ("source", "base"):
+        name = getattr(vocab, key)
+        if name is None or (key == "source" and name == "union"):
+            continue
+        if name not in models:
+            what = "union or one of the models" if key == "source" else "one of the models"
+            raise located.error(("vocabulary", key), f"{name!r} is not {what}"
+                                f"{suggest(name, models)}")
+    for i, out in enumerate(doc.outputs()):
+        if out.tokenizer_from is not None:
+            at: Loc = ("output", i) if isinstance(doc.output, list) else ("output",)
+            raise located.error((*at, "tokenizer_from"), "the vocabulary section gives the "
+                                "outputs their tokenizer; drop tokenizer_from or the section")
 
 
 def _parse_step(located: Located, name: str, raw: dict[str, Any],
@@ -287,6 +315,26 @@ def _check_cycles(located: Located, steps: dict[str, tuple[Operation, BaseModel]
         visit(name)
 
 
+def _align(located: Located, doc: RecipeDoc, checkpoints: dict[str, Checkpoint],
+           values: dict[str, Weights]) -> None:
+    """The inputs the vocabulary section names, replaced by their aligned versions."""
+    from surgery.methods.vocabulary import align_vocabularies
+
+    vocab = doc.vocabulary
+    assert vocab is not None
+    models = vocab.models if vocab.models is not None else list(doc.inputs)
+    try:
+        aligned = align_vocabularies(
+            [values[n] for n in models],
+            source=None if vocab.source == "union" else models.index(vocab.source),
+            base=None if vocab.base is None else models.index(vocab.base),
+            pad_to_multiple_of=vocab.pad_to_multiple_of,
+            labels=[f"{n} ({checkpoints[n].source})" for n in models])
+    except UsageError as e:
+        raise located.error(("vocabulary",), str(e)) from None
+    values.update(zip(models, aligned, strict=True))
+
+
 def load_recipe(path: str | Path) -> Recipe:
     """Read and fully validate a recipe file: structure, then input headers, then shapes."""
     p = Path(path)
@@ -307,6 +355,8 @@ def build_recipe(text: str, source: str = "recipe.yaml") -> Recipe:
         except UsageError as e:
             raise located.error(("inputs", name), str(e)) from None
     values: dict[str, Weights] = {n: Weights(LoadNode(c)) for n, c in checkpoints.items()}
+    if doc.vocabulary is not None:
+        _align(located, doc, checkpoints, values)
 
     def get(name: str) -> Weights:
         if name not in values:

@@ -193,11 +193,9 @@ METHODS: dict[str, MethodMap] = {
 itself (models), or our passthrough step when it has a ``scale``."""
 
 _TOP_KEYS = {"merge_method", "base_model", "models", "slices", "parameters", "dtype",
-             "out_dtype", "tokenizer_source", "chat_template"}
+             "out_dtype", "tokenizer_source", "tokenizer", "chat_template"}
 _REFUSED_TOP = {
     "modules": "per-module configs (multimodal models) are not supported; use models or slices",
-    "tokenizer": "the tokenizer: section (added tokens, pad_to_multiple_of) is not supported; "
-                 "use tokenizer_source: base or a model",
 }
 _DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
            "half": "float16", "bfloat16": "bfloat16", "bf16": "bfloat16"}
@@ -568,29 +566,69 @@ def translate(text: str, source: str = "mergekit.yml", out_path: str = "merged",
         output["shard_size"] = shard_size
     if device is not None:
         output["device"] = device
-    output["tokenizer_from"] = _tokenizer(tr, data, base, slices)
+    recipe: dict[str, Any] = {"inputs": dict(tr.inputs)}
+    tokenizer = _tokenizer(tr, data, base, slices, recipe)
+    if "vocabulary" not in recipe:
+        output["tokenizer_from"] = tokenizer
     if data.get("chat_template") is not None:
-        template = _chat_template(tr, data["chat_template"], output["tokenizer_from"])
+        template = _chat_template(tr, data["chat_template"], tokenizer)
         if template is not None:
             output["chat_template"] = template
-    recipe = {"inputs": dict(tr.inputs), "steps": tr.steps, "output": output}
+    recipe.update({"steps": tr.steps, "output": output})
     return Translation(recipe, tr.notes, located)
 
 
 def _tokenizer(tr: _Translator, data: dict[str, Any], base: str | None,
-               slices: list[Slice]) -> str:
+               slices: list[Slice], recipe: dict[str, Any]) -> str:
+    """The input whose tokenizer the output takes (for the chat template's check). With
+    ``tokenizer_source`` (or a ``tokenizer:`` section) every model is laid out in that
+    vocabulary first, as mergekit does: the recipe gets a vocabulary section."""
+    first = base or slices[0].sources[0].model
+    section = data.get("tokenizer")
+    if section is not None and data.get("tokenizer_source") is not None:
+        raise tr.err(("tokenizer",), "give tokenizer_source or a tokenizer: section, not both "
+                     "(mergekit would use the section)")
+    at: Loc = ("tokenizer_source",)
     src = data.get("tokenizer_source")
-    if src == "union":
-        _check_union(tr)
-        return base or slices[0].sources[0].model
-    if src is None or src == "base":
-        if src == "base" and base is None:
-            raise tr.err(("tokenizer_source",), "tokenizer_source: base needs base_model")
-        return base or slices[0].sources[0].model
-    name = tr.model(src, ("tokenizer_source",))
-    if not tr.checkpoints[name].tokenizer_files:
-        raise tr.err(("tokenizer_source",), f"{src!r} has no tokenizer files")
-    return name
+    pad = None
+    if section is not None:
+        if not isinstance(section, dict):
+            raise tr.err(("tokenizer",), "tokenizer: is a mapping (source, pad_to_multiple_of)")
+        for key in section:
+            if key == "tokens":
+                raise tr.err(("tokenizer", key), "per-token embedding sources (tokens:) are "
+                             "not supported; the rows of added tokens come from the models "
+                             "that have them")
+            if key not in ("source", "pad_to_multiple_of"):
+                raise tr.err(("tokenizer", key), "unknown key (allowed: source, "
+                             "pad_to_multiple_of)")
+        at, src = ("tokenizer", "source"), section.get("source", "union")
+        pad = section.get("pad_to_multiple_of")
+        if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
+            raise tr.err(("tokenizer", "pad_to_multiple_of"), "pad_to_multiple_of is a "
+                         "positive integer")
+    if src is None:
+        return first
+    if src == "base":
+        if base is None:
+            raise tr.err(at, "tokenizer_source: base needs base_model")
+        name = base
+    elif src == "union":
+        name = None
+    else:
+        if not isinstance(src, str):
+            raise tr.err(at, "the tokenizer source is base, union or a model")
+        name = tr.model(src, at)
+    for model in (tr.inputs if name is None else [name]):
+        if not tr.checkpoints[model].tokenizer_files:
+            raise tr.err(at, f"{tr.inputs[model]} has no tokenizer files")
+    vocabulary: dict[str, Any] = {"source": name or "union", "models": list(tr.inputs)}
+    if base is not None:
+        vocabulary["base"] = base
+    if pad is not None:
+        vocabulary["pad_to_multiple_of"] = pad
+    recipe["vocabulary"] = vocabulary
+    return name or first
 
 
 def _chat_template(tr: _Translator, value: Any, tokenizer_from: str) -> str | None:
@@ -636,40 +674,6 @@ def _chat_template(tr: _Translator, value: Any, tokenizer_from: str) -> str | No
                      f"({', '.join(sorted(NAMED))}) nor a Jinja template; give its Jinja "
                      "text, or auto")
     return value
-
-
-def _check_union(tr: _Translator) -> None:
-    """``tokenizer_source: union`` over identical tokenizers is that tokenizer, and mergekit
-    then leaves the embedding rows as they are when there is one per token: accept that case
-    (checked from the tokenizer files and the config's vocab_size); refuse a union of different
-    vocabularies (mergekit would permute and fill embedding rows)."""
-    at = ("tokenizer_source",)
-    refuse = "tokenizer_source: union of different vocabularies is not supported (it builds "\
-        "a merged vocabulary with permuted embedding rows); use base or a model"
-    files = {}
-    for name, ck in tr.checkpoints.items():
-        if not ck.tokenizer_files:
-            raise tr.err(at, f"{refuse}: {tr.inputs[name]} has no tokenizer files")
-        files[name] = {f.name: f.read_bytes() for f in ck.tokenizer_files}
-    first, *rest = files
-    for name in rest:
-        if files[name] != files[first]:
-            raise tr.err(at, f"{refuse}: {tr.inputs[first]} and {tr.inputs[name]} have "
-                         "different tokenizers")
-    from transformers import AutoTokenizer
-
-    ck = tr.checkpoints[first]
-    try:
-        vocab = len(AutoTokenizer.from_pretrained(ck.tokenizer_files[0].parent).get_vocab())
-    except (OSError, ValueError) as e:
-        raise tr.err(at, f"cannot load the tokenizer of {tr.inputs[first]} ({e})") from None
-    for name, ck in tr.checkpoints.items():
-        rows = ck.config.get("vocab_size")
-        if rows != vocab:
-            raise tr.err(at, f"{refuse}: {tr.inputs[name]} has {rows} embedding rows for "
-                         f"{vocab} tokens, which mergekit's union would resize")
-    tr.notes.append("tokenizer_source: union of identical tokenizers: that tokenizer, the "
-                    "embeddings unchanged (as mergekit)")
 
 
 def _check_filters(tr: _Translator, hits: set[Loc]) -> None:
@@ -927,8 +931,12 @@ def build_translated(translation: Translation, source: str) -> Recipe:
     except RecipeError as e:
         if translation.located is None or not e.detail:
             raise
-        raise translation.located.error(("merge_method",), f"{e.detail} (in the translated "
-                                        f"recipe's {e.key})") from None
+        at: Loc = ("merge_method",)
+        data = translation.located.data
+        if str(e.key).startswith("vocabulary"):  # from tokenizer_source or tokenizer:
+            at = next(((k,) for k in ("tokenizer_source", "tokenizer") if k in data), at)
+        raise translation.located.error(at, f"{e.detail} (in the translated recipe's "
+                                        f"{e.key})") from None
 
 
 def parse_kmb(value: str) -> int:

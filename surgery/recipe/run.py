@@ -142,7 +142,10 @@ def run_recipe(recipe: Recipe, *, force: bool = False,
         graft_node.trained.on_event = on_graft
     results = []
     for out, weights in recipe.outputs():
-        tokenizer = recipe.checkpoints[out.tokenizer_from] if out.tokenizer_from else None
+        vocab = recipe.doc.vocabulary
+        source = out.tokenizer_from or (vocab.source if vocab and vocab.source != "union"
+                                        else None)
+        tokenizer = recipe.checkpoints[source] if source else None
         if on_output:
             on_output(ProgressEvent("output", 0, 0, 0, 0, out.path))
         common = {"dtype": out.dtype, "shard_size": out.shard_size, "seed": recipe.doc.seed,

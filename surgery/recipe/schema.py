@@ -48,9 +48,24 @@ class OutputSpec(Strict):
         None, description="Jinja chat template written as the output's chat_template.jinja")
 
 
+class VocabularySpec(Strict):
+    """Lay the inputs out in one vocabulary before any step (see surgery.methods.vocabulary);
+    the outputs then take its tokenizer."""
+
+    source: str = Field("union", description="union, or the input whose tokenizer to take")
+    base: str | None = Field(None, description="the input whose row a token several models "
+                             "have takes; the union starts from its tokenizer (default: the "
+                             "first of models)")
+    models: list[str] | None = Field(None, description="the inputs to lay out (default: all)")
+    pad_to_multiple_of: int | None = Field(None, ge=1, description="round the rows up to a "
+                                           "multiple of this")
+
+
 class RecipeDoc(Strict):
     seed: int = 0
     inputs: dict[str, str | InputSpec] = Field(min_length=1)
+    vocabulary: VocabularySpec | None = Field(
+        None, description="merge inputs with different tokenizers over one vocabulary")
     steps: dict[str, dict[str, Any]] = Field(default_factory=dict)
     output: OutputSpec | list[OutputSpec]
 

@@ -263,10 +263,12 @@ class FinetuneNode(Node):
 def _tokenizer(source: Weights) -> Any:
     from transformers import AutoTokenizer
 
-    ck = next((c for c in source.node.checkpoints() if c.tokenizer_files), None)
-    if ck is None:
+    from surgery.engine.run import output_tokenizer
+
+    files = output_tokenizer(source.node, source.node.checkpoints(), None)
+    if not files:
         raise UsageError(f"{weights_label(source)}: no tokenizer files to train with")
-    return AutoTokenizer.from_pretrained(str(ck.tokenizer_files[0].parent))
+    return AutoTokenizer.from_pretrained(str(files[0].parent))
 
 
 def _build_finetune(p: FinetuneParams, get: Resolve) -> Weights:

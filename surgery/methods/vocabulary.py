@@ -1,0 +1,353 @@
+"""Vocabulary alignment: models with different tokenizers merged over one vocabulary.
+
+Fine-tunes often add tokens (chat markers, tool tokens) or pad their embedding matrix, so
+row ``i`` of one model's embeddings need not be the token at row ``i`` of another's. Before a
+merge, every model's vocabulary-indexed tensors (input embeddings, output head, and any other
+embedding or head tensor with one row per token) are laid out in the output vocabulary:
+
+* the output vocabulary is one model's tokenizer (``source``), or the **union** of all of them:
+  the first model's tokenizer (the base, when one is named) with every other token appended,
+  the ordinary tokens first (each tokenizer in model order, each in its own id order), then
+  the added tokens;
+* a model's row for a token it has is its own row; for a token it lacks, the row of the one
+  model that has it, else the base's row when the base has it, else the mean of the rows of
+  the models that have it (summed in model order); a token no model has gets zeros;
+* with ``pad_to_multiple_of`` the row count is rounded up and the extra rows are the mean of a
+  model's token rows.
+
+This is mergekit's ``tokenizer_source`` (base, a model, or ``union``), with two of its accidents
+made deterministic: mergekit appends the union's new tokens in the iteration order of a hash
+map (it differs between runs), and picks the union's first tokenizer from a set of models when
+there is no base. Rows past a model's ``vocab_size`` (padding) are not tokens of it. The
+output's config.json gets the new ``vocab_size``; its tokenizer files are the source's, or the
+union tokenizer's (saved once, content-addressed, in the cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.checkpoint.hashing import cache_dir
+from surgery.errors import ShapeMismatchError, UsageError
+from surgery.expr import EvalContext, Node, TensorSpec, Weights
+from surgery.names import TensorKind, tensor_kind
+
+VOCABULARY_REF = "mergekit's tokenizer_source (base, a model's tokenizer, or union)"
+ZERO = -1  # a token no model has
+AVERAGE = -2  # a token several models have, none of them the base: their mean row
+
+
+@dataclass(frozen=True)
+class Tokenizer:
+    """One model's tokenizer: where its files are and how many rows its embeddings have."""
+
+    label: str
+    files: tuple[Path, ...]
+    rows: int
+
+    def load(self) -> Any:
+        from transformers import AutoTokenizer
+
+        try:
+            return AutoTokenizer.from_pretrained(self.files[0].parent)
+        except (OSError, ValueError, TypeError) as e:
+            raise UsageError(f"{self.label}: cannot load its tokenizer ({e})") from None
+
+
+@dataclass
+class Vocabulary:
+    """The output vocabulary, and for each model where its rows come from."""
+
+    tokens: int  # tokens in the output vocabulary
+    size: int  # rows of the output's vocabulary tensors (tokens, padded)
+    files: list[Path]  # the output's tokenizer files
+    rows: list[torch.Tensor]  # per model: for each output token its row there, or -1
+    donor: torch.Tensor  # per output token: the model whose row fills it in, ZERO or AVERAGE
+    digest: str  # of the whole layout, for provenance
+
+    def identity(self, model: int, rows: int) -> bool:
+        """Whether model ``model`` (``rows`` rows) already has this layout."""
+        return self.size == rows == self.tokens and bool(
+            torch.equal(self.rows[model], torch.arange(rows)))
+
+
+def _vocab(tok: Any, rows: int) -> dict[str, int]:
+    """A tokenizer's tokens with a row in the model (ids below its vocab_size)."""
+    return {t: i for t, i in tok.get_vocab().items() if i < rows}
+
+
+def build_vocabulary(tokenizers: Sequence[Tokenizer], source: int | None = None,
+                     base: int | None = None, pad_to_multiple_of: int | None = None,
+                     generation_config: Path | None = None) -> Vocabulary:
+    """The layout of ``tokenizers``' models in the vocabulary of model ``source``'s tokenizer
+    (None: the union, built from ``base``'s tokenizer, else the first). Loads the tokenizers
+    (small files); reads no weights."""
+    if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
+        raise UsageError(f"pad_to_multiple_of must be at least 1 (got {pad_to_multiple_of})")
+    loaded = [t.load() for t in tokenizers]
+    vocabs = [_vocab(tok, t.rows) for t, tok in zip(tokenizers, loaded, strict=True)]
+    first = 0 if base is None else base
+    if source is None and all(v == vocabs[first] for v in vocabs):
+        source = first  # the union of one vocabulary is that tokenizer
+    out = first if source is None else source
+    beyond = sorted((i, s) for s, i in loaded[out].get_vocab().items()
+                    if i >= tokenizers[out].rows)
+    if beyond:
+        raise UsageError(
+            f"{tokenizers[out].label}: its tokenizer has {len(beyond)} token(s) at ids past "
+            f"the model's {tokenizers[out].rows} embedding rows (first {beyond[0][1]!r} at "
+            f"{beyond[0][0]}); the output vocabulary cannot hold tokens without rows")
+    if source is not None:
+        out_tok = loaded[source]
+        files = list(tokenizers[source].files)
+    else:
+        out_tok, files = _union(tokenizers, loaded, vocabs, first, generation_config)
+    out_vocab = out_tok.get_vocab()
+    tokens = len(out_vocab)
+    ids = sorted(out_vocab.values())
+    if ids != list(range(tokens)):
+        raise UsageError(f"the output tokenizer's ids are not 0..{tokens - 1}")
+    size = tokens
+    if pad_to_multiple_of and size % pad_to_multiple_of:
+        size += pad_to_multiple_of - size % pad_to_multiple_of
+    order = sorted(out_vocab, key=out_vocab.__getitem__)
+    rows = [torch.tensor([v.get(t, -1) for t in order], dtype=torch.long) for v in vocabs]
+    present = torch.stack([r >= 0 for r in rows])  # models × tokens
+    count = present.sum(0)
+    donor = torch.full((tokens,), AVERAGE, dtype=torch.long)
+    donor[count == 0] = ZERO
+    single = count == 1
+    donor[single] = present.to(torch.int8).argmax(0)[single]
+    if base is not None:
+        donor[(count > 1) & present[base]] = base
+    h = hashlib.sha256()
+    for r in rows:
+        h.update(r.numpy().tobytes())
+    h.update(donor.numpy().tobytes())
+    h.update(str(size).encode())
+    for f in files:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return Vocabulary(tokens, size, files, rows, donor, h.hexdigest()[:16])
+
+
+def _union(tokenizers: Sequence[Tokenizer], loaded: list[Any], vocabs: list[dict[str, int]],
+           first: int, generation_config: Path | None) -> tuple[Any, list[Path]]:
+    """The union tokenizer (the ``first`` model's with every other token added), saved once
+    in the cache, and its files."""
+    order = [first, *(i for i in range(len(loaded)) if i != first)]
+    added: dict[str, Any] = {}
+    for i in order:
+        for idx, info in sorted(loaded[i].added_tokens_decoder.items()):
+            if idx < tokenizers[i].rows:
+                added.setdefault(info.content, info)
+    have = set(vocabs[first])
+    plain: list[str] = []
+    for i in order[1:]:
+        for tok, _ in sorted(vocabs[i].items(), key=lambda kv: kv[1]):
+            if tok not in have and tok not in added:
+                have.add(tok)
+                plain.append(tok)
+    new_added = [info for tok, info in added.items() if tok not in vocabs[first]]
+    root = cache_dir() / "tokenizers"
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
+        out = loaded[first]
+        out.save_pretrained(tmp)  # a copy to extend, never the model's own object
+        from transformers import AutoTokenizer
+
+        out = AutoTokenizer.from_pretrained(tmp)
+        for tok in plain:
+            out.add_tokens(tok)
+        for info in new_added:
+            out.add_tokens(info)
+        built = Path(tmp) / "built"
+        out.save_pretrained(built)
+        if generation_config is not None and generation_config.is_file():
+            shutil.copyfile(generation_config, built / "generation_config.json")
+        h = hashlib.sha256()
+        for f in sorted(built.iterdir()):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+        final = root / h.hexdigest()[:24]
+        if not final.is_dir():
+            try:
+                os.rename(built, final)
+            except OSError:
+                if not final.is_dir():  # another process made it first: theirs is the same
+                    raise
+    from surgery.checkpoint.checkpoint import TOKENIZER_FILES
+
+    files = [final / n for n in TOKENIZER_FILES if (final / n).is_file()]
+    return AutoTokenizer.from_pretrained(final), files
+
+
+def vocabulary_tensors(node: Node, rows: int) -> list[str]:
+    """The tensors of ``node`` with one row per token: embedding and head tensors whose first
+    dimension is the vocabulary size (position and token-type embeddings excluded)."""
+    out = []
+    for name in node.names():
+        if tensor_kind(name) not in (TensorKind.EMBEDDING, TensorKind.HEAD):
+            continue
+        if "position" in name or "token_type" in name or name.endswith("wpe.weight"):
+            continue
+        shape = node.spec(name).shape
+        if shape and shape[0] == rows:
+            out.append(name)
+    return out
+
+
+class VocabularyNode(Node):
+    """Model ``index`` of ``inputs`` laid out in ``vocab``: its vocabulary tensors rebuilt
+    (reading every model's same-named tensor, for the rows it lacks), the rest as they are."""
+
+    op = "align_vocabulary"
+    reference = VOCABULARY_REF
+    rowwise = True  # for the tensors it passes through (see rowwise_tensor)
+
+    def __init__(self, inputs: Sequence[Node], index: int, vocab: Vocabulary,
+                 names: list[str], params: dict[str, Any]) -> None:
+        super().__init__()
+        self.inputs = tuple(inputs)
+        self.index = index
+        self.vocab = vocab
+        self.aligned = set(names)
+        self._params = params
+
+    def params(self) -> dict[str, Any]:
+        return {**self._params, "model": self.index, "layout": self.vocab.digest}
+
+    def _list_names(self) -> list[str]:
+        return self.inputs[self.index].names()
+
+    def spec(self, name: str) -> TensorSpec:
+        spec = self.inputs[self.index].spec(name)
+        if name in self.aligned:
+            return TensorSpec((self.vocab.size, *spec.shape[1:]), spec.dtype)
+        return spec
+
+    def rowwise_tensor(self, name: str) -> bool:
+        """A vocabulary tensor's rows come from anywhere in the inputs' (computed whole); the
+        other tensors pass through, row for row."""
+        return name not in self.aligned
+
+    def input_names(self, name: str) -> list[tuple[Node, str]]:
+        if name in self.aligned:
+            return [(n, name) for n in self.inputs]
+        return [(self.inputs[self.index], name)]
+
+    def compute(self, name: str, ctx: EvalContext) -> torch.Tensor:
+        own = ctx.value(self.inputs[self.index], name)
+        if name not in self.aligned:
+            return own
+        tensors = [ctx.to_compute(ctx.value(n, name)) for n in self.inputs]
+        return align_rows(tensors, self.index, self.vocab)
+
+    def config(self) -> dict:
+        config = self.inputs[self.index].config()
+        if config:
+            config["vocab_size"] = self.vocab.size
+        return config
+
+    def tokenizer_files(self) -> list[Path]:
+        return list(self.vocab.files)
+
+
+def align_rows(tensors: Sequence[torch.Tensor], index: int, vocab: Vocabulary) -> torch.Tensor:
+    """Model ``index``'s tensor (rows: tokens) laid out in ``vocab``, from every model's."""
+    own, rows = tensors[index], vocab.rows[index]
+    dtype = own.dtype
+    for t in tensors:
+        dtype = torch.promote_types(dtype, t.dtype)
+    out = torch.zeros((vocab.size, *own.shape[1:]), dtype=dtype, device=own.device)
+    device = own.device
+    has = (rows >= 0).nonzero().squeeze(1)
+    out[has.to(device)] = own[rows[has].to(device)].to(dtype)
+    missing = rows < 0
+    for j, t in enumerate(tensors):
+        take = (missing & (vocab.donor == j)).nonzero().squeeze(1)
+        if take.numel():
+            out[take.to(device)] = t[vocab.rows[j][take].to(device)].to(dtype)
+    mean = (missing & (vocab.donor == AVERAGE)).nonzero().squeeze(1)
+    if mean.numel():
+        acc = torch.zeros((mean.numel(), *own.shape[1:]), dtype=dtype, device=device)
+        count = torch.zeros(mean.numel(), dtype=dtype, device=device)
+        for j, t in enumerate(tensors):
+            src = vocab.rows[j][mean]
+            at = (src >= 0).nonzero().squeeze(1)
+            if at.numel():
+                acc[at.to(device)] = acc[at.to(device)] + t[src[at].to(device)].to(dtype)
+                count[at.to(device)] += 1
+        out[mean.to(device)] = acc / count.reshape(-1, *([1] * (acc.dim() - 1)))
+    if vocab.size > vocab.tokens:
+        out[vocab.tokens:] = torch.mean(out[:vocab.tokens], dim=0)
+    return out
+
+
+def _tokenizer_of(w: Weights, label: str) -> Tokenizer:
+    config = w.config
+    rows = config.get("vocab_size")
+    if not isinstance(rows, int):
+        raise UsageError(f"{label}: config.json has no vocab_size")
+    from surgery.engine.run import output_tokenizer
+
+    files = output_tokenizer(w.node, w.node.checkpoints(), None)
+    if not [f for f in files if f.name != "generation_config.json"]:
+        raise UsageError(f"{label} has no tokenizer files")
+    return Tokenizer(label, tuple(files), rows)
+
+
+def align_vocabularies(models: Sequence[Weights], *, source: int | None = None,
+                       base: int | None = None, pad_to_multiple_of: int | None = None,
+                       labels: Sequence[str] | None = None) -> list[Weights]:
+    """``models`` laid out in one vocabulary (see the module's text): model ``source``'s
+    tokenizer's, or with ``source=None`` the union of their tokenizers, built from model
+    ``base``'s (else the first). ``base``: the model whose rows fill in a token several others
+    have. A model already in that layout is returned as it is; the others read every model's
+    vocabulary tensors. Merge the results as usual: the output takes the new tokenizer."""
+    if not models:
+        raise UsageError("align_vocabularies: needs at least one model")
+    labels = list(labels or [_label(w) for w in models])
+    for what, i in (("source", source), ("base", base)):
+        if i is not None and not 0 <= i < len(models):
+            raise UsageError(f"align_vocabularies: {what}={i} is not one of the "
+                             f"{len(models)} models")
+    toks = [_tokenizer_of(w, label) for w, label in zip(models, labels, strict=True)]
+    first = toks[base if base is not None else 0]
+    generation = next((f for f in first.files if f.name == "generation_config.json"), None)
+    vocab = build_vocabulary(toks, source, base, pad_to_multiple_of, generation)
+    names = [vocabulary_tensors(w.node, t.rows) for w, t in zip(models, toks, strict=True)]
+    for label, found in zip(labels[1:], names[1:], strict=True):
+        if set(found) != set(names[0]):
+            diff = sorted(set(found) ^ set(names[0]))
+            raise ShapeMismatchError(
+                f"align_vocabularies: {label} and {labels[0]} differ in their vocabulary "
+                f"tensors ({diff[0]!r})")
+    if not names[0]:
+        raise UsageError(f"align_vocabularies: {labels[0]} has no embedding tensor with "
+                         f"{toks[0].rows} rows (its vocab_size)")
+    for name in names[0]:
+        rest = {tuple(w.spec(name).shape[1:]) for w in models}
+        if len(rest) > 1:
+            raise ShapeMismatchError(f"align_vocabularies: tensor {name!r} has rows of "
+                                     f"different shapes {sorted(rest)}")
+    if all(vocab.identity(i, t.rows) for i, t in enumerate(toks)):
+        return list(models)  # one vocabulary already: nothing to lay out
+    params = {"source": "union" if source is None else labels[source],
+              "base": None if base is None else labels[base], "tokens": vocab.tokens,
+              "rows": vocab.size}
+    nodes = [w.node for w in models]
+    return [Weights(VocabularyNode(nodes, i, vocab, names[i], params))
+            for i in range(len(models))]
+
+
+def _label(w: Weights) -> str:
+    cks = w.node.checkpoints()
+    return cks[0].source if cks else f"result of {w.node.op}"
