@@ -369,3 +369,26 @@ def test_mergekit_tokenizer_errors(extra: dict, message: str, models: dict[str, 
                                     **extra, "models": config["models"]}, sort_keys=False))
     with pytest.raises(RecipeError, match=message):
         load_mergekit(path, str(tmp_path / "out"))
+
+
+def test_a_finetune_of_the_merge_tokenizes_with_its_vocabulary(models: dict[str, Path],
+                                                               tmp_path: Path) -> None:
+    """A finetune step after an aligned merge tokenizes its data with the union tokenizer
+    (code's <tool> is one token), and writes a model whose tokenizer fits its rows."""
+    from transformers import AutoTokenizer
+
+    from surgery.train.operations import _tokenizer
+
+    merged = linear(align_vocabularies([load(models["math"]), load(models["code"])]))
+    tok = _tokenizer(merged)
+    assert len(tok) == 390 and tok("<tool>")["input_ids"][-1] == 389
+    text = yaml.safe_dump({
+        "inputs": {"math": str(models["math"]), "code": str(models["code"])},
+        "vocabulary": {"source": "union"},
+        "steps": {"merged": {"op": "linear", "models": ["math", "code"]},
+                  "tuned": {"op": "finetune", "model": "merged", "steps": 1, "batch_size": 2,
+                            "data": str(BASE.parents[1] / "data" / "chat.jsonl")}},
+        "output": {"from": "tuned", "path": str(tmp_path / "tuned")}})
+    run_recipe(build_recipe(text))
+    assert len(AutoTokenizer.from_pretrained(tmp_path / "tuned")) == 390
+    assert tensors(tmp_path / "tuned")["lm_head.weight"].shape == (390, 64)
