@@ -23,10 +23,9 @@ from surgery.engine.stream import (
     Profile,
     ProgressFn,
     StreamOptions,
-    any_rowwise,
     default_threads,
-    is_rowwise,
     resolve_device,
+    rowwise_names,
     stream_tensors,
 )
 from surgery.errors import RunError, UsageError
@@ -435,12 +434,12 @@ def estimate_peak_bytes(root: Node, dtype: torch.dtype | None = None,
     the shard writer's staging buffers. A job is a whole tensor, or a row piece of about
     ``ROW_BLOCK_ELEMENTS`` elements when the graph is row-wise."""
     nodes = [n for n in root.walk() if n.inputs]
-    rowwise = any_rowwise(root)
+    by_rows = rowwise_names(root, root.names())
     worst_job = worst_read = 0
     for name in root.names():
         spec = root.spec(name)
         share = (ROW_BLOCK_ELEMENTS / spec.numel
-                 if is_rowwise(root, name) and spec.numel > ROW_BLOCK_ELEMENTS else 1.0)
+                 if name in by_rows and spec.numel > ROW_BLOCK_ELEMENTS else 1.0)
         read = int(share * sum(ck.info(n).nbytes for ck, n in root.reads(name)))
         numel = int(share * spec.numel)
         out_size = numel * (dtype.itemsize if dtype and spec.dtype.is_floating_point
@@ -450,7 +449,7 @@ def estimate_peak_bytes(root: Node, dtype: torch.dtype | None = None,
     in_flight = max(prefetch_bytes, worst_read)
     staging = 2 * directio.STAGE_BYTES  # the shard writer's two staging buffers
     return (RUNTIME_BASE_BYTES + in_flight + prefetch_bytes + worst_job + staging
-            + _statistics_bytes(root, rowwise))
+            + _statistics_bytes(root, bool(by_rows)))
 
 
 def _statistics_bytes(root: Node, rowwise: bool) -> int:

@@ -22,7 +22,7 @@ import torch
 from surgery.checkpoint import Checkpoint
 from surgery.engine.buffers import BufferPool
 from surgery.errors import UsageError
-from surgery.expr.node import EvalContext, LoadNode, Node, Reduction, statistic_requests
+from surgery.expr.node import EvalContext, Node, Reduction, statistic_requests
 
 # The reader runs at most this many bytes ahead of the computation, or one job's reads when a
 # job needs more (a whole-tensor job of a graph that is not row-wise).
@@ -249,8 +249,7 @@ class Lookahead:
         self.opts = opts
         # (A scalar is computed whole, its statistics with it.)
         self.requests = {n: r for n in dict.fromkeys(names)
-                         if root.spec(n).shape and is_rowwise(root, n)
-                         and (r := statistic_requests(root, n))}
+                         if root.spec(n).shape and (r := statistic_requests(root, n))}
         self.order = list(self.requests)
         self.position = {n: i for i, n in enumerate(self.order)}
         self.futures: dict[str, Future[dict]] = {}
@@ -429,9 +428,7 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
     end = object()
     stop = threading.Event()
     cuda = opts.device.type == "cuda"
-    by_rows = {n for n in names if is_rowwise(root, n)} if reuse_outputs and not cuda \
-        else set()
-    rowwise = bool(by_rows)
+    by_rows = rowwise_names(root, names) if reuse_outputs and not cuda else set()
     jobs = [job for n in names for job in _jobs(root, n, n in by_rows)]
     budget = max(opts.prefetch_bytes, max((j.nbytes for j in jobs), default=0))
     # Freed buffers kept for reuse, as many bytes as the reader may hold ahead.
@@ -440,7 +437,8 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
     workers = Workers(1 if cuda else opts.threads or default_threads())
     # A row-wise tensor comes in several jobs, which share its whole-tensor statistics,
     # computed ahead on twice as many threads as compute blocks: they wait on their reads.
-    lookahead = Lookahead(root, names, opts, 2 * workers.count) if rowwise else None
+    lookahead = Lookahead(root, [n for n in names if n in by_rows], opts,
+                          2 * workers.count) if by_rows else None
 
     def work(job: Job, ctx: EvalContext) -> float:
         name = job.name
@@ -523,29 +521,25 @@ def stream_tensors(root: Node, names: list[str], opts: StreamOptions,
         raise error[0]
 
 
-def is_rowwise(root: Node, name: str | None = None) -> bool:
-    """Whether every output element (of tensor ``name``, else of every tensor) depends only
-    on the same element of the inputs, so large tensors can be read, computed and written in
-    row pieces. A node may be row-wise for some tensors only (``rowwise_tensor``)."""
-    if name is None:
-        return all(isinstance(n, LoadNode) or getattr(n, "rowwise", False) for n in root.walk())
+def is_rowwise(root: Node, name: str) -> bool:
+    """Whether every element of output tensor ``name`` depends only on the same element of
+    the inputs (every node computing it says so: ``Node.rowwise_tensor``), so it can be read,
+    computed and written in row pieces."""
     seen: set[tuple[int, str]] = set()
 
     def visit(node: Node, sub: str) -> bool:
-        if (id(node), sub) in seen or isinstance(node, LoadNode):
+        if (id(node), sub) in seen:
             return True
         seen.add((id(node), sub))
-        whole = getattr(node, "rowwise_tensor", None)
-        if not (whole(sub) if whole is not None else getattr(node, "rowwise", False)):
-            return False
-        return all(visit(child, n) for child, n in node.input_names(sub))
+        return node.rowwise_tensor(sub) and all(visit(child, n)
+                                                for child, n in node.input_names(sub))
 
     return visit(root, name)
 
 
-def any_rowwise(root: Node) -> bool:
-    """Whether some tensor of ``root`` is row-wise (:func:`is_rowwise`)."""
-    return any(is_rowwise(root, n) for n in root.names())
+def rowwise_names(root: Node, names: list[str]) -> set[str]:
+    """Which of ``names`` are row-wise (:func:`is_rowwise`)."""
+    return {n for n in names if is_rowwise(root, n)}
 
 
 def _jobs(root: Node, name: str, rowwise: bool) -> list[Job]:

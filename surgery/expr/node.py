@@ -198,9 +198,17 @@ class Node(ABC):
     op: str = "node"
     reference: str | None = None
     inputs: tuple[Node, ...] = ()
+    # Whether each output element depends only on the same element of the inputs (see
+    # ``ElementwiseNode``), so the engine may compute large tensors in row blocks.
+    rowwise: bool = False
 
     def __init__(self) -> None:
         self._names: list[str] | None = None
+
+    def rowwise_tensor(self, name: str) -> bool:
+        """Whether tensor ``name`` may be computed in row blocks (a node row-wise for some
+        tensors only overrides this)."""
+        return self.rowwise
 
     @abstractmethod
     def _list_names(self) -> list[str]: ...
@@ -294,6 +302,9 @@ class LoadNode(Node):
 
     def _list_names(self) -> list[str]:
         return self.checkpoint.names
+
+    def rowwise_tensor(self, name: str) -> bool:
+        return True  # read as stored, any rows
 
     def spec(self, name: str) -> TensorSpec:
         info = self.checkpoint.info(name)

@@ -86,8 +86,8 @@ def _vocab(tok: Any, rows: int) -> dict[str, int]:
 
 
 def build_vocabulary(tokenizers: Sequence[Tokenizer], source: int | None = None,
-                     base: int | None = None, pad_to_multiple_of: int | None = None,
-                     generation_config: Path | None = None) -> Vocabulary:
+                     base: int | None = None, pad_to_multiple_of: int | None = None
+                     ) -> Vocabulary:
     """The layout of ``tokenizers``' models in the vocabulary of model ``source``'s tokenizer
     (None: the union, built from ``base``'s tokenizer, else the first). Loads the tokenizers
     (small files); reads no weights."""
@@ -110,7 +110,7 @@ def build_vocabulary(tokenizers: Sequence[Tokenizer], source: int | None = None,
         out_tok = loaded[source]
         files = list(tokenizers[source].files)
     else:
-        out_tok, files = _union(tokenizers, loaded, vocabs, first, generation_config)
+        out_tok, files = _union(tokenizers, loaded, vocabs, first)
     out_vocab = out_tok.get_vocab()
     tokens = len(out_vocab)
     ids = sorted(out_vocab.values())
@@ -140,9 +140,9 @@ def build_vocabulary(tokenizers: Sequence[Tokenizer], source: int | None = None,
 
 
 def _union(tokenizers: Sequence[Tokenizer], loaded: list[Any], vocabs: list[dict[str, int]],
-           first: int, generation_config: Path | None) -> tuple[Any, list[Path]]:
-    """The union tokenizer (the ``first`` model's with every other token added), saved once
-    in the cache, and its files."""
+           first: int) -> tuple[Any, list[Path]]:
+    """The union tokenizer (the ``first`` model's with every other token added, and its
+    generation config), saved once in the cache, and its files."""
     order = [first, *(i for i in range(len(loaded)) if i != first)]
     added: dict[str, Any] = {}
     for i in order:
@@ -171,8 +171,9 @@ def _union(tokenizers: Sequence[Tokenizer], loaded: list[Any], vocabs: list[dict
             out.add_tokens(info)
         built = Path(tmp) / "built"
         out.save_pretrained(built)
-        if generation_config is not None and generation_config.is_file():
-            shutil.copyfile(generation_config, built / "generation_config.json")
+        for f in tokenizers[first].files:
+            if f.name == "generation_config.json":
+                shutil.copyfile(f, built / f.name)
         h = hashlib.sha256()
         for f in sorted(built.iterdir()):
             h.update(f.name.encode() + b"\0" + f.read_bytes())
@@ -262,29 +263,31 @@ class VocabularyNode(Node):
 
 def align_rows(tensors: Sequence[torch.Tensor], index: int, vocab: Vocabulary) -> torch.Tensor:
     """Model ``index``'s tensor (rows: tokens) laid out in ``vocab``, from every model's."""
-    own, rows = tensors[index], vocab.rows[index]
+    own, rows, device = tensors[index], vocab.rows[index], tensors[index].device
     dtype = own.dtype
     for t in tensors:
         dtype = torch.promote_types(dtype, t.dtype)
-    out = torch.zeros((vocab.size, *own.shape[1:]), dtype=dtype, device=own.device)
-    device = own.device
-    has = (rows >= 0).nonzero().squeeze(1)
-    out[has.to(device)] = own[rows[has].to(device)].to(dtype)
+    out = torch.zeros((vocab.size, *own.shape[1:]), dtype=dtype, device=device)
+
+    def where(mask: torch.Tensor) -> torch.Tensor:  # the output ids of a mask over tokens
+        return mask.nonzero().squeeze(1)
+
+    def copy(ids: torch.Tensor, j: int) -> None:  # rows ``ids`` from model j's own rows
+        if ids.numel():
+            out[ids.to(device)] = tensors[j][vocab.rows[j][ids].to(device)].to(dtype)
+
+    copy(where(rows >= 0), index)
     missing = rows < 0
-    for j, t in enumerate(tensors):
-        take = (missing & (vocab.donor == j)).nonzero().squeeze(1)
-        if take.numel():
-            out[take.to(device)] = t[vocab.rows[j][take].to(device)].to(dtype)
-    mean = (missing & (vocab.donor == AVERAGE)).nonzero().squeeze(1)
+    for j in range(len(tensors)):
+        copy(where(missing & (vocab.donor == j)), j)
+    mean = where(missing & (vocab.donor == AVERAGE))
     if mean.numel():
         acc = torch.zeros((mean.numel(), *own.shape[1:]), dtype=dtype, device=device)
-        count = torch.zeros(mean.numel(), dtype=dtype, device=device)
-        for j, t in enumerate(tensors):
+        for j, t in enumerate(tensors):  # summed in model order, as mergekit does
             src = vocab.rows[j][mean]
-            at = (src >= 0).nonzero().squeeze(1)
-            if at.numel():
-                acc[at.to(device)] = acc[at.to(device)] + t[src[at].to(device)].to(dtype)
-                count[at.to(device)] += 1
+            at = where(src >= 0).to(device)
+            acc[at] = acc[at] + t[src[src >= 0].to(device)].to(dtype)
+        count = torch.stack([r[mean] >= 0 for r in vocab.rows]).sum(0).to(device, dtype)
         out[mean.to(device)] = acc / count.reshape(-1, *([1] * (acc.dim() - 1)))
     if vocab.size > vocab.tokens:
         out[vocab.tokens:] = torch.mean(out[:vocab.tokens], dim=0)
@@ -320,9 +323,7 @@ def align_vocabularies(models: Sequence[Weights], *, source: int | None = None,
             raise UsageError(f"align_vocabularies: {what}={i} is not one of the "
                              f"{len(models)} models")
     toks = [_tokenizer_of(w, label) for w, label in zip(models, labels, strict=True)]
-    first = toks[base if base is not None else 0]
-    generation = next((f for f in first.files if f.name == "generation_config.json"), None)
-    vocab = build_vocabulary(toks, source, base, pad_to_multiple_of, generation)
+    vocab = build_vocabulary(toks, source, base, pad_to_multiple_of)
     names = [vocabulary_tensors(w.node, t.rows) for w, t in zip(models, toks, strict=True)]
     for label, found in zip(labels[1:], names[1:], strict=True):
         if set(found) != set(names[0]):

@@ -249,7 +249,7 @@ def _check_vocabulary(located: Located, doc: RecipeDoc) -> None:
     if vocab is None:
         return
     inputs = list(doc.inputs)
-    models = vocab.models if vocab.models is not None else inputs
+    models = vocab.names(inputs)
     for i, name in enumerate(models):
         if name not in doc.inputs:
             raise located.error(("vocabulary", "models", i), f"no input named {name!r}"
@@ -322,7 +322,7 @@ def _align(located: Located, doc: RecipeDoc, checkpoints: dict[str, Checkpoint],
 
     vocab = doc.vocabulary
     assert vocab is not None
-    models = vocab.models if vocab.models is not None else list(doc.inputs)
+    models = vocab.names(list(doc.inputs))
     try:
         aligned = align_vocabularies(
             [values[n] for n in models],

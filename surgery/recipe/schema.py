@@ -60,6 +60,10 @@ class VocabularySpec(Strict):
     pad_to_multiple_of: int | None = Field(None, ge=1, description="round the rows up to a "
                                            "multiple of this")
 
+    def names(self, inputs: list[str]) -> list[str]:
+        """The inputs it lays out, of the recipe's ``inputs``."""
+        return self.models if self.models is not None else inputs
+
 
 class RecipeDoc(Strict):
     seed: int = 0
