@@ -105,6 +105,23 @@ def test_model_stock_by_hand() -> None:
     assert torch.allclose(out, base + 2 / 3 * ((a + c) / 2 - base), atol=1e-6)
 
 
+def test_model_stock_gram_of_a_large_tensor() -> None:
+    """Above EXACT_ELEMENTS the angle comes from task_gram: float32 products over chunks of
+    GRAM_CHUNK entries (here two chunks and a remainder of 1808), summed in float64, equal to
+    the float64 products of the task vectors to 1e-6; by hand on a tiny case."""
+    from surgery.methods.stock import GRAM_CHUNK, task_gram
+
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(2 * GRAM_CHUNK + 1808, generator=g).bfloat16()
+    models = [(base.float() + 0.01 * torch.randn(base.shape, generator=g)).bfloat16()
+              for _ in range(3)]
+    taus = torch.stack([m.double() - base.double() for m in models])
+    assert torch.allclose(task_gram([base, *models]), taus @ taus.T, rtol=1e-6, atol=0)
+    one = torch.tensor([1.0, 2.0])
+    assert torch.equal(task_gram([one, one + torch.tensor([1.0, 0]), one + torch.tensor([3.0, 4])]),
+                       torch.tensor([[1.0, 3.0], [3.0, 25.0]], dtype=torch.float64))
+
+
 @pytest.mark.parametrize(("op", "fn", "params"), [
     ("breadcrumbs", breadcrumbs, {}),
     ("breadcrumbs", breadcrumbs, {"normalize": True, "rescale": True, "lambda": 0.7}),
@@ -482,6 +499,7 @@ def test_blocked_tensors_equal_mergekit(paths: dict[str, Path], models: dict[str
     monkeypatch.setattr(stream, "CACHE_BLOCK_ELEMENTS", 700)
     monkeypatch.setattr(node, "PIECE_ELEMENTS", 700)
     monkeypatch.setattr(stock, "EXACT_ELEMENTS", 5000)
+    monkeypatch.setattr(stock, "GRAM_CHUNK", 64)  # pieces of 700: 10 chunks and 60 more
     base = str(paths["base"])
     cases = [
         ({"merge_method": "breadcrumbs_ties", "base_model": base,
