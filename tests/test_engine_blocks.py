@@ -21,10 +21,15 @@ from tests.conftest import small_tensors, write_checkpoint
 @pytest.mark.parametrize(("block", "cache_block", "threads"),
                          [(5, 3, 1), (5, 3, 3), (7, 1 << 20, 2), (40, 9, 4),
                           (1 << 30, 1 << 30, 2)])
+@pytest.mark.parametrize("shared", [True, False], ids=["read-once", "read-twice"])
 def test_blocked_save_equals_whole_tensor_values(three_models: list[Path], tmp_path: Path,
                                                  monkeypatch: pytest.MonkeyPatch,
                                                  block: int, cache_block: int,
-                                                 threads: int) -> None:
+                                                 threads: int, shared: bool) -> None:
+    """Also both ways a tensor with statistics is read: once, whole, for the statistics and
+    the blocks (views), or in pieces for the statistics and again in blocks."""
+    if not shared:
+        monkeypatch.setattr(stream, "SHARED_READ_BYTES", 0)
     monkeypatch.setattr(stream, "ROW_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(stream, "CACHE_BLOCK_ELEMENTS", cache_block)
     monkeypatch.setattr(node, "PIECE_ELEMENTS", cache_block)
@@ -126,6 +131,43 @@ def test_statistics_are_computed_once_per_tensor_ahead_and_shared_by_its_blocks(
     for calls in (inner, outer):
         assert sorted(n for n, _ in calls) == sorted(floats)  # once each
         assert {t for _, t in calls} == {"surgery-statistics_0"}
+
+
+def test_tensors_with_statistics_are_read_once_up_to_the_shared_limit(
+        three_models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """TIES needs its trim thresholds before any block: within SHARED_READ_BYTES a tensor's
+    inputs are read once (whole, the blocks computing from views of them), above it again
+    for the statistics' pieces (as often as the threshold's search scans them); the bytes
+    are the same either way. Counted where the checkpoints read (Checkpoint.bytes_read) and
+    in the run's profile."""
+    monkeypatch.setattr(stream, "ROW_BLOCK_ELEMENTS", 5)
+    monkeypatch.setattr(node, "PIECE_ELEMENTS", 4)
+    models = [load(str(p)) for p in three_models]
+    cks = [m.node.checkpoints()[0] for m in models]
+    merged = ties(models[0], models[1:], density=0.3)
+    once = sum(ck.info(r).nbytes for n in merged.names for ck, r in merged.node.reads(n))
+    sizes = {n: sum(ck.info(n).nbytes for ck in cks) for n in merged.names
+             if cks[0].info(n).dtype.is_floating_point and cks[0].info(n).shape}
+    largest = max(sizes.values())
+    reads = {}
+    default = stream.SHARED_READ_BYTES
+    for limit in (default, 0, largest - 1):
+        monkeypatch.setattr(stream, "SHARED_READ_BYTES", limit)
+        before = [ck.bytes_read for ck in cks]
+        out = tmp_path / f"out{limit}"
+        profile = merged.save(out, dtype="bfloat16", device="cpu", threads=2,
+                              hash_inputs=False).profile
+        reads[limit] = sum(ck.bytes_read - b for ck, b in zip(cks, before, strict=True))
+        assert profile.bytes_read == reads[limit]
+        saved = load_file(str(out / "model.safetensors"))
+        for name in merged.names:
+            want = merged[name]
+            assert torch.equal(saved[name], want.to(torch.bfloat16)
+                               if want.is_floating_point() else want), (limit, name)
+    assert reads[default] == once
+    assert reads[0] >= once + sum(sizes.values())
+    twice = sum(v for v in sizes.values() if v == largest)
+    assert once + twice <= reads[largest - 1] < reads[0]
 
 
 def test_a_failing_statistic_fails_the_save_and_writes_nothing(

@@ -54,6 +54,8 @@ class Checkpoint:
     # O_DIRECT descriptors, or None for files read through the page cache.
     _direct_fds: dict[Path, int | None] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    # Bytes of tensor data read by :meth:`read` so far (from any thread).
+    bytes_read: int = field(default=0, repr=False)
 
     def __getstate__(self) -> dict[str, Any]:
         """Pickled without open descriptors or locks (a Ray task opens its own)."""
@@ -129,6 +131,8 @@ class Checkpoint:
         shape, offset, nbytes = _row_range(info, rows)
         if nbytes == 0:
             return torch.empty(shape, dtype=info.dtype)
+        with self._lock:
+            self.bytes_read += nbytes
         direct = self._direct_span(info, offset, nbytes)
         if direct is not None:
             size = directio.buffer_size(nbytes)
@@ -339,6 +343,8 @@ class PickleCheckpoint(Checkpoint):
         info = self.info(name)
         shape, _, nbytes = _row_range(info, rows)
         src = self.state[name] if rows is None else self.state[name].narrow(0, *rows)
+        with self._lock:
+            self.bytes_read += nbytes
         if out is None or not nbytes:
             return src.clone()
         return out.view(info.dtype).view(shape).copy_(src)

@@ -20,6 +20,7 @@ from surgery.checkpoint.hashing import Cancelled, cached_sha256
 from surgery.engine.stream import (
     DEFAULT_PREFETCH_BYTES,
     ROW_BLOCK_ELEMENTS,
+    SHARED_READ_BYTES,
     Profile,
     ProgressFn,
     StreamOptions,
@@ -457,7 +458,7 @@ def _statistics_bytes(root: Node, rowwise: bool) -> int:
     and on each of the threads computing them (twice the compute threads, a tensor ahead,
     in a row-wise graph), a piece of every input it reads, as stored and as float32, and
     the comparison masks of a scan."""
-    worst = pieces = 0
+    worst = pieces = shared = 0
     for name in root.names():
         requests = statistic_requests(root, name)
         if not requests:
@@ -465,4 +466,9 @@ def _statistics_bytes(root: Node, rowwise: bool) -> int:
         worst = max(worst, sum(node.statistic_bytes(sub) for node, sub in requests))
         inputs = len(root.reads(name))
         pieces = max(pieces, inputs * PIECE_ELEMENTS * (8 + 4) + 2 * PIECE_ELEMENTS)
-    return worst + (2 * default_threads() if rowwise else 1) * pieces
+        read = sum(ck.info(n).nbytes for ck, n in root.reads(name))
+        if rowwise and read <= SHARED_READ_BYTES:
+            shared = max(shared, read)
+    # Tensors read whole for their statistics and blocks (see stream.Lookahead): the one
+    # being computed, the next one's statistics, the reads of the one after.
+    return worst + (2 * default_threads() if rowwise else 1) * pieces + 3 * shared

@@ -75,6 +75,9 @@ class EvalContext:
     # Whole-tensor statistics of nodes (see ``ElementwiseNode``), by (id(node), name): shared
     # by the contexts of one tensor's blocks, and filled ahead by the engine where it can.
     statistics: dict[tuple[int, str], Any] = field(default_factory=dict)
+    # Whole leaf tensors as stored, by (id(checkpoint), name), already read by the engine: the
+    # pieces of a statistic are views of them instead of reads from the checkpoints.
+    sources: dict[tuple[int, str], torch.Tensor] = field(default_factory=dict)
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> list[Any]:
         """``[fn(x) for x in items]``, shared among the engine's worker threads when this
@@ -162,15 +165,19 @@ class EvalContext:
         :meth:`piece_rows`); safe to call from several threads at once. With ``reuse``, what
         is read from the checkpoints goes into buffers of the calling thread, reused by its
         next such call: the values are then valid until that call (fresh memory costs a
-        page fault per 4 KB)."""
+        page fault per 4 KB). Leaves in :attr:`sources` are not read: their rows are views.
+        """
         if self.rows is None:
             return [self.value(n, name).narrow(0, *rows) for n in nodes]
         reads = dict.fromkeys((ck, n) for node in nodes for ck, n in node.reads(name))
-        fetched = {(id(ck), n): ck.read(n, thread_buffer(
-            f"piece-read-{i}", (ck.read_size(n, rows),), torch.uint8, torch.device("cpu"))
-            if reuse else None, rows) for i, (ck, n) in enumerate(reads)}
+        fetched = {}
+        for i, (ck, n) in enumerate(reads):
+            whole = self.sources.get((id(ck), n))
+            fetched[(id(ck), n)] = whole.narrow(0, *rows) if whole is not None else ck.read(
+                n, thread_buffer(f"piece-read-{i}", (ck.read_size(n, rows),), torch.uint8,
+                                 torch.device("cpu")) if reuse else None, rows)
         part = EvalContext(name, self.device, fetched, self.seed, self.compute_dtype, rows=rows,
-                           statistics=self.statistics)
+                           statistics=self.statistics, sources=self.sources)
         return [part.value(n, name) for n in nodes]
 
 
