@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -438,11 +438,12 @@ def _della(op: str, base: Weights, models: Sequence[Weights], density: ModelSche
         after = torch.zeros(len(models), dtype=torch.float64)
         masks = [torch.empty(n if i in drawn else 0, dtype=torch.bool)
                  for i in range(len(models))]
-        pieces = list(ctx.pieces(nodes, name))
-        if len(shape) < 2:
-            pieces = [(0, [torch.cat([v[i].reshape(-1) for _, v in pieces])
+        pieces: Iterable[tuple[int, list[torch.Tensor]]] = ctx.pieces(nodes, name)
+        if len(shape) < 2:  # one row: gathered whole
+            parts = list(pieces)
+            pieces = [(0, [torch.cat([v[i].reshape(-1) for _, v in parts])
                            for i in range(len(nodes))])]
-        for first, values in pieces:
+        for first, values in pieces:  # else one piece of rows at a time
             theta0 = values[0].to(torch.float32)
             for i in drawn:
                 d, e = de[i]
