@@ -68,6 +68,7 @@ __all__ = [
 
 # mergekit 0.1.5's other merge methods (issue 21).
 from surgery.methods import (
+    TokenRow,
     align_vocabularies,
     arcee_fusion,
     breadcrumbs,
@@ -88,4 +89,4 @@ from surgery.methods import (
 __all__ += ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_linear", "karcher",
             "model_stock", "multislerp", "nearswap", "nuslerp", "passthrough", "ram", "ramplus_tl",
             "sce"]
-__all__ += ["align_vocabularies"]
+__all__ += ["TokenRow", "align_vocabularies"]

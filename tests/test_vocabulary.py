@@ -18,7 +18,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from surgery import align_vocabularies, linear, load
-from surgery.errors import RecipeError
+from surgery.errors import RecipeError, UsageError
 from surgery.recipe import build_recipe, run_recipe
 from surgery.recipe.mergekit import load_mergekit
 from tests.conftest import fixture_dir
@@ -125,6 +125,51 @@ def test_rows_follow_the_layout_rules(models: dict[str, Path]) -> None:
     assert torch.equal(without[mvocab["quokka"]], mean)  # no base: the mean of math and code
 
 
+def test_token_sources_by_hand(models: dict[str, Path]) -> None:
+    """A configured token's row: from its source for the models that lack the token (the
+    others keep their own), for every model with force; zeros; another token's row or a
+    row by id; and the references are checked."""
+    from surgery.methods.vocabulary import TokenRow
+
+    b, m, c = (load(models[k]) for k in ("base", "math", "code"))
+    rows = {k: load_file(models[k] / "model.safetensors")["model.embed_tokens.weight"]
+            for k in models}
+    vocabs = {k: vocab_of(models[k]) for k in models}
+    tokens = {"quokka": TokenRow(None),  # math and code have it: only base's row is zeros
+              "<|im_end|>": TokenRow(2, force=True),  # code's row for all
+              "<tool>": TokenRow(1, token="<|im_start|>"),  # code has it: math's other row
+              "zebra": TokenRow(2, row=7, force=True)}
+    aligned = align_vocabularies([b, m, c], base=0, tokens=tokens)
+    out = vocab_of(Path(aligned[0].node.tokenizer_files()[0]).parent)
+    got = [a["model.embed_tokens.weight"] for a in aligned]
+    assert not got[0][out["quokka"]].any()
+    assert torch.equal(got[1][out["quokka"]], rows["math"][vocabs["math"]["quokka"]])
+    assert torch.equal(got[2][out["quokka"]], rows["code"][vocabs["code"]["quokka"]])
+    for i in range(3):
+        assert torch.equal(got[i][out["<|im_end|>"]], rows["code"][vocabs["code"]["<|im_end|>"]])
+        assert torch.equal(got[i][out["zebra"]], rows["code"][7])
+    for i in range(2):
+        assert torch.equal(got[i][out["<tool>"]], rows["math"][vocabs["math"]["<|im_start|>"]])
+    assert torch.equal(got[2][out["<tool>"]], rows["code"][vocabs["code"]["<tool>"]])
+    plain = align_vocabularies([b, m, c], base=0)[0]["model.embed_tokens.weight"]
+    others = [i for t, i in out.items() if t not in tokens]
+    assert torch.equal(got[0][others], plain[others])
+    assert aligned[0].node.params()["token_sources"]["zebra"]["row"] == 7
+    # force changes a model already in the layout; without it, nothing to do
+    same = align_vocabularies([b, b], tokens={"Ġsmall": TokenRow(None)})
+    assert same[0] is b and same[1] is b
+    forced = align_vocabularies([b, b], tokens={"Ġsmall": TokenRow(None, force=True)})
+    assert not forced[1]["model.embed_tokens.weight"][vocabs["base"]["Ġsmall"]].any()
+    for bad, message in [({"nosuch": TokenRow(None)}, "'nosuch' is not a token of the output"),
+                         ({"<tool>": TokenRow(1)}, "'<tool>': .* has no such token"),
+                         ({"zebra": TokenRow(2, row=999)}, "row 999 is past the 391 rows"),
+                         ({"zebra": TokenRow(1, token="nosuch")}, "has no token 'nosuch'"),
+                         ({"zebra": TokenRow(1, token="zebra", row=3)}, "not both"),
+                         ({"zebra": TokenRow(5)}, "model 5 is not one of the 3")]:
+        with pytest.raises(UsageError, match=message):
+            align_vocabularies([b, m, c], tokens=bad)
+
+
 def test_padding_rows_are_the_mean_and_identity_is_left_alone(models: dict[str, Path]
                                                                 ) -> None:
     b, m = load(models["base"]), load(models["math"])
@@ -182,6 +227,18 @@ CASES = {
         "merge_method": "task_arithmetic", "base_model": "base", "tokenizer_source": "code",
         "models": [{"model": "math", "parameters": {"weight": 0.7}},
                    {"model": "code", "parameters": {"weight": 0.5}}]},
+    "union, token sources": {
+        "merge_method": "linear", "base_model": "base",
+        "tokenizer": {"source": "union", "tokens": {
+            "<|im_end|>": {"source": "code", "force": True},
+            "quokka": {"source": {"kind": "zero"}},
+            "<tool>": {"source": {"kind": "model_token", "model": "math",
+                                  "token": "<|im_start|>"}},
+            "zebra": {"source": {"kind": "model_token", "model": "code", "token_id": 5},
+                      "force": True}}},
+        "models": [{"model": "base", "parameters": {"weight": 0.2}},
+                   {"model": "math", "parameters": {"weight": 0.4}},
+                   {"model": "code", "parameters": {"weight": 0.4}}]},
     "base, padded": {
         "merge_method": "linear", "base_model": "base",
         "tokenizer": {"source": "base", "pad_to_multiple_of": 50},
@@ -301,6 +358,14 @@ def test_recipe_vocabulary_section(models: dict[str, Path], tmp_path: Path) -> N
     ({}, {"tokenizer_from": "math"}, r"output\.tokenizer_from.*the vocabulary section gives"),
     ({"pad_to_multiple_of": 0}, {}, r"vocabulary\.pad_to_multiple_of"),
     ({"sorce": "union"}, {}, r"vocabulary\.sorce.*unknown key; did you mean 'source'"),
+    ({"tokens": {"zebra": {"source": "mat"}}}, {},
+     r"vocabulary\.tokens\.zebra\.source.*'mat' is not one of the models; did you mean"),
+    ({"tokens": {"zebra": {"source": {"kind": "model_token", "model": "cod", "token": "a"}}}},
+     {}, r"vocabulary\.tokens\.zebra\.source\.model.*'cod' is not one of the models"),
+    ({"tokens": {"zebra": {"source": {"kind": "model_token", "model": "code"}}}}, {},
+     r"vocabulary\.tokens\.zebra\.source.*give token_id or token"),
+    ({"tokens": {"nosuch": {"source": {"kind": "zero"}}}}, {},
+     r"vocabulary: tokens: 'nosuch' is not a token of the output vocabulary"),
 ])
 def test_recipe_vocabulary_errors(vocabulary: dict, output: dict, message: str,
                                   models: dict[str, Path]) -> None:
@@ -346,8 +411,15 @@ def test_row_blocks_give_the_same_bytes(models: dict[str, Path], tmp_path: Path,
 
 
 @pytest.mark.parametrize(("extra", "message"), [
-    ({"tokenizer": {"source": "union", "tokens": {"<tool>": {"source": "math"}}}},
-     r"mk\.yml:\d+:\d+: tokenizer\.tokens: per-token embedding sources"),
+    ({"tokenizer": {"source": "union", "tokens": {"<tool>": {"source": "elsewhere"}}}},
+     r"mk\.yml:\d+:\d+: tokenizer\.tokens\.<tool>\.source: 'elsewhere' is not one of the "
+     "merge's models"),
+    ({"tokenizer": {"source": "union", "tokens": {"<tool>": {"force": True}}}},
+     r"tokenizer\.tokens\.<tool>: a token needs its source"),
+    ({"tokenizer": {"source": "union", "tokens": {"<tool>": {"source": {"kind": "one"}}}}},
+     r"tokenizer\.tokens\.<tool>\.source: the source is a model"),
+    ({"tokenizer": {"tokens": {"<tool>": {"source": {"kind": "zero"}, "forse": True}}}},
+     r"tokenizer\.tokens\.<tool>\.forse: unknown key"),
     ({"tokenizer": {"source": "union"}, "tokenizer_source": "base"},
      r"mk\.yml:\d+:\d+: tokenizer: give tokenizer_source or a tokenizer: section"),
     ({"tokenizer": {"pad_to_multiple_of": 0}}, r"tokenizer\.pad_to_multiple_of: .*positive"),

@@ -42,6 +42,6 @@ __all__ += ["arcee_fusion", "breadcrumbs", "breadcrumbs_ties", "della", "della_l
             "sce"]
 
 # Models with different tokenizers, over one vocabulary.
-from surgery.methods.vocabulary import align_vocabularies  # noqa: E402
+from surgery.methods.vocabulary import TokenRow, align_vocabularies  # noqa: E402
 
-__all__ += ["align_vocabularies"]
+__all__ += ["TokenRow", "align_vocabularies"]

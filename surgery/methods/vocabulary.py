@@ -13,7 +13,10 @@ embedding or head tensor with one row per token) are laid out in the output voca
   model that has it, else the base's row when the base has it, else the mean of the rows of
   the models that have it (summed in model order); a token no model has gets zeros;
 * with ``pad_to_multiple_of`` the row count is rounded up and the extra rows are the mean of a
-  model's token rows.
+  model's token rows;
+* ``tokens`` names the source of chosen tokens' rows (:class:`TokenRow`: a model's row of the
+  token, a model's row of another token or id, or zeros), for the models that lack the token,
+  or with ``force`` for every model (mergekit's ``tokenizer: tokens:``).
 
 This is mergekit's ``tokenizer_source`` (base, a model, or ``union``), with two of its accidents
 made deterministic: mergekit appends the union's new tokens in the iteration order of a hash
@@ -44,6 +47,20 @@ from surgery.names import TensorKind, tensor_kind
 VOCABULARY_REF = "mergekit's tokenizer_source (base, a model's tokenizer, or union)"
 ZERO = -1  # a token no model has
 AVERAGE = -2  # a token several models have, none of them the base: their mean row
+UNSET = -3  # a token without a configured source (see TokenRow)
+
+
+@dataclass(frozen=True)
+class TokenRow:
+    """Where a token's row comes from (mergekit's ``tokenizer: tokens:`` entry): model
+    ``model``'s row of the token itself, or of ``token`` (a token of that model's vocabulary)
+    or of row ``row``; ``model=None``: zeros. It fills the rows of the models that lack the
+    token, and with ``force`` the rows of every model."""
+
+    model: int | None = None
+    token: str | None = None
+    row: int | None = None
+    force: bool = False
 
 
 @dataclass(frozen=True)
@@ -73,11 +90,17 @@ class Vocabulary:
     rows: list[torch.Tensor]  # per model: for each output token its row there, or -1
     donor: torch.Tensor  # per output token: the model whose row fills it in, ZERO or AVERAGE
     digest: str  # of the whole layout, for provenance
+    # Per output token, a configured source (TokenRow): the model (UNSET: none; ZERO: zeros),
+    # its row there, and whether it replaces the models' own rows too.
+    fixed: torch.Tensor | None = None
+    fixed_row: torch.Tensor | None = None
+    forced: torch.Tensor | None = None
 
     def identity(self, model: int, rows: int) -> bool:
         """Whether model ``model`` (``rows`` rows) already has this layout."""
         return self.size == rows == self.tokens and bool(
-            torch.equal(self.rows[model], torch.arange(rows)))
+            torch.equal(self.rows[model], torch.arange(rows))) and not (
+            self.forced is not None and bool(self.forced.any()))
 
 
 def _vocab(tok: Any, rows: int) -> dict[str, int]:
@@ -86,11 +109,12 @@ def _vocab(tok: Any, rows: int) -> dict[str, int]:
 
 
 def build_vocabulary(tokenizers: Sequence[Tokenizer], source: int | None = None,
-                     base: int | None = None, pad_to_multiple_of: int | None = None
-                     ) -> Vocabulary:
+                     base: int | None = None, pad_to_multiple_of: int | None = None,
+                     tokens: dict[str, TokenRow] | None = None) -> Vocabulary:
     """The layout of ``tokenizers``' models in the vocabulary of model ``source``'s tokenizer
-    (None: the union, built from ``base``'s tokenizer, else the first). Loads the tokenizers
-    (small files); reads no weights."""
+    (None: the union, built from ``base``'s tokenizer, else the first), with the ``tokens``
+    whose rows have a source of their own. Loads the tokenizers (small files); reads no
+    weights."""
     if pad_to_multiple_of is not None and pad_to_multiple_of < 1:
         raise UsageError(f"pad_to_multiple_of must be at least 1 (got {pad_to_multiple_of})")
     loaded = [t.load() for t in tokenizers]
@@ -112,31 +136,76 @@ def build_vocabulary(tokenizers: Sequence[Tokenizer], source: int | None = None,
     else:
         out_tok, files = _union(tokenizers, loaded, vocabs, first)
     out_vocab = out_tok.get_vocab()
-    tokens = len(out_vocab)
+    count_tokens = len(out_vocab)
     ids = sorted(out_vocab.values())
-    if ids != list(range(tokens)):
-        raise UsageError(f"the output tokenizer's ids are not 0..{tokens - 1}")
-    size = tokens
+    if ids != list(range(count_tokens)):
+        raise UsageError(f"the output tokenizer's ids are not 0..{count_tokens - 1}")
+    size = count_tokens
     if pad_to_multiple_of and size % pad_to_multiple_of:
         size += pad_to_multiple_of - size % pad_to_multiple_of
     order = sorted(out_vocab, key=out_vocab.__getitem__)
     rows = [torch.tensor([v.get(t, -1) for t in order], dtype=torch.long) for v in vocabs]
     present = torch.stack([r >= 0 for r in rows])  # models × tokens
     count = present.sum(0)
-    donor = torch.full((tokens,), AVERAGE, dtype=torch.long)
+    donor = torch.full((count_tokens,), AVERAGE, dtype=torch.long)
     donor[count == 0] = ZERO
     single = count == 1
     donor[single] = present.to(torch.int8).argmax(0)[single]
     if base is not None:
         donor[(count > 1) & present[base]] = base
+    fixed = _fixed_rows(tokenizers, vocabs, out_vocab, rows, tokens or {})
     h = hashlib.sha256()
-    for r in rows:
+    for r in [*rows, donor, *(fixed or ())]:
         h.update(r.numpy().tobytes())
-    h.update(donor.numpy().tobytes())
     h.update(str(size).encode())
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return Vocabulary(tokens, size, files, rows, donor, h.hexdigest()[:16])
+    return Vocabulary(len(out_vocab), size, files, rows, donor, h.hexdigest()[:16],
+                      *(fixed or (None, None, None)))
+
+
+def _fixed_rows(tokenizers: Sequence[Tokenizer], vocabs: list[dict[str, int]],
+                out_vocab: dict[str, int], rows: list[torch.Tensor],
+                tokens: dict[str, TokenRow]
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """Per output token: the configured source model (UNSET, ZERO or a model), its row, and
+    whether it is forced; None when no token is configured. Every reference is checked."""
+    if not tokens:
+        return None
+    n = len(out_vocab)
+    fixed = torch.full((n,), UNSET, dtype=torch.long)
+    fixed_row = torch.full((n,), -1, dtype=torch.long)
+    forced = torch.zeros(n, dtype=torch.bool)
+    for tok, spec in tokens.items():
+        if tok not in out_vocab:
+            raise UsageError(f"tokens: {tok!r} is not a token of the output vocabulary")
+        o = out_vocab[tok]
+        forced[o] = spec.force
+        if spec.model is None:
+            fixed[o] = ZERO
+            continue
+        if not 0 <= spec.model < len(tokenizers):
+            raise UsageError(f"tokens: {tok!r}: model {spec.model} is not one of the "
+                             f"{len(tokenizers)} models")
+        if spec.token is not None and spec.row is not None:
+            raise UsageError(f"tokens: {tok!r}: give the source's token or its row, not both")
+        label, have = tokenizers[spec.model].label, tokenizers[spec.model].rows
+        if spec.row is not None:
+            if not 0 <= spec.row < have:
+                raise UsageError(f"tokens: {tok!r}: row {spec.row} is past the {have} rows "
+                                 f"of {label}")
+            row = spec.row
+        elif spec.token is not None:
+            if spec.token not in vocabs[spec.model]:
+                raise UsageError(f"tokens: {tok!r}: {label} has no token {spec.token!r}")
+            row = vocabs[spec.model][spec.token]
+        else:
+            row = int(rows[spec.model][o])
+            if row < 0:
+                raise UsageError(f"tokens: {tok!r}: {label} has no such token (name one of "
+                                 "its tokens, or a row, as the source)")
+        fixed[o], fixed_row[o] = spec.model, row
+    return fixed, fixed_row, forced
 
 
 def _union(tokenizers: Sequence[Tokenizer], loaded: list[Any], vocabs: list[dict[str, int]],
@@ -276,8 +345,17 @@ def align_rows(tensors: Sequence[torch.Tensor], index: int, vocab: Vocabulary) -
         if ids.numel():
             out[ids.to(device)] = tensors[j][vocab.rows[j][ids].to(device)].to(dtype)
 
-    copy(where(rows >= 0), index)
-    missing = rows < 0
+    own_rows = rows >= 0
+    missing = ~own_rows
+    if vocab.fixed is not None and vocab.fixed_row is not None and vocab.forced is not None:
+        own_rows &= ~vocab.forced
+        configured = ~own_rows & (vocab.fixed != UNSET)
+        for j in range(len(tensors)):  # rows of configured tokens: their source's row
+            ids = where(configured & (vocab.fixed == j))
+            if ids.numel():
+                out[ids.to(device)] = tensors[j][vocab.fixed_row[ids].to(device)].to(dtype)
+        missing &= vocab.fixed == UNSET  # (a ZERO source stays zeros)
+    copy(where(own_rows), index)
     for j in range(len(tensors)):
         copy(where(missing & (vocab.donor == j)), j)
     mean = where(missing & (vocab.donor == AVERAGE))
@@ -309,12 +387,15 @@ def _tokenizer_of(w: Weights, label: str) -> Tokenizer:
 
 def align_vocabularies(models: Sequence[Weights], *, source: int | None = None,
                        base: int | None = None, pad_to_multiple_of: int | None = None,
+                       tokens: dict[str, TokenRow] | None = None,
                        labels: Sequence[str] | None = None) -> list[Weights]:
     """``models`` laid out in one vocabulary (see the module's text): model ``source``'s
     tokenizer's, or with ``source=None`` the union of their tokenizers, built from model
     ``base``'s (else the first). ``base``: the model whose rows fill in a token several others
-    have. A model already in that layout is returned as it is; the others read every model's
-    vocabulary tensors. Merge the results as usual: the output takes the new tokenizer."""
+    have. ``tokens``: the tokens whose rows come from a source of their own (:class:`TokenRow`,
+    its model an index into ``models``). A model already in that layout is returned as it
+    is; the others read every model's vocabulary tensors. Merge the results as usual: the
+    output takes the new tokenizer."""
     if not models:
         raise UsageError("align_vocabularies: needs at least one model")
     labels = list(labels or [_label(w) for w in models])
@@ -323,7 +404,7 @@ def align_vocabularies(models: Sequence[Weights], *, source: int | None = None,
             raise UsageError(f"align_vocabularies: {what}={i} is not one of the "
                              f"{len(models)} models")
     toks = [_tokenizer_of(w, label) for w, label in zip(models, labels, strict=True)]
-    vocab = build_vocabulary(toks, source, base, pad_to_multiple_of)
+    vocab = build_vocabulary(toks, source, base, pad_to_multiple_of, tokens)
     names = [vocabulary_tensors(w.node, t.rows) for w, t in zip(models, toks, strict=True)]
     for label, found in zip(labels[1:], names[1:], strict=True):
         if set(found) != set(names[0]):
@@ -344,6 +425,10 @@ def align_vocabularies(models: Sequence[Weights], *, source: int | None = None,
     params = {"source": "union" if source is None else labels[source],
               "base": None if base is None else labels[base], "tokens": vocab.tokens,
               "rows": vocab.size}
+    if tokens:
+        params["token_sources"] = {
+            tok: {"model": None if t.model is None else labels[t.model], "token": t.token,
+                  "row": t.row, "force": t.force} for tok, t in tokens.items()}
     nodes = [w.node for w in models]
     return [Weights(VocabularyNode(nodes, i, vocab, names[i], params))
             for i in range(len(models))]

@@ -24,7 +24,7 @@ from surgery.expr import LoadNode, Weights
 from surgery.methods.registry import OPERATIONS as STREAMING_OPERATIONS
 from surgery.methods.registry import Operation
 from surgery.prune.operations import PRUNE_OPERATIONS
-from surgery.recipe.schema import OutputSpec, RecipeDoc
+from surgery.recipe.schema import ModelRowSpec, OutputSpec, RecipeDoc
 from surgery.recipe.yamlloc import Loc, Located, load_located
 from surgery.train.adapter_ops import ADAPTER_OPERATIONS
 from surgery.train.graft import GRAFT_OPERATIONS
@@ -264,9 +264,17 @@ def _check_vocabulary(located: Located, doc: RecipeDoc) -> None:
             what = "union or one of the models" if key == "source" else "one of the models"
             raise located.error(("vocabulary", key), f"{name!r} is not {what}"
                                 f"{suggest(name, models)}")
+    for tok, spec in (vocab.tokens or {}).items():
+        src = spec.source
+        at: Loc
+        name, at = ((src, ("vocabulary", "tokens", tok, "source")) if isinstance(src, str)
+                    else (getattr(src, "model", None),
+                          ("vocabulary", "tokens", tok, "source", "model")))
+        if name is not None and name not in models:
+            raise located.error(at, f"{name!r} is not one of the models{suggest(name, models)}")
     for i, out in enumerate(doc.outputs()):
         if out.tokenizer_from is not None:
-            at: Loc = ("output", i) if isinstance(doc.output, list) else ("output",)
+            at = ("output", i) if isinstance(doc.output, list) else ("output",)
             raise located.error((*at, "tokenizer_from"), "the vocabulary section gives the "
                                 "outputs their tokenizer; drop tokenizer_from or the section")
 
@@ -318,17 +326,26 @@ def _check_cycles(located: Located, steps: dict[str, tuple[Operation, BaseModel]
 def _align(located: Located, doc: RecipeDoc, checkpoints: dict[str, Checkpoint],
            values: dict[str, Weights]) -> None:
     """The inputs the vocabulary section names, replaced by their aligned versions."""
-    from surgery.methods.vocabulary import align_vocabularies
+    from surgery.methods.vocabulary import TokenRow, align_vocabularies
 
     vocab = doc.vocabulary
     assert vocab is not None
     models = vocab.names(list(doc.inputs))
+    tokens = {}
+    for tok, spec in (vocab.tokens or {}).items():
+        src = spec.source
+        if isinstance(src, str):
+            tokens[tok] = TokenRow(models.index(src), force=spec.force)
+        elif isinstance(src, ModelRowSpec):
+            tokens[tok] = TokenRow(models.index(src.model), src.token, src.token_id, spec.force)
+        else:
+            tokens[tok] = TokenRow(None, force=spec.force)
     try:
         aligned = align_vocabularies(
             [values[n] for n in models],
             source=None if vocab.source == "union" else models.index(vocab.source),
             base=None if vocab.base is None else models.index(vocab.base),
-            pad_to_multiple_of=vocab.pad_to_multiple_of,
+            pad_to_multiple_of=vocab.pad_to_multiple_of, tokens=tokens or None,
             labels=[f"{n} ({checkpoints[n].source})" for n in models])
     except UsageError as e:
         raise located.error(("vocabulary",), str(e)) from None

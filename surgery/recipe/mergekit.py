@@ -595,18 +595,15 @@ def _tokenizer(tr: _Translator, data: dict[str, Any], base: str | None,
         if not isinstance(section, dict):
             raise tr.err(("tokenizer",), "tokenizer: is a mapping (source, pad_to_multiple_of)")
         for key in section:
-            if key == "tokens":
-                raise tr.err(("tokenizer", key), "per-token embedding sources (tokens:) are "
-                             "not supported; the rows of added tokens come from the models "
-                             "that have them")
-            if key not in ("source", "pad_to_multiple_of"):
+            if key not in ("source", "pad_to_multiple_of", "tokens"):
                 raise tr.err(("tokenizer", key), "unknown key (allowed: source, "
-                             "pad_to_multiple_of)")
+                             "pad_to_multiple_of, tokens)")
         at, src = ("tokenizer", "source"), section.get("source", "union")
         pad = section.get("pad_to_multiple_of")
         if pad is not None and (not isinstance(pad, int) or isinstance(pad, bool) or pad < 1):
             raise tr.err(("tokenizer", "pad_to_multiple_of"), "pad_to_multiple_of is a "
                          "positive integer")
+    tokens = _token_sources(tr, section.get("tokens")) if section is not None else None
     if src is None:
         return first
     if src == "base":
@@ -627,8 +624,48 @@ def _tokenizer(tr: _Translator, data: dict[str, Any], base: str | None,
         vocabulary["base"] = base
     if pad is not None:
         vocabulary["pad_to_multiple_of"] = pad
+    if tokens:
+        vocabulary["tokens"] = tokens
     recipe["vocabulary"] = vocabulary
     return name or first
+
+
+def _token_sources(tr: _Translator, tokens: Any) -> dict[str, Any] | None:
+    """mergekit's ``tokenizer: tokens:`` (token → {source, force}) in the recipe's form: the
+    same, with the model references as input names."""
+    if tokens is None:
+        return None
+    at: Loc = ("tokenizer", "tokens")
+    if not isinstance(tokens, dict):
+        raise tr.err(at, "tokens: is a mapping of token to {source, force}")
+    def model(ref: Any, loc: Loc) -> str:
+        if ref not in tr.refs:  # mergekit: "requires a vocabulary weight from model ..."
+            raise tr.err(loc, f"{ref!r} is not one of the merge's models")
+        return tr.model(ref, loc)
+
+    out: dict[str, Any] = {}
+    for tok, cfg in tokens.items():
+        here: Loc = (*at, tok)
+        if not isinstance(cfg, dict):
+            raise tr.err(here, "each token takes {source: ..., force: ...}")
+        for key in cfg:
+            if key not in ("source", "force"):
+                raise tr.err((*here, key), "unknown key (allowed: source, force)")
+        src = cfg.get("source")
+        if src is None:  # mergekit fails only once it needs the row
+            raise tr.err(here, "a token needs its source: a model, {kind: zero} or "
+                         "{kind: model_token, model, token_id or token}")
+        if isinstance(src, str):
+            src = model(src, (*here, "source"))
+        elif isinstance(src, dict) and src.get("kind") == "model_token":
+            if not isinstance(src.get("model"), str):
+                raise tr.err((*here, "source"), "model_token needs its model")
+            src = dict(src, model=model(src["model"], (*here, "source", "model")))
+        elif not (isinstance(src, dict) and src.get("kind") == "zero"):
+            raise tr.err((*here, "source"), "the source is a model, {kind: zero} or "
+                         "{kind: model_token, model, token_id or token}")
+        out[str(tok)] = {"source": src, "force": bool(cfg.get("force", False))}
+    return out
 
 
 def _chat_template(tr: _Translator, value: Any, tokenizer_from: str) -> str | None:

@@ -14,9 +14,9 @@ output: {from: merged, path: out/merged, dtype: bfloat16, shard_size: 2GB,
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 
 class Strict(BaseModel):
@@ -48,6 +48,45 @@ class OutputSpec(Strict):
         None, description="Jinja chat template written as the output's chat_template.jinja")
 
 
+class ZeroRowSpec(Strict):
+    kind: Literal["zero"]
+
+
+class ModelRowSpec(Strict):
+    kind: Literal["model_token"]
+    model: str = Field(description="the input whose row to take")
+    token_id: int | None = Field(None, ge=0, description="its row of this id")
+    token: str | None = Field(None, description="its row of this token")
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelRowSpec:
+        if (self.token_id is None) == (self.token is None):
+            raise ValueError("give token_id or token (one of them)")
+        return self
+
+
+def _source_kind(value: Any) -> str | None:
+    """Which form a token's source takes: an input's name, or by its ``kind``."""
+    if isinstance(value, str):
+        return "input"
+    if isinstance(value, dict):
+        return value.get("kind")
+    return getattr(value, "kind", None)
+
+
+class TokenSpec(Strict):
+    source: Annotated[
+        Annotated[str, Tag("input")] | Annotated[ZeroRowSpec, Tag("zero")]
+        | Annotated[ModelRowSpec, Tag("model_token")],
+        Discriminator(_source_kind, custom_error_type="token_source",
+                      custom_error_message="a token's source is an input, {kind: zero} or "
+                      "{kind: model_token, model, token_id or token}")] = Field(
+        description="an input (its row of the token), {kind: zero}, or {kind: model_token, "
+                    "model, token_id or token}")
+    force: bool = Field(False, description="also replace the rows of the inputs that have "
+                        "the token")
+
+
 class VocabularySpec(Strict):
     """Lay the inputs out in one vocabulary before any step (see surgery.methods.vocabulary);
     the outputs then take its tokenizer."""
@@ -59,6 +98,9 @@ class VocabularySpec(Strict):
     models: list[str] | None = Field(None, description="the inputs to lay out (default: all)")
     pad_to_multiple_of: int | None = Field(None, ge=1, description="round the rows up to a "
                                            "multiple of this")
+    tokens: dict[str, TokenSpec] | None = Field(
+        None, description="tokens whose rows come from a source of their own (for the inputs "
+        "that lack them; with force, for all)")
 
     def names(self, inputs: list[str]) -> list[str]:
         """The inputs it lays out, of the recipe's ``inputs``."""
