@@ -117,6 +117,16 @@ def test_model_stock_gram_of_a_large_tensor() -> None:
               for _ in range(3)]
     taus = torch.stack([m.double() - base.double() for m in models])
     assert torch.allclose(task_gram([base, *models]), taus @ taus.T, rtol=1e-6, atol=0)
+    # The same on a fresh thread as on one whose buffers grew on a larger piece first.
+    import threading
+
+    odd = [v[:GRAM_CHUNK + 1001] for v in (base, *models)]
+    fresh: list[torch.Tensor] = []
+    worker = threading.Thread(target=lambda: fresh.append(task_gram(odd)))
+    worker.start()
+    worker.join()
+    task_gram([base, *models])
+    assert torch.equal(task_gram(odd), fresh[0])
     one = torch.tensor([1.0, 2.0])
     assert torch.equal(task_gram([one, one + torch.tensor([1.0, 0]), one + torch.tensor([3.0, 4])]),
                        torch.tensor([[1.0, 3.0], [3.0, 25.0]], dtype=torch.float64))
