@@ -20,13 +20,13 @@ from surgery.checkpoint.hashing import Cancelled, cached_sha256
 from surgery.engine.stream import (
     DEFAULT_PREFETCH_BYTES,
     ROW_BLOCK_ELEMENTS,
-    SHARED_READ_BYTES,
     Profile,
     ProgressFn,
     StreamOptions,
     default_threads,
     resolve_device,
     rowwise_names,
+    shared_read_bytes,
     stream_tensors,
 )
 from surgery.errors import RunError, UsageError
@@ -466,9 +466,8 @@ def _statistics_bytes(root: Node, rowwise: bool) -> int:
         worst = max(worst, sum(node.statistic_bytes(sub) for node, sub in requests))
         inputs = len(root.reads(name))
         pieces = max(pieces, inputs * PIECE_ELEMENTS * (8 + 4) + 2 * PIECE_ELEMENTS)
-        read = sum(ck.info(n).nbytes for ck, n in root.reads(name))
-        if rowwise and read <= SHARED_READ_BYTES:
-            shared = max(shared, read)
+        if rowwise:
+            shared = max(shared, shared_read_bytes(root.reads(name)))
     # Tensors read whole for their statistics and blocks (see stream.Lookahead): the one
     # being computed, the next one's statistics, the reads of the one after.
     return worst + (2 * default_threads() if rowwise else 1) * pieces + 3 * shared

@@ -47,6 +47,13 @@ SHARED_READ_BYTES = 256 * 1024 * 1024
 READ_AHEAD = 2
 
 
+def shared_read_bytes(reads: Iterable[tuple[Checkpoint, str]]) -> int:
+    """The bytes of a tensor's reads when they are few enough to be read once, whole, for
+    its statistics and its blocks (see ``SHARED_READ_BYTES``); 0 when they are not."""
+    nbytes = sum(ck.info(n).nbytes for ck, n in reads)
+    return nbytes if nbytes <= SHARED_READ_BYTES else 0
+
+
 @dataclass
 class ProgressEvent:
     """Where a run stands: ``phase`` is "reduce" (statistics pass) or "write"."""
@@ -276,8 +283,7 @@ class Lookahead:
         self.order = list(self.requests)
         self.position = {n: i for i, n in enumerate(self.order)}
         self.reads = {job.name: job.reads for job in jobs}
-        self.shared = {n for n in self.order
-                       if sum(ck.info(r).nbytes for ck, r in self.reads[n]) <= SHARED_READ_BYTES}
+        self.shared = {n for n in self.order if shared_read_bytes(self.reads[n])}
         self.futures: dict[str, Future[tuple[dict, Fetched]]] = {}
         self.submitted = 0
         # The whole reads of shared tensors, on a thread of their own (see READ_AHEAD), so
