@@ -81,6 +81,16 @@ class Tokenizer:
 
 
 @dataclass
+class FixedRows:
+    """Per output token, its configured source (see TokenRow): the model (UNSET: none;
+    ZERO: zeros), its row there, and whether it replaces the models' own rows too."""
+
+    model: torch.Tensor
+    row: torch.Tensor
+    forced: torch.Tensor
+
+
+@dataclass
 class Vocabulary:
     """The output vocabulary, and for each model where its rows come from."""
 
@@ -90,17 +100,13 @@ class Vocabulary:
     rows: list[torch.Tensor]  # per model: for each output token its row there, or -1
     donor: torch.Tensor  # per output token: the model whose row fills it in, ZERO or AVERAGE
     digest: str  # of the whole layout, for provenance
-    # Per output token, a configured source (TokenRow): the model (UNSET: none; ZERO: zeros),
-    # its row there, and whether it replaces the models' own rows too.
-    fixed: torch.Tensor | None = None
-    fixed_row: torch.Tensor | None = None
-    forced: torch.Tensor | None = None
+    fixed: FixedRows | None = None  # the tokens given a source of their own, if any
 
     def identity(self, model: int, rows: int) -> bool:
         """Whether model ``model`` (``rows`` rows) already has this layout."""
         return self.size == rows == self.tokens and bool(
             torch.equal(self.rows[model], torch.arange(rows))) and not (
-            self.forced is not None and bool(self.forced.any()))
+            self.fixed is not None and bool(self.fixed.forced.any()))
 
 
 def _vocab(tok: Any, rows: int) -> dict[str, int]:
@@ -155,19 +161,17 @@ def build_vocabulary(tokenizers: Sequence[Tokenizer], source: int | None = None,
         donor[(count > 1) & present[base]] = base
     fixed = _fixed_rows(tokenizers, vocabs, out_vocab, rows, tokens or {})
     h = hashlib.sha256()
-    for r in [*rows, donor, *(fixed or ())]:
+    for r in [*rows, donor, *((fixed.model, fixed.row, fixed.forced) if fixed else ())]:
         h.update(r.numpy().tobytes())
     h.update(str(size).encode())
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return Vocabulary(len(out_vocab), size, files, rows, donor, h.hexdigest()[:16],
-                      *(fixed or (None, None, None)))
+    return Vocabulary(len(out_vocab), size, files, rows, donor, h.hexdigest()[:16], fixed)
 
 
 def _fixed_rows(tokenizers: Sequence[Tokenizer], vocabs: list[dict[str, int]],
                 out_vocab: dict[str, int], rows: list[torch.Tensor],
-                tokens: dict[str, TokenRow]
-                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+                tokens: dict[str, TokenRow]) -> FixedRows | None:
     """Per output token: the configured source model (UNSET, ZERO or a model), its row, and
     whether it is forced; None when no token is configured. Every reference is checked."""
     if not tokens:
@@ -205,7 +209,7 @@ def _fixed_rows(tokenizers: Sequence[Tokenizer], vocabs: list[dict[str, int]],
                 raise UsageError(f"tokens: {tok!r}: {label} has no such token (name one of "
                                  "its tokens, or a row, as the source)")
         fixed[o], fixed_row[o] = spec.model, row
-    return fixed, fixed_row, forced
+    return FixedRows(fixed, fixed_row, forced)
 
 
 def _union(tokenizers: Sequence[Tokenizer], loaded: list[Any], vocabs: list[dict[str, int]],
@@ -347,14 +351,15 @@ def align_rows(tensors: Sequence[torch.Tensor], index: int, vocab: Vocabulary) -
 
     own_rows = rows >= 0
     missing = ~own_rows
-    if vocab.fixed is not None and vocab.fixed_row is not None and vocab.forced is not None:
-        own_rows &= ~vocab.forced
-        configured = ~own_rows & (vocab.fixed != UNSET)
+    fixed = vocab.fixed
+    if fixed is not None:
+        own_rows &= ~fixed.forced
+        configured = ~own_rows & (fixed.model != UNSET)
         for j in range(len(tensors)):  # rows of configured tokens: their source's row
-            ids = where(configured & (vocab.fixed == j))
+            ids = where(configured & (fixed.model == j))
             if ids.numel():
-                out[ids.to(device)] = tensors[j][vocab.fixed_row[ids].to(device)].to(dtype)
-        missing &= vocab.fixed == UNSET  # (a ZERO source stays zeros)
+                out[ids.to(device)] = tensors[j][fixed.row[ids].to(device)].to(dtype)
+        missing &= fixed.model == UNSET  # (a ZERO source stays zeros)
     copy(where(own_rows), index)
     for j in range(len(tensors)):
         copy(where(missing & (vocab.donor == j)), j)
