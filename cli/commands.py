@@ -48,9 +48,8 @@ def plan(recipe: str) -> None:
         data = (f"{t.examples} examples ({t.truncated} truncated), about "
                 f"{t.tokens_per_step:,.0f} tokens per update" if t.tokens_per_step is not None
                 else "data made by an earlier step")
-        click.echo(f"training {name}: {data}, {t.trainable} trainable; estimated peak memory "
-                   f"{human_bytes(t.memory_bytes)} (weights, gradients, AdamW moments, "
-                   "activations)")
+        click.echo(f"{t.kind} {name}: {data}, {t.trainable}; estimated peak memory "
+                   f"{human_bytes(t.memory_bytes)} ({t.memory_parts})")
     if report.reduction_passes:
         click.echo(f"whole-model statistics: {report.reduction_passes} reduction(s) computed "
                    "in a streaming pass before writing")

@@ -4,7 +4,9 @@ and bad input (one-line errors before any work, nothing written)."""
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -349,6 +351,49 @@ output: {{from: s, path: {tmp_path / 'o'}}}
     msg = fails(stitch)
     assert msg.startswith("g.yaml:3:") and "1 model(s) but 2 mask(s)" in msg
     assert not (tmp_path / "o").exists()
+
+
+def test_plan_estimates_the_mask_optimisation_before_any_work(tmp_path: Path) -> None:
+    """``surgery plan`` of a graft step: the tokenized data and the memory estimate, by hand
+    for tiny-bert (4 blocks of width 64, a classifier: no vocabulary-sized logits)."""
+    from transformers import AutoTokenizer
+
+    from surgery.errors import RecipeError
+    from surgery.recipe.build import build_recipe
+    from surgery.recipe.run import plan_recipe
+
+    text = RECIPE.format(base=BERT / "base", ft=BERT / "sentiment", data=DATA / "sentiment.jsonl",
+                         sparsity=0.01, mask=tmp_path / "m.safetensors", out=tmp_path / "o")
+    (name, plan), = plan_recipe(build_recipe(text, "g.yaml")).training
+    tok = AutoTokenizer.from_pretrained(BERT / "sentiment")
+    texts = [json.loads(line)["text"] for line in (DATA / "sentiment.jsonl").open()]
+    lengths = [len(tok(t)["input_ids"]) for t in texts]
+    params = sum(t.numel() for t in load_file(BERT / "sentiment/model.safetensors").values())
+    graftable = 131072
+    # the model; θ0, τ, S, ∂S and a forward's γ, σ, 1 − 2b, grafted tensor; patch and two
+    # rounded masks; 8 examples of the longest length, 34 values per token, unit and block
+    want = params * 4 + graftable * (8 * 4 + 3) + 8 * max(lengths) * 64 * 4 * 34 * 4
+    assert (name, plan.memory_bytes, plan.examples, plan.truncated) == ("g", want, 40, 0)
+    assert plan.tokens_per_step == pytest.approx(8 * sum(lengths) / 40)
+    assert plan.trainable == "a mask of 1,310 of 131,072 graftable entries"
+    assert not (tmp_path / "o").exists()
+    (tmp_path / "g.yaml").write_text(text)
+    shown = surgery("plan", str(tmp_path / "g.yaml"), cwd=tmp_path).stdout
+    assert "grafting g: 40 examples (0 truncated)" in shown
+    assert "a mask of 1,310 of 131,072 graftable entries; estimated peak memory" in shown
+    # a graftable tensor that the transformers model does not have fails at plan time
+    for which in ("base", "sentiment"):
+        shutil.copytree(BERT / which, tmp_path / which)
+        tensors = load_file(tmp_path / which / "model.safetensors")
+        save_file({**tensors, "extra.weight": torch.ones(4, 4)},
+                  tmp_path / which / "model.safetensors")
+    bad = RECIPE.format(base=tmp_path / "base", ft=tmp_path / "sentiment",
+                        data=DATA / "sentiment.jsonl", sparsity=0.5,
+                        mask=tmp_path / "m.safetensors", out=tmp_path / "o")
+    bad = bad.replace("steps: 5,", "steps: 5, trainable: [extra.weight],")
+    with pytest.raises(RecipeError, match=r"tensor 'extra\.weight' of .* is not a parameter of "
+                       r"the transformers model BertForSequenceClassification"):
+        build_recipe(bad, "g.yaml")
 
 
 def test_rest_base_and_half_rounding_on_tied_embeddings(tmp_path: Path) -> None:

@@ -449,10 +449,10 @@ def test_a_finetune_of_the_merge_tokenizes_with_its_vocabulary(models: dict[str,
     (code's <tool> is one token), and writes a model whose tokenizer fits its rows."""
     from transformers import AutoTokenizer
 
-    from surgery.train.operations import _tokenizer
+    from surgery.train.operations import tokenizer_of
 
     merged = linear(align_vocabularies([load(models["math"]), load(models["code"])]))
-    tok = _tokenizer(merged)
+    tok = tokenizer_of(merged)
     assert len(tok) == 390 and tok("<tool>")["input_ids"][-1] == 389
     text = yaml.safe_dump({
         "inputs": {"math": str(models["math"]), "code": str(models["code"])},

@@ -6,6 +6,7 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from surgery.engine import (
     ProgressEvent,
@@ -22,7 +23,7 @@ from surgery.hub import PushResult, push_folder
 from surgery.methods.greedy_soup import GreedySoupNode
 from surgery.recipe.build import Recipe
 from surgery.recipe.schema import PushSpec
-from surgery.train.graft import GraftCallback, GraftNode
+from surgery.train.graft import GraftCallback, GraftNode, TrainedMask
 from surgery.train.loop import TrainCallback
 from surgery.train.operations import FinetuneNode, TrainingPlan
 from surgery.writer import parse_size
@@ -69,24 +70,34 @@ def plan_recipe(recipe: Recipe) -> PlanReport:
             estimate_peak_bytes(weights.node, dtype), out.dtype, download_bytes(weights.node),
             _push_target(out.push_to_hub)))
         report.reduction_passes += sum(len(n.reductions()) > 0 for n in weights.node.walk())
-    report.training = [(name, node.plan()) for name, node in finetune_steps(recipe)]
+    report.training = [(name, node.plan()) for name, node in training_steps(recipe)]
     return report
+
+
+def _needed_steps(recipe: Recipe, kind: type | tuple[type, ...]) -> list[tuple[str, Any]]:
+    """The recipe's steps whose node is a ``kind`` and that some output depends on, in step
+    order."""
+    needed = {id(n) for _, weights in recipe.outputs() for n in weights.node.walk()}
+    return [(name, node) for name in recipe.steps
+            if isinstance(node := getattr(recipe.values[name], "node", None), kind)
+            and id(node) in needed]
 
 
 def finetune_steps(recipe: Recipe) -> list[tuple[str, FinetuneNode]]:
     """The recipe's finetune steps that some output depends on, in step order."""
-    needed = {id(n) for _, weights in recipe.outputs() for n in weights.node.walk()}
-    return [(name, node) for name in recipe.steps
-            if isinstance(node := getattr(recipe.values[name], "node", None), FinetuneNode)
-            and id(node) in needed]
+    return _needed_steps(recipe, FinetuneNode)
 
 
 def graft_steps(recipe: Recipe) -> list[tuple[str, GraftNode]]:
     """The recipe's graft steps that some output depends on, in step order."""
-    needed = {id(n) for _, weights in recipe.outputs() for n in weights.node.walk()}
-    return [(name, node) for name in recipe.steps
-            if isinstance(node := getattr(recipe.values[name], "node", None), GraftNode)
-            and id(node) in needed]
+    return _needed_steps(recipe, GraftNode)
+
+
+def training_steps(recipe: Recipe) -> list[tuple[str, FinetuneNode | TrainedMask]]:
+    """The finetune steps and the graft steps' masks that some output depends on, in step
+    order: what ``surgery plan`` estimates."""
+    return [(name, node.trained if isinstance(node, GraftNode) else node)
+            for name, node in _needed_steps(recipe, (FinetuneNode, GraftNode))]
 
 
 @dataclass

@@ -86,9 +86,10 @@ from surgery.train.data import (
     task_of,
 )
 from surgery.train.hooks import TrainableSet
-from surgery.train.loop import micro_batches
+from surgery.train.loop import activation_bytes, micro_batches
 from surgery.train.model import content_key, load_for_training, resolve_source
 from surgery.train.objectives import targets
+from surgery.train.operations import TrainingPlan, meta_model, tokenizer_of
 
 GRAFT_REF = "Skill localization by grafting (Panigrahi et al.), arXiv 2302.06600"
 DEFAULT_GRAFTABLE = ("attention", "mlp")
@@ -154,6 +155,19 @@ def relaxed_mask(S: torch.Tensor, b: torch.Tensor, c: float) -> torch.Tensor:
     return bf + (1.0 - 2.0 * bf) * torch.sigmoid(S - c)
 
 
+def memory_estimate(model: Any, graftable: int, config: GraftConfig, length: int) -> int:
+    """Bytes a grafting run holds, roughly (float32): the fine-tuned model; per graftable entry
+    θ0, τ, S and S's gradient, and what a forward pass keeps of them for backward (γ,
+    σ(S − c), 1 − 2b and the grafted tensor), 32 bytes; the base patch and two rounded masks,
+    3 bytes; with ``rest: base`` θ0's copy of every other parameter; and the activations of a
+    forward and backward pass of ``batch_size`` examples of ``length`` tokens, the longest
+    example of the data (:func:`surgery.train.loop.activation_bytes`)."""
+    total = sum(p.numel() for p in model.parameters())
+    rest = (total - graftable) * 4 if config.rest == "base" else 0
+    return total * 4 + graftable * 35 + rest + activation_bytes(model,
+                                                                config.batch_size * length)
+
+
 def _weights(model: str | Path | Weights) -> Weights:
     return model if isinstance(model, Weights) else Weights(LoadNode(open_checkpoint(str(model))))
 
@@ -171,6 +185,15 @@ def graftable_names(base: Weights, rules: str | Sequence[str]) -> list[str]:
     """The floating tensors of ``base`` the mask covers, in the base's order."""
     floating = [n for n in base.names if base.spec(n).dtype.is_floating_point]
     return TrainableSet(rules).select(floating)
+
+
+def check_parameters(names: Sequence[str], model: Any, label: str) -> None:
+    """Every graftable tensor is a parameter of the transformers model that trains the mask."""
+    own = {n for n, _ in model.named_parameters()}
+    missing = [n for n in names if n not in own]
+    if missing:
+        raise UsageError(f"graft: tensor {missing[0]!r} of {label} is not a parameter of "
+                         f"the transformers model {type(model).__name__}")
 
 
 def check_data(path: str | Path, config: dict[str, Any], label: str,
@@ -251,10 +274,7 @@ class Grafter:
             source, read_records(data), tc, str(data))
         self.model.to(self.device, dtype).eval().requires_grad_(False)
         own = dict(self.model.named_parameters())
-        missing = [n for n in self.names if n not in own]
-        if missing:
-            raise UsageError(f"graft: tensor {missing[0]!r} of {label} is not a parameter of "
-                             f"the transformers model {type(self.model).__name__}")
+        check_parameters(self.names, self.model, label)
         load = dict(max_length=config.max_length, chat=config.chat, add_eos=config.add_eos,
                     model=label)
         self.data = load_train_data(data, self.tokenizer, cfg, **load)
@@ -618,9 +638,11 @@ def graft(base: str | Path | Weights, finetuned: str | Path | Weights, data: str
     record = run_record(run, config, file_sha256(data),
                         file_sha256(config.eval_data) if config.eval_data else None)
     mask_path = save_mask(run.mask, mask_out, force=True) if mask_out is not None else None
-    node = GraftStitchNode(grafter.base.node, [grafter.finetuned.node], [run.mask], "graft",
+    base_node, tuned = grafter.base.node, grafter.finetuned.node
+    del grafter  # the model, θ0, τ and S go before the graft is written
+    node = GraftStitchNode(base_node, [tuned], [run.mask], "graft",
                            [str(mask_path) if mask_path else "<trained>"],
-                           rest=grafter.finetuned.node if config.rest == "finetuned" else None)
+                           rest=tuned if config.rest == "finetuned" else None)
     saved = save(node, out_path, force=force, dtype=dtype, shard_size=shard_size,
                  device="cpu", seed=config.seed, extra_provenance={"graft": record},
                  extra_sections={"Grafting": card_section(record)})
@@ -662,6 +684,16 @@ class TrainedMask:
         if math.floor(self.config.sparsity * total) < 1:
             raise UsageError(f"sparsity: {self.config.sparsity} keeps no entry of the {total} "
                              "graftable parameters")
+        # The model the mask trains through, on the meta device, and the tokenized data: a
+        # tensor that is no parameter of it, or data too long for max_length, fails here,
+        # before anything is read or trained.
+        records = read_records(params.data)
+        self.meta = meta_model(cfg, task_of(records), records, label)
+        check_parameters(names, self.meta, label)
+        c = self.config
+        self.encoded = load_train_data(params.data, tokenizer_of(finetuned), cfg,
+                                       max_length=c.max_length, chat=c.chat,
+                                       add_eos=c.add_eos, model=label)
         self.shapes = {n: tuple(base.spec(n).shape) for n in names}
         self.source = params.mask or "<trained>"
         self.on_event: GraftCallback | None = None
@@ -703,6 +735,21 @@ class TrainedMask:
                 if self.params.mask:
                     save_mask(self._mask, self.params.mask, force=True)
             return self._mask
+
+    def plan(self) -> TrainingPlan:
+        """What ``surgery plan`` says of the mask's optimisation: its memory estimate
+        (:func:`memory_estimate`) and tokens per step."""
+        graftable = sum(math.prod(s) for s in self.shapes.values())
+        k = math.floor(self.config.sparsity * graftable)
+        data = self.encoded
+        per_example = data.tokens / max(1, len(data.examples))
+        return TrainingPlan(
+            memory_estimate(self.meta, graftable, self.config,
+                            max(len(e.input_ids) for e in data.examples)),
+            per_example * self.config.batch_size * self.config.grad_accum,
+            len(data.examples), data.truncated,
+            f"a mask of {k:,} of {graftable:,} graftable entries",
+            "the model, θ0, τ, the mask logits and their gradient, activations", "grafting")
 
     def record(self) -> dict[str, Any]:
         self.mask  # noqa: B018  (optimises first if needed)

@@ -385,21 +385,28 @@ class TrainingDiverged(UsageError):
     """The loss became NaN or infinite; the run stopped before applying that update."""
 
 
-def memory_estimate(model: Any, trainable: int, config: TrainConfig) -> int:
-    """Bytes a CPU float32 run holds, roughly: the weights, the gradients and AdamW's two
-    moments of the trainable ones, and activations: per block about 34 values per token and
-    hidden unit (kept for backward), and three copies of the logits of a forward pass."""
+def activation_bytes(model: Any, tokens: int, gradient_checkpointing: bool = False) -> int:
+    """Bytes of float32 activations a forward and backward pass over ``tokens`` tokens keeps:
+    per block about 34 values per token and hidden unit (one block's worth, plus each block's
+    input, with gradient checkpointing), and three copies of a language model's logits (a
+    classifier's are a few values per example)."""
     cfg = model.config
-    total = sum(p.numel() for p in model.parameters())
     hidden = int(getattr(cfg, "hidden_size", 0) or getattr(cfg, "n_embd", 0) or 0)
     layers = int(getattr(cfg, "num_hidden_layers", 0) or getattr(cfg, "n_layer", 0) or 0)
     vocab = int(getattr(cfg, "vocab_size", 0) or 0)
+    logits = 3 * tokens * vocab * 4 if model.get_output_embeddings() is not None else 0
+    if gradient_checkpointing:
+        return tokens * hidden * layers * 4 + tokens * hidden * 34 * 4 + logits
+    return tokens * hidden * layers * 34 * 4 + logits
+
+
+def memory_estimate(model: Any, trainable: int, config: TrainConfig) -> int:
+    """Bytes a CPU float32 run holds, roughly: the weights, the gradients and AdamW's two
+    moments of the trainable ones, and the activations (:func:`activation_bytes`)."""
+    total = sum(p.numel() for p in model.parameters())
     tokens = config.batch_size * config.max_length
-    activations = tokens * hidden * layers * 34 * 4 + 3 * tokens * vocab * 4
-    if config.gradient_checkpointing:
-        activations = tokens * hidden * layers * 4 + tokens * hidden * 34 * 4 + \
-            3 * tokens * vocab * 4
-    return total * 4 + trainable * 12 + activations
+    return total * 4 + trainable * 12 + activation_bytes(model, tokens,
+                                                         config.gradient_checkpointing)
 
 
 def finetune(model: str | Path | Weights, data: str | Path, *, out: str | Path,

@@ -84,7 +84,7 @@ class DistilledData:
             return self._path
 
 
-def _meta_model(config: dict, task: Task, records: list[Record], where: str) -> Any:
+def meta_model(config: dict, task: Task, records: list[Record], where: str) -> Any:
     """The model transformers would build for training, on the meta device (no memory)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -114,13 +114,15 @@ def _meta_model(config: dict, task: Task, records: list[Record], where: str) -> 
 
 @dataclass
 class TrainingPlan:
-    """What ``surgery plan`` says of a finetune step."""
+    """What ``surgery plan`` says of a finetune (or graft) step."""
 
     memory_bytes: int
     tokens_per_step: float | None  # None: the data is made by an earlier step
     examples: int | None
     truncated: int | None
     trainable: str
+    memory_parts: str = "weights, gradients, AdamW moments, activations"
+    kind: str = "training"
 
 
 class FinetuneNode(Node):
@@ -141,7 +143,7 @@ class FinetuneNode(Node):
         self.task = task_of(records)
         label = weights_label(source)
         check_fits(self.task, source.config, self.data_name, label)
-        meta = _meta_model(source.config, self.task, records, label)
+        meta = meta_model(source.config, self.task, records, label)
         self.meta = meta
         seed = config.seed if config.hft_seed is None else config.hft_seed
         self.trainable = set(TrainableSet(config.trainable, seed).select(
@@ -151,7 +153,7 @@ class FinetuneNode(Node):
                               {n: tuple(p.shape) for n, p in meta.named_parameters()})
         self.layout = TrainedNode(source.node, meta, trained_config(source.node, meta,
                                                                     self.task), {})
-        tokenizer = _tokenizer(source)
+        tokenizer = tokenizer_of(source)
         objective = make_objective(config, tokenizer, self.task)
         if isinstance(objective, Sorted):
             exits(len(find_blocks(meta)), objective.every)
@@ -223,12 +225,12 @@ class FinetuneNode(Node):
         memory = memory_estimate(self.meta, trainable, self.settings)
         if self.encoded is None:  # distilled data: its length is known once it is made
             return TrainingPlan(memory, None, None, None, f"{trainable:,} of {total:,} "
-                                "parameters")
+                                "parameters trainable")
         data = self.encoded
         per_example = data.tokens / max(1, len(data.examples))
         return TrainingPlan(memory, per_example * self.settings.examples_per_step,
                             len(data.examples), data.truncated,
-                            f"{trainable:,} of {total:,} parameters")
+                            f"{trainable:,} of {total:,} parameters trainable")
 
     def params(self) -> dict[str, Any]:
         return {"settings": self.settings.model_dump(mode="json", exclude_unset=True),
@@ -260,7 +262,7 @@ class FinetuneNode(Node):
         return ctx.read(self.checkpoint, name)
 
 
-def _tokenizer(source: Weights) -> Any:
+def tokenizer_of(source: Weights) -> Any:
     from transformers import AutoTokenizer
 
     from surgery.engine.run import output_tokenizer
