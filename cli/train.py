@@ -223,12 +223,14 @@ def _cached_history(recipe: Any) -> list[dict[str, Any]]:
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="Output JSONL.")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=128, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
+@click.option("--chat", is_flag=True, help="Give the teacher each prompt through its chat "
+              "template (as a student fine-tuned with --chat sees it).")
 @click.option("--device", default="auto", show_default=True)
 @click.option("--force", is_flag=True, help="Replace an existing output file.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @handle_errors
 def distill_data(teacher: str, data: str, out: str, max_new_tokens: int, batch_size: int,
-                 device: str, force: bool, quiet: bool) -> None:
+                 chat: bool, device: str, force: bool, quiet: bool) -> None:
     """Regenerate the completions of DATA with TEACHER (greedy) into OUT (self-data
     distillation, arXiv 2410.09982)."""
     from surgery.train.distill import distill_data as run
@@ -236,7 +238,7 @@ def distill_data(teacher: str, data: str, out: str, max_new_tokens: int, batch_s
     bar = _Bar("distilling", not quiet)
     try:
         res = run(teacher, data, out, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                  device=device, force=force, progress=bar)
+                  chat=chat, device=device, force=force, progress=bar)
     finally:
         bar.close()
     skipped = f"; {res.empty} prompt(s) answered with nothing, left out" if res.empty else ""

@@ -91,17 +91,34 @@ def classes(records: Sequence[Record], config: Mapping[str, Any]
     return None, max(have, 1 + max(int(r.label) for r in records if isinstance(r.label, int)))
 
 
-def _chat_parts(tokenizer: Any, record: Record, where: str) -> tuple[str, str]:
+def chat_prompt(tokenizer: Any, prompt: str | None, where: str) -> str:
+    """``prompt`` as the model's chat template renders a user turn and the opening of the
+    assistant's answer (the text a chat model continues)."""
     if not getattr(tokenizer, "chat_template", None):
         raise DataError(f"{where}: chat is on, but the model's tokenizer has no chat template")
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def encode_prompt(tokenizer: Any, prompt: str | None, chat: bool, where: str) -> list[int]:
+    """The token ids of an example's prompt: through the chat template with ``chat``, else
+    the text with the tokenizer's special tokens (what the model continues)."""
+    if chat:
+        return tokenizer(chat_prompt(tokenizer, prompt, where),
+                         add_special_tokens=False)["input_ids"]
+    return tokenizer(prompt or "", add_special_tokens=True)["input_ids"]
+
+
+def _chat_completion(tokenizer: Any, record: Record, where: str) -> str:
+    """The text the chat template puts after the rendered prompt for the answer."""
+    prompt = chat_prompt(tokenizer, record.prompt, where)
     user = [{"role": "user", "content": record.prompt}]
-    prompt = tokenizer.apply_chat_template(user, tokenize=False, add_generation_prompt=True)
     full = tokenizer.apply_chat_template(
         [*user, {"role": "assistant", "content": record.completion}], tokenize=False)
     if not full.startswith(prompt):
         raise DataError(f"{where}: the chat template renders the prompt differently with and "
                         "without the answer; use chat: false and format the prompt yourself")
-    return prompt, full[len(prompt):]
+    return full[len(prompt):]
 
 
 def encode_example(tokenizer: Any, record: Record, max_length: int, *, chat: bool,
@@ -113,12 +130,11 @@ def encode_example(tokenizer: Any, record: Record, max_length: int, *, chat: boo
         labels = list(ids)
         prompt_len = 0
     else:
+        prompt = encode_prompt(tokenizer, record.prompt, chat, where)
         if chat:
-            prompt_text, completion_text = _chat_parts(tokenizer, record, where)
-            prompt = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
-            completion = tokenizer(completion_text, add_special_tokens=False)["input_ids"]
+            completion = tokenizer(_chat_completion(tokenizer, record, where),
+                                   add_special_tokens=False)["input_ids"]
         else:
-            prompt = tokenizer(record.prompt, add_special_tokens=True)["input_ids"]
             completion = tokenizer(record.completion or "",
                                    add_special_tokens=False)["input_ids"] + eos
         if not completion:

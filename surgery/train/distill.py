@@ -18,6 +18,7 @@ from surgery.data import Encoded, pad_batch, read_records
 from surgery.errors import DataError, OutputExistsError, UsageError
 from surgery.evaluate.metrics import load_model
 from surgery.expr import Weights
+from surgery.train.data import chat_prompt, encode_prompt
 from surgery.train.model import resolve_source
 
 DISTILL_REF = "Self-Data Distillation for pruned LLMs, arXiv 2410.09982"
@@ -33,10 +34,15 @@ class DistillResult:
 @torch.no_grad()
 def distill_data(teacher: str | Path | Weights, data: str | Path, out: str | Path, *,
                  max_new_tokens: int = 128, batch_size: int = 8, max_length: int = 1024,
-                 device: str = "auto", force: bool = False,
+                 device: str = "auto", force: bool = False, chat: bool = False,
                  progress: Callable[[int, int], None] | None = None) -> DistillResult:
     """Write ``out``: the records of ``data`` with each completion replaced by the teacher's
-    greedy continuation of its prompt (at most ``max_new_tokens`` tokens, ended by EOS)."""
+    greedy continuation of its prompt (at most ``max_new_tokens`` tokens, ended by EOS).
+
+    With ``chat`` the teacher continues the prompt as its chat template renders it (a user
+    turn and the opening of the assistant's, as the fine-tune step's ``chat: true`` encodes
+    it), so an instruct teacher answers as it was trained to; the file keeps the plain
+    prompt, for a student fine-tuned with ``chat: true``."""
     if max_new_tokens < 1:
         raise UsageError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     target = Path(out)
@@ -48,6 +54,11 @@ def distill_data(teacher: str | Path | Weights, data: str | Path, out: str | Pat
         raise DataError(f"{data}: distillation regenerates completions; the file holds "
                         f"{records[0].kind} records, not prompt+completion")
     source = resolve_source(teacher)
+    if chat:  # no chat template: say so before the weights load
+        from transformers import AutoTokenizer
+
+        chat_prompt(AutoTokenizer.from_pretrained(str(source.directory)), records[0].prompt,
+                    f"{source.label}")
     model, tokenizer = load_model(source.directory, "perplexity", device)
     pad = next((int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                 if t is not None), 0)
@@ -56,7 +67,7 @@ def distill_data(teacher: str | Path | Weights, data: str | Path, out: str | Pat
     empty = 0
     for start in range(0, len(records), batch_size):
         chunk = records[start:start + batch_size]
-        prompts = [tokenizer(r.prompt, add_special_tokens=True)["input_ids"][-max_length:]
+        prompts = [encode_prompt(tokenizer, r.prompt, chat, f"{data}:{r.line}")[-max_length:]
                    for r in chunk]
         batch = {k: v.to(dev) for k, v in pad_batch([Encoded(p, [], len(p)) for p in prompts],
                                                      pad, left=True).items()}

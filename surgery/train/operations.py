@@ -50,6 +50,7 @@ class DistillDataParams(Params):
     max_new_tokens: int = Field(128, ge=1)
     batch_size: int = Field(8, ge=1)
     max_length: int = Field(1024, ge=2)
+    chat: bool = Field(False, description="prompts through the teacher's chat template")
     device: str = "auto"
 
 
@@ -79,7 +80,7 @@ class DistilledData:
                     p = self.params
                     distill_data(self.teacher, p.data, target, max_new_tokens=p.max_new_tokens,
                                  batch_size=p.batch_size, max_length=p.max_length,
-                                 device=p.device)
+                                 chat=p.chat, device=p.device)
                 self._path = target
             return self._path
 
