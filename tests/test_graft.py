@@ -112,18 +112,6 @@ def _acc(path: Path) -> float:
     return evaluate(path, DATA / "sentiment.jsonl", "accuracy", device="cpu").value
 
 
-def _random_mask(names: list[str], shapes: dict[str, tuple[int, ...]], k: int) -> Mask:
-    sizes = [math.prod(shapes[n]) for n in names]
-    chosen = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(0))[:k]
-    flat = torch.zeros(sum(sizes), dtype=torch.bool)
-    flat[chosen] = True
-    bits, at = {}, 0
-    for n, size in zip(names, sizes, strict=True):
-        bits[n] = pack_bits(torch.nonzero(flat[at:at + size]).flatten(), size)
-        at += size
-    return Mask(bits, {n: shapes[n] for n in names})
-
-
 def test_graft_of_one_percent_keeps_most_of_the_gain_and_a_random_mask_does_not(
         tmp_path: Path) -> None:
     """tiny-bert sentiment, 40 records: base 0.55, fine-tune 1.00 (gain 0.45). The graft of 1%
@@ -152,7 +140,7 @@ def test_graft_of_one_percent_keeps_most_of_the_gain_and_a_random_mask_does_not(
         else:
             assert torch.equal(out[name], f[name]), name
     # a random mask of the same size over the same tensors keeps clearly less
-    rand = _random_mask(list(mask.shapes), mask.shapes, mask.count())
+    rand = mask.random_like(seed=0)  # as many entries per tensor as the graft
     node = GraftStitchNode(load(base).node, [load(ft).node], [rand], "graft", ["random"],
                            rest=load(ft).node)
     from surgery.engine import save

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from surgery import (
+    Mask,
     apply_sparse_deltas,
     extract_sparse_delta,
     load,
@@ -181,6 +182,33 @@ def test_masks_bit_packed_set_operations_and_jaccard(tmp_path: Path) -> None:
     union = len(sa[Q0] | sb[Q0]) + len(sa[UP0] | sb[UP0])
     assert stats["layer 0"].jaccard == inter / union
     assert stats["non-block"].a == len(sa[EMB])
+
+
+def test_mask_from_dense_empty_and_random() -> None:
+    dense = {"a": torch.tensor([[True, False, False], [False, True, True]]),
+             "b": torch.zeros(9, dtype=torch.bool)}
+    m = Mask.from_dense(dense)
+    assert m.shapes == {"a": (2, 3), "b": (9,)} and m.bits["a"].tolist() == [0b110001]
+    assert all(torch.equal(m.dense(n), d) for n, d in dense.items()) and m.count() == 3
+    none = Mask.empty({"a": (2, 3), "b": (9,)})
+    assert none.count() == 0 and none.bits["b"].tolist() == [0, 0]
+    shapes = {"x": (50, 40), "y": (7,), "z": (3, 3)}
+    r = Mask.random(shapes, {"x": 100, "y": 7}, seed=3)
+    assert (r.count("x"), r.count("y"), r.count("z")) == (100, 7, 0)
+    # seeded: the same draw again; another seed draws other entries; tensor by tensor as a
+    # permutation of each tensor's entries from one generator
+    gen = torch.Generator().manual_seed(3)
+    want = torch.zeros(2000, dtype=torch.bool)
+    want[torch.randperm(2000, generator=gen)[:100]] = True
+    assert torch.equal(r.dense("x").flatten(), want)
+    assert torch.equal(Mask.random(shapes, {"x": 100, "y": 7}, seed=3).bits["x"], r.bits["x"])
+    other = Mask.random(shapes, {"x": 100}, seed=4)
+    assert not torch.equal(other.bits["x"], r.bits["x"]) and other.count("y") == 0
+    like = r.random_like(seed=5)
+    assert {n: like.count(n) for n in shapes} == {"x": 100, "y": 7, "z": 0}
+    with pytest.raises(UsageError, match=r"^random mask: 8 entries asked of tensor 'y', which "
+                       r"has 7$"):
+        Mask.random(shapes, {"y": 8})
 
 
 def test_bad_input(tmp_path: Path) -> None:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -527,6 +527,40 @@ class Mask:
 
     bits: dict[str, torch.Tensor]
     shapes: dict[str, tuple[int, ...]]
+
+    @classmethod
+    def from_dense(cls, masks: Mapping[str, torch.Tensor]) -> Mask:
+        """The mask of boolean tensors, name by name (True: the entry is in the mask)."""
+        bits = {n: pack_bits(torch.nonzero(m.flatten().cpu()).flatten(), m.numel())
+                for n, m in masks.items()}
+        return cls(bits, {n: tuple(m.shape) for n, m in masks.items()})
+
+    @classmethod
+    def random(cls, shapes: Mapping[str, Sequence[int]], counts: Mapping[str, int],
+               seed: int = 0) -> Mask:
+        """``counts[name]`` entries of each tensor drawn uniformly without replacement
+        (seeded; tensor by tensor in the order of ``shapes``): the random control of a
+        localization method. Holds 8 bytes per entry of the largest tensor while it draws."""
+        gen = torch.Generator().manual_seed(seed)
+        bits = {}
+        for name, shape in shapes.items():
+            numel, k = math.prod(shape), counts.get(name, 0)
+            if not 0 <= k <= numel:
+                raise UsageError(f"random mask: {k} entries asked of tensor {name!r}, which "
+                                 f"has {numel}")
+            idx = torch.randperm(numel, generator=gen)[:k]
+            bits[name] = pack_bits(idx, numel)
+        return cls(bits, {n: tuple(s) for n, s in shapes.items()})
+
+    @classmethod
+    def empty(cls, shapes: Mapping[str, Sequence[int]]) -> Mask:
+        """No entry of any of the tensors."""
+        return cls({n: torch.zeros((math.prod(s) + 7) // 8, dtype=torch.uint8)
+                    for n, s in shapes.items()}, {n: tuple(s) for n, s in shapes.items()})
+
+    def random_like(self, seed: int = 0) -> Mask:
+        """A random mask with as many entries as this one in every tensor (:meth:`random`)."""
+        return Mask.random(self.shapes, {n: self.count(n) for n in self.shapes}, seed)
 
     def count(self, name: str | None = None) -> int:
         names = [name] if name else list(self.bits)

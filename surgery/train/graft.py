@@ -74,7 +74,7 @@ from surgery.expr.node import check_compatible
 from surgery.expr.weights import weights_label
 from surgery.methods.registry import Operation
 from surgery.methods.soup import Params
-from surgery.methods.sparse import GlobalTopK, Mask, keep_top, load_mask, pack_bits
+from surgery.methods.sparse import GlobalTopK, Mask, keep_top, load_mask
 from surgery.train.config import TrainConfig
 from surgery.train.data import (
     Batch,
@@ -399,9 +399,7 @@ class Grafter:
         return (loss,)
 
     def to_mask(self, masks: Sequence[torch.Tensor]) -> Mask:
-        bits = {n: pack_bits(torch.nonzero(m.flatten().cpu()).flatten(), m.numel())
-                for n, m in zip(self.names, masks, strict=True)}
-        return Mask(bits, {n: tuple(m.shape) for n, m in zip(self.names, masks, strict=True)})
+        return Mask.from_dense(dict(zip(self.names, masks, strict=True)))
 
 
 @dataclass

@@ -7,11 +7,8 @@ import json
 import math
 from pathlib import Path
 
-import torch
-
 from bench.fidelity.lab import Lab, Row, Spread, compare, gain_ratio, identity, verdict
 from surgery import Mask, load_mask
-from surgery.methods.sparse import pack_bits
 from surgery.train import graft, graft_stitch
 
 SPARSITY = 0.01
@@ -41,14 +38,7 @@ PROTOCOL = (
 def control_mask(graft_mask: Mask, seed: int, draw: bool) -> Mask:
     """Over the graft's tensors: with ``draw``, as many random entries per tensor as the
     graft's mask holds there; without, none (θ0 on the whole graftable set)."""
-    gen = torch.Generator().manual_seed(seed)
-    bits = {}
-    for name, shape in graft_mask.shapes.items():
-        numel = math.prod(shape)
-        idx = (torch.randperm(numel, generator=gen)[:graft_mask.count(name)] if draw
-               else torch.empty(0, dtype=torch.long))
-        bits[name] = pack_bits(idx, numel)
-    return Mask(bits, dict(graft_mask.shapes))
+    return graft_mask.random_like(seed) if draw else Mask.empty(graft_mask.shapes)
 
 
 def grafted(lab: Lab, tuned: Path, seed: int) -> Path:
