@@ -21,7 +21,7 @@ from surgery import align_vocabularies, linear, load
 from surgery.errors import RecipeError, UsageError
 from surgery.recipe import build_recipe, run_recipe
 from surgery.recipe.mergekit import load_mergekit
-from tests.conftest import fixture_dir
+from tests.conftest import ROOT, fixture_dir
 
 BASE, MATH, CODE = (fixture_dir("tiny-llama", n) for n in ("base", "math", "code"))
 VOCAB_TENSORS = ("model.embed_tokens.weight", "lm_head.weight")
@@ -57,6 +57,28 @@ def variant(src: Path, dst: Path, plain: list[str], special: list[str], pad: int
     return dst
 
 
+def over(src: Path, dst: Path, plain: list[str], special: list[str],
+         merges: list[str] = ()) -> Path:
+    """``src`` with tokens added to its tokenizer (and BPE ``merges``) but no rows for them:
+    a tokenizer with tokens past the model's ``vocab_size``."""
+    from transformers import AutoTokenizer
+
+    shutil.copytree(src, dst)
+    spec = json.loads((dst / "tokenizer.json").read_text())
+    vocab = spec["model"]["vocab"]
+    for token in plain:
+        vocab[token] = max(vocab.values()) + 1
+    spec["model"]["merges"] += [m.split(" ") if isinstance(spec["model"]["merges"][0], list)
+                                else m for m in merges]
+    (dst / "tokenizer.json").write_text(json.dumps(spec))
+    tok = AutoTokenizer.from_pretrained(dst)
+    tok.add_tokens(special, special_tokens=True)
+    tok.save_pretrained(dst)
+    rows = json.loads((dst / "config.json").read_text())["vocab_size"]
+    assert len(tok.get_vocab()) == rows + len(plain) + len(special)
+    return dst
+
+
 @pytest.fixture(scope="module")
 def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("vocab")
@@ -65,7 +87,8 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
                             ["<|im_start|>", "<|im_end|>"], seed=1),
             "code": variant(CODE, root / "code", ["quokka", "axolotl"],
                             ["<|im_end|>", "<tool>"], pad=3, seed=2),
-            "chat": variant(MATH, root / "chat", ["zebra"], ["<|im_end|>"], seed=3)}
+            "chat": variant(MATH, root / "chat", ["zebra"], ["<|im_end|>"], seed=3),
+            "over": over(MATH, root / "over", ["wombat"], ["<|extra|>"])}
 
 
 def vocab_of(path: Path) -> dict[str, int]:
@@ -239,6 +262,14 @@ CASES = {
         "models": [{"model": "base", "parameters": {"weight": 0.2}},
                    {"model": "math", "parameters": {"weight": 0.4}},
                    {"model": "code", "parameters": {"weight": 0.4}}]},
+    "union, the base's tokenizer stripped of tokens past its rows": {
+        "merge_method": "linear", "base_model": "over", "tokenizer_source": "union",
+        "models": [{"model": "over", "parameters": {"weight": 0.5}},
+                   {"model": "code", "parameters": {"weight": 0.5}}]},
+    "base, stripped of tokens past its rows": {
+        "merge_method": "linear", "base_model": "over", "tokenizer_source": "base",
+        "models": [{"model": "over", "parameters": {"weight": 0.6}},
+                   {"model": "math", "parameters": {"weight": 0.4}}]},
     "base, padded": {
         "merge_method": "linear", "base_model": "base",
         "tokenizer": {"source": "base", "pad_to_multiple_of": 50},
@@ -256,8 +287,9 @@ def test_equals_mergekit(case: str, models: dict[str, Path], tmp_path: Path) -> 
     pytest.importorskip("mergekit.merge", reason="mergekit (the oracle) missing")
 
     def paths(value: Any) -> Any:
-        if isinstance(value, dict):
-            return {k: paths(v) for k, v in value.items()}
+        if isinstance(value, dict):  # a tokenizer source "base" is the keyword, not the model
+            return {k: v if k in ("tokenizer_source", "source") and v == "base" else paths(v)
+                    for k, v in value.items()}
         if isinstance(value, list):
             return [paths(v) for v in value]
         return str(models[value]) if value in models else value
@@ -464,3 +496,39 @@ def test_a_finetune_of_the_merge_tokenizes_with_its_vocabulary(models: dict[str,
     run_recipe(build_recipe(text))
     assert len(AutoTokenizer.from_pretrained(tmp_path / "tuned")) == 390
     assert tensors(tmp_path / "tuned")["lm_head.weight"].shape == (390, 64)
+
+
+def test_a_tokenizer_with_tokens_past_its_rows_is_stripped(tmp_path: Path) -> None:
+    """The output's tokenizer loses the tokens at ids past its model's rows, from the BPE
+    vocabulary and the added tokens, with the merges that make or use one (a merge that made a
+    stripped token would not load); every other token keeps its id. A tokenizer that is not
+    BPE cannot be stripped and is named."""
+    from transformers import AutoTokenizer
+
+    path = over(MATH, tmp_path / "over", ["qz", "qzq"], ["<|extra|>"], ["q z", "qz q"])
+    original = AutoTokenizer.from_pretrained(path)
+    assert original("qzq", add_special_tokens=False)["input_ids"] == [385]  # one token
+    merged = linear(align_vocabularies([load(path), load(MATH)], source=0))
+    merged.save(tmp_path / "out")
+    tok = AutoTokenizer.from_pretrained(tmp_path / "out")
+    kept = {t: i for t, i in original.get_vocab().items() if i < 384}
+    assert tok.get_vocab() == kept and len(kept) == 384
+    spec = json.loads((tmp_path / "out" / "tokenizer.json").read_text())
+    before = json.loads((path / "tokenizer.json").read_text())["model"]["merges"]
+    assert spec["model"]["merges"] == before[:-2]  # q z and qz q gone, the rest in order
+    q, z = kept["q"], kept["z"]
+    assert tok("qzq", add_special_tokens=False)["input_ids"] == [q, z, q]
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["vocab_size"] == 384
+    # not BPE: named, with the first token past the rows
+    bert = tmp_path / "bert"
+    shutil.copytree(ROOT / "fixtures" / "tiny-bert" / "base", bert)
+    wp = AutoTokenizer.from_pretrained(bert)
+    rows = json.loads((bert / "config.json").read_text())["vocab_size"]
+    wp.add_tokens(["<|extra|>"])
+    wp.save_pretrained(bert)
+    with pytest.raises(UsageError, match=rf"bert.*: its tokenizer has 1 token\(s\) at ids past "
+                       rf"the model's {rows} embedding rows \(first '<\|extra\|>' at {rows}\), "
+                       r"and only a BPE tokenizer can be stripped of them \(this one is "
+                       r"WordPiece\)"):
+        align_vocabularies([load(bert), load(ROOT / "fixtures" / "tiny-bert" / "base")],
+                           source=0)

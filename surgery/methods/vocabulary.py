@@ -21,7 +21,9 @@ embedding or head tensor with one row per token) are laid out in the output voca
 This is mergekit's ``tokenizer_source`` (base, a model, or ``union``), with two of its accidents
 made deterministic: mergekit appends the union's new tokens in the iteration order of a hash
 map (it differs between runs), and picks the union's first tokenizer from a set of models when
-there is no base. Rows past a model's ``vocab_size`` (padding) are not tokens of it. The
+there is no base. Rows past a model's ``vocab_size`` (padding) are not tokens of it, and a
+tokenizer's tokens at ids past its model's rows are none of the model's: the output's tokenizer
+is stripped of them (BPE only, as mergekit's ``get_stripped_tokenizer``). The
 output's config.json gets the new ``vocab_size``; its tokenizer files are the source's, or the
 union tokenizer's (saved once, content-addressed, in the cache).
 """
@@ -29,6 +31,7 @@ union tokenizer's (saved once, content-addressed, in the cache).
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -101,6 +104,7 @@ class Vocabulary:
     donor: torch.Tensor  # per output token: the model whose row fills it in, ZERO or AVERAGE
     digest: str  # of the whole layout, for provenance
     fixed: FixedRows | None = None  # the tokens given a source of their own, if any
+    stripped: bool = False  # the output's tokenizer lost tokens past its model's rows
 
     def identity(self, model: int, rows: int) -> bool:
         """Whether model ``model`` (``rows`` rows) already has this layout."""
@@ -129,16 +133,12 @@ def build_vocabulary(tokenizers: Sequence[Tokenizer], source: int | None = None,
     if source is None and all(v == vocabs[first] for v in vocabs):
         source = first  # the union of one vocabulary is that tokenizer
     out = first if source is None else source
-    beyond = sorted((i, s) for s, i in loaded[out].get_vocab().items()
-                    if i >= tokenizers[out].rows)
-    if beyond:
-        raise UsageError(
-            f"{tokenizers[out].label}: its tokenizer has {len(beyond)} token(s) at ids past "
-            f"the model's {tokenizers[out].rows} embedding rows (first {beyond[0][1]!r} at "
-            f"{beyond[0][0]}); the output vocabulary cannot hold tokens without rows")
+    stripped: list[Path] | None = None
+    if any(i >= tokenizers[out].rows for i in loaded[out].get_vocab().values()):
+        loaded[out], stripped = _stripped(tokenizers[out], loaded[out], vocabs[out])
     if source is not None:
         out_tok = loaded[source]
-        files = list(tokenizers[source].files)
+        files = stripped or list(tokenizers[source].files)
     else:
         out_tok, files = _union(tokenizers, loaded, vocabs, first)
     out_vocab = out_tok.get_vocab()
@@ -166,7 +166,8 @@ def build_vocabulary(tokenizers: Sequence[Tokenizer], source: int | None = None,
     h.update(str(size).encode())
     for f in files:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return Vocabulary(len(out_vocab), size, files, rows, donor, h.hexdigest()[:16], fixed)
+    return Vocabulary(len(out_vocab), size, files, rows, donor, h.hexdigest()[:16], fixed,
+                      stripped is not None)
 
 
 def _fixed_rows(tokenizers: Sequence[Tokenizer], vocabs: list[dict[str, int]],
@@ -230,21 +231,88 @@ def _union(tokenizers: Sequence[Tokenizer], loaded: list[Any], vocabs: list[dict
                 have.add(tok)
                 plain.append(tok)
     new_added = [info for tok, info in added.items() if tok not in vocabs[first]]
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(dir=_tokenizer_root(), prefix=".copy-") as tmp:
+        loaded[first].save_pretrained(tmp)  # a copy to extend, never the model's own object
+        out = AutoTokenizer.from_pretrained(tmp)
+    for tok in plain:
+        out.add_tokens(tok)
+    for info in new_added:
+        out.add_tokens(info)
+    return _cache_tokenizer(out, tokenizers[first].files)
+
+
+def _stripped(spec: Tokenizer, tok: Any, vocab: dict[str, int]) -> tuple[Any, list[Path]]:
+    """``tok`` without its tokens at ids past the model's rows (mergekit's
+    ``get_stripped_tokenizer``): dropped from the added tokens and the BPE vocabulary, with
+    every merge that involves one (mergekit keeps a merge that makes one of them, which the
+    tokenizers library then refuses to load); saved once in the cache. ``vocab``: the tokens
+    with rows."""
+    rows = spec.rows
+    unused = {t for t, i in tok.get_vocab().items() if i >= rows}
+    first = min(unused, key=tok.get_vocab().__getitem__)
+    where = (f"{spec.label}: its tokenizer has {len(unused)} token(s) at ids past the model's "
+             f"{rows} embedding rows (first {first!r} at {tok.get_vocab()[first]})")
+    if not getattr(tok, "is_fast", False):
+        raise UsageError(f"{where}, and only a fast (tokenizer.json) tokenizer can be "
+                         "stripped of them")
+    doc = json.loads(tok.backend_tokenizer.to_str())
+    if doc["model"]["type"] != "BPE":
+        raise UsageError(f"{where}, and only a BPE tokenizer can be stripped of them (this "
+                         f"one is {doc['model']['type']})")
+    doc["added_tokens"] = [e for e in doc["added_tokens"] if e["id"] < rows]
+    for t in unused:
+        doc["model"]["vocab"].pop(t, None)
+
+    prefix = doc["model"].get("continuing_subword_prefix") or ""
+
+    def keep(merge: str | list[str]) -> bool:  # neither part nor the result is stripped
+        a, b = merge.split(" ", 1) if isinstance(merge, str) else merge
+        return not {a, b, a + b.removeprefix(prefix)} & unused
+
+    doc["model"]["merges"] = [m for m in doc["model"]["merges"] if keep(m)]
+    from transformers import AutoTokenizer
+
+    with tempfile.TemporaryDirectory(dir=_tokenizer_root(), prefix=".strip-") as tmp:
+        tok.save_pretrained(tmp)
+        folder = Path(tmp)
+        (folder / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False),
+                                               encoding="utf-8")
+        config_path = folder / "tokenizer_config.json"
+        if config_path.is_file():
+            config = json.loads(config_path.read_text(encoding="utf-8"))
+            decoder = config.get("added_tokens_decoder") or {}
+            config["added_tokens_decoder"] = {k: v for k, v in decoder.items()
+                                              if int(k) < rows}
+            config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False),
+                                   encoding="utf-8")
+        out = AutoTokenizer.from_pretrained(tmp)
+    back = [t for t, i in out.get_vocab().items() if vocab.get(t) != i]
+    if back:  # e.g. a special token (eos, pad) of the tokenizer's config, added back on load
+        raise UsageError(f"{where}; {back[0]!r} is one of them, and the tokenizer's settings "
+                         "name it (a special token?), so it cannot be stripped")
+    return _cache_tokenizer(out, spec.files)
+
+
+def _tokenizer_root() -> Path:
     root = cache_dir() / "tokenizers"
     root.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
-        out = loaded[first]
-        out.save_pretrained(tmp)  # a copy to extend, never the model's own object
-        from transformers import AutoTokenizer
+    return root
 
-        out = AutoTokenizer.from_pretrained(tmp)
-        for tok in plain:
-            out.add_tokens(tok)
-        for info in new_added:
-            out.add_tokens(info)
+
+def _cache_tokenizer(tok: Any, model_files: Sequence[Path]) -> tuple[Any, list[Path]]:
+    """``tok`` saved in the cache under the hash of its files (with the generation config
+    of ``model_files``, if any), once; the tokenizer loaded from there, and its files."""
+    from transformers import AutoTokenizer
+
+    from surgery.checkpoint.checkpoint import TOKENIZER_FILES
+
+    root = _tokenizer_root()
+    with tempfile.TemporaryDirectory(dir=root, prefix=".build-") as tmp:
         built = Path(tmp) / "built"
-        out.save_pretrained(built)
-        for f in tokenizers[first].files:
+        tok.save_pretrained(built)
+        for f in model_files:
             if f.name == "generation_config.json":
                 shutil.copyfile(f, built / f.name)
         h = hashlib.sha256()
@@ -257,8 +325,6 @@ def _union(tokenizers: Sequence[Tokenizer], loaded: list[Any], vocabs: list[dict
             except OSError:
                 if not final.is_dir():  # another process made it first: theirs is the same
                     raise
-    from surgery.checkpoint.checkpoint import TOKENIZER_FILES
-
     files = [final / n for n in TOKENIZER_FILES if (final / n).is_file()]
     return AutoTokenizer.from_pretrained(final), files
 
@@ -425,7 +491,7 @@ def align_vocabularies(models: Sequence[Weights], *, source: int | None = None,
         if len(rest) > 1:
             raise ShapeMismatchError(f"align_vocabularies: tensor {name!r} has rows of "
                                      f"different shapes {sorted(rest)}")
-    if all(vocab.identity(i, t.rows) for i, t in enumerate(toks)):
+    if not vocab.stripped and all(vocab.identity(i, t.rows) for i, t in enumerate(toks)):
         return list(models)  # one vocabulary already: nothing to lay out
     params = {"source": "union" if source is None else labels[source],
               "base": None if base is None else labels[base], "tokens": vocab.tokens,

@@ -154,8 +154,10 @@ def run_recipe(recipe: Recipe, *, force: bool = False,
     results = []
     for out, weights in recipe.outputs():
         vocab = recipe.doc.vocabulary
-        source = out.tokenizer_from or (vocab.source if vocab and vocab.source != "union"
-                                        else None)
+        source = out.tokenizer_from
+        if source is None and vocab and vocab.source != "union" and not any(
+                n.tokenizer_files() for n in weights.node.walk()):
+            source = vocab.source  # the models share its vocabulary: no layout was made
         tokenizer = recipe.checkpoints[source] if source else None
         if on_output:
             on_output(ProgressEvent("output", 0, 0, 0, 0, out.path))
