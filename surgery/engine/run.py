@@ -318,11 +318,17 @@ def output_tokenizer(root: Node, checkpoints: list[Checkpoint],
     has any."""
     if tokenizer_from is not None:
         return list(tokenizer_from.tokenizer_files)
+    return graph_tokenizer(root) or next(
+        (list(c.tokenizer_files) for c in checkpoints if c.tokenizer_files), [])
+
+
+def graph_tokenizer(root: Node) -> list[Path]:
+    """The tokenizer files a node of the graph made (an aligned vocabulary); empty: none."""
     for node in root.walk():
         files = node.tokenizer_files()
         if files:
             return files
-    return next((list(c.tokenizer_files) for c in checkpoints if c.tokenizer_files), [])
+    return []
 
 
 @contextmanager

@@ -577,11 +577,10 @@ class Mask:
                 raise ShapeMismatchError(f"mask {op}: tensor {name!r} has shape "
                                          f"{list(other.shapes[name])} in the second mask but "
                                          f"{list(self.shapes[name])} in the first")
-        out: dict[str, torch.Tensor] = {}
         shapes = {**self.shapes, **other.shapes}
-        for name, shape in shapes.items():
-            empty = torch.zeros((math.prod(shape) + 7) // 8, dtype=torch.uint8)
-            out[name] = fn(self.bits.get(name, empty), other.bits.get(name, empty))
+        blank = Mask.empty(shapes).bits
+        out = {name: fn(self.bits.get(name, blank[name]), other.bits.get(name, blank[name]))
+               for name in shapes}
         return Mask(out, shapes)
 
     def union(self, other: Mask) -> Mask:

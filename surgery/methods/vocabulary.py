@@ -249,11 +249,11 @@ def _stripped(spec: Tokenizer, tok: Any, vocab: dict[str, int]) -> tuple[Any, li
     every merge that involves one (mergekit keeps a merge that makes one of them, which the
     tokenizers library then refuses to load); saved once in the cache. ``vocab``: the tokens
     with rows."""
-    rows = spec.rows
-    unused = {t for t, i in tok.get_vocab().items() if i >= rows}
-    first = min(unused, key=tok.get_vocab().__getitem__)
+    rows, ids = spec.rows, tok.get_vocab()
+    unused = {t for t, i in ids.items() if i >= rows}
+    first = min(unused, key=ids.__getitem__)
     where = (f"{spec.label}: its tokenizer has {len(unused)} token(s) at ids past the model's "
-             f"{rows} embedding rows (first {first!r} at {tok.get_vocab()[first]})")
+             f"{rows} embedding rows (first {first!r} at {ids[first]})")
     if not getattr(tok, "is_fast", False):
         raise UsageError(f"{where}, and only a fast (tokenizer.json) tokenizer can be "
                          "stripped of them")

@@ -17,6 +17,7 @@ from surgery.engine import (
     plan_output,
     save,
 )
+from surgery.engine.run import graph_tokenizer
 from surgery.engine.stream import ProgressFn
 from surgery.evaluate.operations import GreedySoupParams
 from surgery.hub import PushResult, push_folder
@@ -155,8 +156,8 @@ def run_recipe(recipe: Recipe, *, force: bool = False,
     for out, weights in recipe.outputs():
         vocab = recipe.doc.vocabulary
         source = out.tokenizer_from
-        if source is None and vocab and vocab.source != "union" and not any(
-                n.tokenizer_files() for n in weights.node.walk()):
+        if source is None and vocab and vocab.source != "union" and not graph_tokenizer(
+                weights.node):
             source = vocab.source  # the models share its vocabulary: no layout was made
         tokenizer = recipe.checkpoints[source] if source else None
         if on_output:

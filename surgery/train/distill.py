@@ -58,7 +58,7 @@ def distill_data(teacher: str | Path | Weights, data: str | Path, out: str | Pat
         from transformers import AutoTokenizer
 
         chat_prompt(AutoTokenizer.from_pretrained(str(source.directory)), records[0].prompt,
-                    f"{source.label}")
+                    source.label)
     model, tokenizer = load_model(source.directory, "perplexity", device)
     pad = next((int(t) for t in (tokenizer.pad_token_id, tokenizer.eos_token_id)
                 if t is not None), 0)

@@ -64,7 +64,7 @@ from pydantic import Field, ValidationError, field_validator
 
 from surgery.checkpoint import open_checkpoint
 from surgery.checkpoint.hashing import cache_dir
-from surgery.data import read_records
+from surgery.data import Record, read_records
 from surgery.data.tokenize import IGNORE
 from surgery.engine import resolve_device, save
 from surgery.engine.run import SaveResult
@@ -197,14 +197,14 @@ def check_parameters(names: Sequence[str], model: Any, label: str) -> None:
 
 
 def check_data(path: str | Path, config: dict[str, Any], label: str,
-               kind: str | None = None) -> str:
-    """The records' kind, after checking they suit the model (and match ``kind``)."""
+               kind: str | None = None) -> list[Record]:
+    """The file's records, after checking they suit the model (and are of ``kind``)."""
     records = read_records(path)
     check_fits(task_of(records), config, str(path), label)
     if kind is not None and records[0].kind != kind:
         raise DataError(f"{path}: holds {records[0].kind} records, the training data "
                         f"{kind} records")
-    return records[0].kind
+    return records
 
 
 @dataclass
@@ -259,9 +259,9 @@ class Grafter:
         check_pair(self.base, self.finetuned, "graft")
         label = weights_label(self.finetuned)
         cfg = self.finetuned.node.config()
-        kind = check_data(data, cfg, label)
+        records = check_data(data, cfg, label)
         if config.eval_data:
-            check_data(config.eval_data, cfg, label, kind)
+            check_data(config.eval_data, cfg, label, records[0].kind)
         self.names = graftable_names(self.base, config.trainable)
         self.total = sum(self.base.spec(n).numel for n in self.names)
         self.k = math.floor(config.sparsity * self.total)
@@ -271,7 +271,7 @@ class Grafter:
         source = resolve_source(self.finetuned)
         tc = self.train_config()
         self.model, self.tokenizer, self.task = load_for_training(
-            source, read_records(data), tc, str(data))
+            source, records, tc, str(data))
         self.model.to(self.device, dtype).eval().requires_grad_(False)
         own = dict(self.model.named_parameters())
         check_parameters(self.names, self.model, label)
@@ -674,9 +674,9 @@ class TrainedMask:
             exclude={"base", "model", "data", "mask"}, exclude_unset=True))
         label = weights_label(finetuned)
         cfg = finetuned.node.config()
-        kind = check_data(params.data, cfg, label)
+        records = check_data(params.data, cfg, label)
         if self.config.eval_data:
-            check_data(self.config.eval_data, cfg, label, kind)
+            check_data(self.config.eval_data, cfg, label, records[0].kind)
         names = graftable_names(base, self.config.trainable)
         total = sum(base.spec(n).numel for n in names)
         if math.floor(self.config.sparsity * total) < 1:
@@ -685,7 +685,6 @@ class TrainedMask:
         # The model the mask trains through, on the meta device, and the tokenized data: a
         # tensor that is no parameter of it, or data too long for max_length, fails here,
         # before anything is read or trained.
-        records = read_records(params.data)
         self.meta = meta_model(cfg, task_of(records), records, label)
         check_parameters(names, self.meta, label)
         c = self.config
