@@ -31,9 +31,11 @@ from surgery.methods.task_merges import (
     breadcrumbs_mask,
     breadcrumbs_ties,
     della,
+    della_keep,
     della_linear,
     della_probabilities,
     della_torch_seed,
+    hash_draw,
     ram,
     ramplus_tl,
     sce,
@@ -289,6 +291,23 @@ def test_della_probabilities_by_hand() -> None:
     want = torch.empty_like(ranks).scatter_(
         1, stable, torch.linspace(0.25, 0.75, 256).expand(64, 256))
     assert torch.allclose(ranks, want)
+
+
+def test_della_keep_equals_the_probabilities_and_their_draws() -> None:
+    """The sorted-order verdicts (della_keep) are hash_draw(della_probabilities) entry for
+    entry: rows with many ties and zeros, a 1-D tensor, a piece starting mid-tensor, positions
+    past 2³² (their own key) and a piece across 2³² (the plain path)."""
+    g = torch.Generator().manual_seed(3)
+    quantised = (torch.randn(37, 300, generator=g) * 3).round() / 8  # ties and zeros
+    cases = [(quantised, 0), (quantised, 12_345), (quantised[0], 7), (quantised, (1 << 32) + 9),
+             (quantised, (1 << 32) - 5_000), (quantised[:, :1], 3)]
+    for tau, start in cases:
+        for d, e in ((0.4, 0.1), (0.5, 0.3)):
+            want = hash_draw(0, "w", 1)(della_probabilities(tau, d, e, "index"), start) != 0
+            out = torch.empty(want.numel(), dtype=torch.bool)
+            della_keep(tau, d, e, 0, "w", 1, start, out)
+            assert torch.equal(out, want.reshape(-1)), (tuple(tau.shape), start, d)
+            assert 0 < out.double().mean() < 1 or tau.shape[-1] == 1
 
 
 def test_out_of_range_parameters_are_one_line_errors(models: dict[str, Weights]) -> None:

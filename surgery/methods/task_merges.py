@@ -4,9 +4,11 @@ random drops), each with a linear or a TIES-style combination, as mergekit 0.1.5
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Sequence
 from typing import Literal
 
 import numpy as np
@@ -293,14 +295,58 @@ def uniform31(n: int, key: Callable[[int], int], start: int = 0) -> np.ndarray:
         m = min(n - done, (1 << 32) - low)
         x = out[done:done + m]
         x[:] = np.arange(low, low + m, dtype=np.uint64 if low + m > 1 << 31 else np.uint32)
-        x ^= np.uint32(key(high))
-        x ^= x >> np.uint32(16)
-        x *= np.uint32(_MIX1)
-        x ^= x >> np.uint32(15)
-        x *= np.uint32(_MIX2 & 0xFFFFFFFF)
-        x >>= np.uint32(1)
+        _mix31(x, key(high))
         done += m
     return out.view(np.int32)
+
+
+def _mix31(x: np.ndarray, key: int) -> None:
+    """:func:`uniform31`'s hash, in place, of the positions mod 2³² in ``x`` (uint32)."""
+    x ^= np.uint32(key)
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(_MIX1)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(_MIX2 & 0xFFFFFFFF)
+    x >>= np.uint32(1)
+
+
+@functools.lru_cache(maxsize=256)
+def _rank_limits(length: int, density: float, epsilon: float) -> np.ndarray:
+    """⌊p·2³¹⌋ of ranks 1..length, as :func:`della_probabilities` and :func:`hash_draw`
+    compute them (the same float32 operations, so the same values)."""
+    ranks = torch.arange(1, length + 1, dtype=torch.float32).reshape(1, -1)
+    rank_norm = ((ranks - 1) / (length - 1)).clamp(0, 1)
+    p = (density - epsilon) + rank_norm * 2 * epsilon
+    return (p.reshape(-1) * float(1 << 31)).to(torch.int32).numpy()
+
+
+def della_keep(tau: torch.Tensor, density: float, epsilon: float, seed: int, name: str,
+               model: int, start: int, out: torch.Tensor) -> None:
+    """``hash_draw(seed, name, model)(della_probabilities(tau, density, epsilon, "index"),
+    start) != 0`` into ``out`` (a CPU bool tensor of ``tau``'s size), computed in each row's
+    sorted order: the entry of rank r has the limit ⌊p_r·2³¹⌋ of its rank (one vector per row
+    length) and is hashed at its position, and the verdicts are scattered back once, instead
+    of scattering ranks and computing p, its limit and the hash over the tensor's layout. A
+    CPU tensor of at least two columns whose positions share j div 2³²; else the two
+    functions themselves."""
+    rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
+    count, length = rows.shape
+    n = rows.numel()
+    if rows.device.type != "cpu" or length < 2 or n == 0 or start >> 32 != (start + n - 1) >> 32:
+        p = della_probabilities(tau, density, epsilon, "index")
+        out.reshape(-1).copy_(hash_draw(seed, name, model)(p, start).reshape(-1) != 0)
+        return
+    keys = _sorted_keys(rows)
+    low = 0 if sys.byteorder == "little" else 1
+    # positions within the piece (from the keys' low halves, the columns), then mod 2³² (no
+    # carry: they share j div 2³²)
+    x = np.arange(count, dtype=np.uint32).reshape(-1, 1) * np.uint32(length)
+    x = x + keys.view(np.uint32)[:, low::2]
+    x += np.uint32(start & 0xFFFFFFFF)
+    _mix31(x, della_key(seed, name, model, start >> 32))
+    keep = x.view(np.int32) < _rank_limits(length, float(density), float(epsilon))
+    keys &= 0xFFFFFFFF
+    out.reshape(count, length).scatter_(1, torch.from_numpy(keys), torch.from_numpy(keep))
 
 
 def hash_draw(seed: int, name: str, model: int
@@ -346,18 +392,24 @@ def _stable_order(rows: torch.Tensor) -> torch.Tensor:
     """Per row (dimension 1), the permutation sorting |rows| ascending, equal values by
     position: a sort of the unique int64 keys (|x|'s float32 bits) · 2³² + column, whose low
     half is then the column (numpy's vectorised sort on the CPU)."""
+    if rows.device.type == "cpu":
+        keys = _sorted_keys(rows)
+        keys &= 0xFFFFFFFF
+        return torch.from_numpy(keys)
     bits = rows.abs().to(torch.float32).view(torch.int32)
     columns = torch.arange(rows.shape[1], dtype=torch.int64, device=rows.device)
     columns = columns.reshape(1, -1, *([1] * (rows.dim() - 2)))
-    if rows.device.type == "cpu":
-        keys = bits.numpy().astype(np.int64)
-        keys <<= 32
-        keys |= columns.numpy()
-        keys.sort(axis=1)
-        keys &= 0xFFFFFFFF
-        return torch.from_numpy(keys)
     keys = (bits.to(torch.int64) << 32) | columns
     return torch.sort(keys, dim=1).values & 0xFFFFFFFF
+
+
+def _sorted_keys(rows: torch.Tensor) -> np.ndarray:
+    """:func:`_stable_order`'s keys of a CPU tensor, sorted along dimension 1."""
+    keys = rows.abs().to(torch.float32).view(torch.int32).numpy().astype(np.int64)
+    keys <<= 32
+    keys |= np.arange(rows.shape[1], dtype=np.int64).reshape(1, -1, *([1] * (rows.dim() - 2)))
+    keys.sort(axis=1)
+    return keys
 
 
 def della_prune(tau: torch.Tensor, density: float, epsilon: float, rescale: DellaRescale,
@@ -433,27 +485,41 @@ def _della(op: str, base: Weights, models: Sequence[Weights], density: ModelSche
         shape = nodes[0].spec(name).shape
         n = math.prod(shape)
         row = math.prod(shape[1:]) if len(shape) >= 2 else 0
-        draws = [hash_draw(ctx.seed, name, i) for i in range(len(models))]
-        before = torch.zeros(len(models), dtype=torch.float64)
-        after = torch.zeros(len(models), dtype=torch.float64)
         masks = [torch.empty(n if i in drawn else 0, dtype=torch.bool)
                  for i in range(len(models))]
-        pieces: Iterable[tuple[int, list[torch.Tensor]]] = ctx.pieces(nodes, name)
-        if len(shape) < 2:  # one row: gathered whole
-            parts = list(pieces)
-            pieces = [(0, [torch.cat([v[i].reshape(-1) for _, v in parts])
-                           for i in range(len(nodes))])]
-        for first, values in pieces:  # else one piece of rows at a time
+
+        def piece(first: int, values: list[torch.Tensor]) -> list[tuple[float, float]]:
+            # Each model's mask over these rows, written into its slice of the tensor's mask
+            # (pieces do not overlap, so threads may share them), and ‖τ_i‖₁, ‖τ̃_i‖₁ here.
             theta0 = values[0].to(torch.float32)
+            sums = []
             for i in drawn:
                 d, e = de[i]
                 tau = values[i + 1].to(torch.float32) - theta0
-                rows = tau.unsqueeze(0) if tau.dim() < 2 else tau
-                mask = draws[i](della_probabilities(tau, d, e, "index"), first * row)
                 at = first * row
-                masks[i][at:at + mask.numel()] = mask.reshape(-1).cpu() != 0
-                before[i] += tau.abs().sum(dtype=torch.float64)
-                after[i] += (rows * mask).abs().sum(dtype=torch.float64)
+                kept = masks[i][at:at + tau.numel()]
+                della_keep(tau, d, e, ctx.seed, name, i, at, kept)
+                size = tau.abs()
+                sums.append((size.sum(dtype=torch.float64).item(),
+                             (size * kept.reshape(size.shape).to(size.device)
+                              ).sum(dtype=torch.float64).item()))
+            return sums
+
+        if len(shape) < 2:  # one row: gathered whole
+            parts = list(ctx.pieces(nodes, name))
+            results = [piece(0, [torch.cat([v[i].reshape(-1) for _, v in parts])
+                                 for i in range(len(nodes))])]
+        else:  # else pieces of whole rows, shared among the engine's threads
+            results = ctx.map(lambda rows: piece(rows[0], ctx.piece(nodes, name, rows,
+                                                                    reuse=True)),
+                              ctx.piece_rows(nodes, name))
+        # ‖·‖₁ over the tensor: the pieces' float64 sums added in row order (any thread count)
+        before = torch.zeros(len(models), dtype=torch.float64)
+        after = torch.zeros(len(models), dtype=torch.float64)
+        for sums in results:
+            for i, (b, a) in zip(drawn, sums, strict=True):
+                before[i] += b
+                after[i] += a
         scales = [None if b < 1e-7 or a < 1e-7 else (b / a).to(torch.float32)
                   for b, a in zip(before, after, strict=True)]
         return scales, masks
