@@ -312,12 +312,24 @@ def _mix31(x: np.ndarray, key: int) -> None:
 
 @functools.lru_cache(maxsize=256)
 def _rank_limits(length: int, density: float, epsilon: float) -> np.ndarray:
-    """⌊p·2³¹⌋ of ranks 1..length, as :func:`della_probabilities` and :func:`hash_draw`
-    compute them (the same float32 operations, so the same values)."""
+    """⌊p·2³¹⌋ of ranks 1..length: the limits :func:`hash_draw` sets for the p of
+    :func:`della_probabilities` (through the same two functions, so the same values)."""
     ranks = torch.arange(1, length + 1, dtype=torch.float32).reshape(1, -1)
+    return _limits31(_rank_probabilities(ranks, length, density, epsilon)).numpy()
+
+
+def _rank_probabilities(ranks: torch.Tensor, length: int, density: float, epsilon: float
+                        ) -> torch.Tensor:
+    """MagPrune's p of float32 ranks 1..``length`` within a row (see
+    :func:`della_probabilities`)."""
     rank_norm = ((ranks - 1) / (length - 1)).clamp(0, 1)
-    p = (density - epsilon) + rank_norm * 2 * epsilon
-    return (p.reshape(-1) * float(1 << 31)).to(torch.int32).numpy()
+    return (density - epsilon) + rank_norm * 2 * epsilon
+
+
+def _limits31(p: torch.Tensor) -> torch.Tensor:
+    """⌊p·2³¹⌋ of keep probabilities p (exact in float32), flat, as int32 on the CPU: an
+    entry is kept when its 31-bit hash value is below it."""
+    return (p.reshape(-1) * float(1 << 31)).to(torch.int32).cpu()
 
 
 def della_keep(tau: torch.Tensor, density: float, epsilon: float, seed: int, name: str,
@@ -357,8 +369,7 @@ def hash_draw(seed: int, name: str, model: int
     def draw(p: torch.Tensor, start: int = 0) -> torch.Tensor:
         u = torch.from_numpy(uniform31(p.numel(), lambda high: della_key(seed, name, model,
                                                                            high), start))
-        limit = (p.reshape(-1) * float(1 << 31)).to(torch.int32).cpu()
-        return torch.lt(u, limit).reshape(p.shape).to(device=p.device, dtype=p.dtype)
+        return torch.lt(u, _limits31(p)).reshape(p.shape).to(device=p.device, dtype=p.dtype)
 
     return draw
 
@@ -384,8 +395,7 @@ def della_probabilities(tau: torch.Tensor, density: float, epsilon: float,
     steps = torch.arange(1, rows.shape[1] + 1, dtype=torch.float32, device=rows.device)
     ranks = torch.empty(order.shape, dtype=torch.float32, device=rows.device)
     ranks.scatter_(1, order, steps.expand(order.shape))
-    rank_norm = ((ranks - 1) / (rows.shape[1] - 1)).clamp(0, 1)
-    return (density - epsilon) + rank_norm * 2 * epsilon
+    return _rank_probabilities(ranks, rows.shape[1], density, epsilon)
 
 
 def _stable_order(rows: torch.Tensor) -> torch.Tensor:
