@@ -207,6 +207,24 @@ def check_data(path: str | Path, config: dict[str, Any], label: str,
     return records
 
 
+def check_inputs(base: Weights, finetuned: Weights, data: str | Path, config: GraftConfig
+                 ) -> tuple[list[Record], list[str], int, int]:
+    """The training records, the graftable tensors, their entry count N and K = ⌊sparsity·N⌋,
+    after checking the data (and the validation data) against the fine-tune and that K ≥ 1."""
+    label = weights_label(finetuned)
+    cfg = finetuned.node.config()
+    records = check_data(data, cfg, label)
+    if config.eval_data:
+        check_data(config.eval_data, cfg, label, records[0].kind)
+    names = graftable_names(base, config.trainable)
+    total = sum(base.spec(n).numel for n in names)
+    k = math.floor(config.sparsity * total)
+    if k < 1:
+        raise UsageError(f"sparsity: {config.sparsity} keeps no entry of the {total} "
+                         "graftable parameters")
+    return records, names, total, k
+
+
 @dataclass
 class GraftEvent:
     """Reported after every step; ``score`` is set on the steps that round and score."""
@@ -259,15 +277,8 @@ class Grafter:
         check_pair(self.base, self.finetuned, "graft")
         label = weights_label(self.finetuned)
         cfg = self.finetuned.node.config()
-        records = check_data(data, cfg, label)
-        if config.eval_data:
-            check_data(config.eval_data, cfg, label, records[0].kind)
-        self.names = graftable_names(self.base, config.trainable)
-        self.total = sum(self.base.spec(n).numel for n in self.names)
-        self.k = math.floor(config.sparsity * self.total)
-        if self.k < 1:
-            raise UsageError(f"sparsity: {config.sparsity} keeps no entry of the {self.total} "
-                             "graftable parameters")
+        records, self.names, self.total, self.k = check_inputs(self.base, self.finetuned, data,
+                                                               config)
         source = resolve_source(self.finetuned)
         tc = self.train_config()
         self.model, self.tokenizer, self.task = load_for_training(
@@ -674,14 +685,7 @@ class TrainedMask:
             exclude={"base", "model", "data", "mask"}, exclude_unset=True))
         label = weights_label(finetuned)
         cfg = finetuned.node.config()
-        records = check_data(params.data, cfg, label)
-        if self.config.eval_data:
-            check_data(self.config.eval_data, cfg, label, records[0].kind)
-        names = graftable_names(base, self.config.trainable)
-        total = sum(base.spec(n).numel for n in names)
-        if math.floor(self.config.sparsity * total) < 1:
-            raise UsageError(f"sparsity: {self.config.sparsity} keeps no entry of the {total} "
-                             "graftable parameters")
+        records, names, _, _ = check_inputs(base, finetuned, params.data, self.config)
         # The model the mask trains through, on the meta device, and the tokenized data: a
         # tensor that is no parameter of it, or data too long for max_length, fails here,
         # before anything is read or trained.
