@@ -24,7 +24,7 @@ from surgery.errors import UsageError
 from surgery.methods import ties_dare
 from surgery.methods.pass_through import passthrough
 from surgery.methods.sphere_means import karcher, multislerp, nuslerp
-from surgery.methods.stock import model_stock
+from surgery.methods.stock import _interpolate, model_stock
 from surgery.methods.swaps import arcee_fusion, nearswap
 from surgery.methods.task_merges import (
     breadcrumbs,
@@ -594,3 +594,23 @@ def test_passthrough_with_scale_filters_equals_mergekit(paths: dict[str, Path],
     assert_same(ours, theirs)
     name = "model.layers.1.self_attn.o_proj.weight"
     assert not theirs[name].any()
+
+
+def test_model_stock_interpolation_in_place_is_mergekits_expression() -> None:
+    """The in-place interpolation gives mergekit's ``t * (sum(ws) / count) + (1 - t) * w_0``
+    bit for bit: float32, float64 and bf16 tensors, a tensor-wide or per-row t, t of the
+    tensors' dtype or float32 over bf16 (promoted, as mergekit's expression promotes)."""
+    gen = torch.Generator().manual_seed(3)
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        for count in (1, 2, 3, 5):
+            ws = [torch.randn(7, 33, generator=gen).to(dtype) for _ in range(count)]
+            w0 = torch.randn(7, 33, generator=gen).to(dtype)
+            for t in (torch.tensor([0.37]), torch.rand(7, 1, generator=gen),
+                      torch.rand(7, 1, generator=gen).to(dtype)):
+                average = ws[0]
+                for w in ws[1:]:
+                    average = average + w
+                want = t * (average / count) + (1 - t) * w0
+                got = _interpolate(t, w0, ws)
+                assert got.dtype == want.dtype and torch.equal(got, want), (dtype, count)
+    assert float((want - w0).abs().max()) > 0.01  # not the base back

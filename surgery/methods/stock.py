@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from pydantic import Field
@@ -69,13 +69,27 @@ def task_gram(values: Sequence[torch.Tensor]) -> torch.Tensor:
     return gram + (rest @ rest.T).double()
 
 
-def _interpolate(t: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor]
+def _interpolate(t: torch.Tensor, base: torch.Tensor, models: Sequence[torch.Tensor],
+                 empty: Callable[[torch.Tensor], torch.Tensor] = torch.empty_like
                  ) -> torch.Tensor:
-    average = models[0]
-    for m in models[1:]:
-        average = average + m
-    average = average / len(models)
-    return t * average + (1 - t) * base
+    """t·mean(models) + (1 − t)·base, with mergekit's operations in its order (the sum of
+    the models left to right, divided by their count, times t, plus (1 − t)·base), into two
+    tensors from ``empty`` (in place: fresh memory for every intermediate costs about 4x as
+    much on a 256K-entry block on the CPU)."""
+    if torch.result_type(models[0], t) != models[0].dtype:  # float32 t, lower compute dtype
+        average = models[0]
+        for m in models[1:]:
+            average = average + m
+        return t * (average / len(models)) + (1 - t) * base
+    out = empty(models[0])
+    if len(models) > 1:
+        torch.add(models[0], models[1], out=out)
+    else:
+        out.copy_(models[0])
+    for m in models[2:]:
+        out.add_(m)
+    out.div_(len(models)).mul_(t)
+    return out.add_(torch.mul(base, 1 - t, out=empty(base)))
 
 
 def model_stock_tensors(theta0: torch.Tensor, thetas: Sequence[torch.Tensor],
@@ -135,13 +149,14 @@ def model_stock(base: Weights, models: Sequence[Weights], filter_wise: bool = Fa
         cos = torch.stack(cosines).mean().reshape(1).to(torch.float32)
         return stock_ratio(cos, count)
 
-    def fn(name: str, ts: list[torch.Tensor], _: EvalContext, t: torch.Tensor | None
+    def fn(name: str, ts: list[torch.Tensor], ctx: EvalContext, t: torch.Tensor | None
            ) -> torch.Tensor:
         if t is None:
             return model_stock_tensors(ts[0], ts[1:], filter_wise=True)
         shape = ts[0].shape
         flat = [x.reshape(-1) for x in ts]
-        return _interpolate(t.to(flat[0].device), flat[0], flat[1:]).reshape(shape)
+        return _interpolate(t.to(flat[0].device), flat[0], flat[1:], ctx.empty_like
+                            ).reshape(shape)
 
     def ratio_bytes(name: str) -> int:
         n = math.prod(nodes[0].spec(name).shape)
