@@ -170,6 +170,31 @@ def test_tensors_with_statistics_are_read_once_up_to_the_shared_limit(
     assert once + twice <= reads[largest - 1] < reads[0]
 
 
+@pytest.mark.parametrize("ahead_bytes", [0, 1, None], ids=["none", "one-byte", "default"])
+def test_whole_reads_wait_for_the_read_ahead_budget(
+        three_models: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        ahead_bytes: int | None) -> None:
+    """Reads beyond the tensor computing and the next one's statistics wait while those held
+    would pass SHARED_AHEAD_BYTES (0: only when none are held): the run still reads every
+    input once and writes the same bytes, however the reads queue."""
+    monkeypatch.setattr(stream, "ROW_BLOCK_ELEMENTS", 5)
+    monkeypatch.setattr(node, "PIECE_ELEMENTS", 4)
+    if ahead_bytes is not None:
+        monkeypatch.setattr(stream, "SHARED_AHEAD_BYTES", ahead_bytes)
+    models = [load(str(p)) for p in three_models]
+    cks = [m.node.checkpoints()[0] for m in models]
+    merged = ties(models[0], models[1:], density=0.3)
+    once = sum(ck.info(r).nbytes for n in merged.names for ck, r in merged.node.reads(n))
+    before = [ck.bytes_read for ck in cks]
+    merged.save(tmp_path / "out", dtype="bfloat16", device="cpu", threads=2, hash_inputs=False)
+    assert sum(ck.bytes_read - b for ck, b in zip(cks, before, strict=True)) == once
+    saved = load_file(str(tmp_path / "out" / "model.safetensors"))
+    for name in merged.names:
+        want = merged[name]
+        assert torch.equal(saved[name], want.to(torch.bfloat16)
+                           if want.is_floating_point() else want), name
+
+
 def test_a_failing_statistic_fails_the_save_and_writes_nothing(
         three_models: list[Path], tmp_path: Path) -> None:
     base = load(str(three_models[0]))

@@ -1,5 +1,6 @@
 """The plan's peak-memory estimate bounds what a real run uses, without being far above it,
-and a row-wise merge's peak does not grow with the size of its largest tensor."""
+and a row-wise merge's peak does not grow with the size of its largest tensor (beyond, for a
+tensor with whole-tensor statistics, the one whole read of its inputs)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 
 from surgery import linear, load, ties
 from surgery.engine import estimate_peak_bytes
+from surgery.engine.stream import shared_read_bytes
 from tests.conftest import ROOT, write_checkpoint
 
 # VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec from the forking process (here the
@@ -50,7 +52,8 @@ def _peak(how: str, paths: list[str], out: Path) -> int:
 def test_estimate_bounds_measured_peak_and_peak_is_flat(tmp_path: Path, how: str) -> None:
     """Also for the Python operators (a + 0.5 * (b - a) - c / 4), which stream row pieces
     like the merge methods, and for TIES, whose trim thresholds are whole-tensor statistics
-    computed a tensor ahead."""
+    computed a tensor ahead: their inputs (3 x 384 MB, within SHARED_READ_BYTES) are read
+    once, whole, and held while the tensor computes."""
     small = _models(tmp_path, 8 * 1024)     # a 32 MB largest tensor per input
     large = _models(tmp_path, 32 * 1024)    # a 128 MB largest tensor per input
     peak_small = _peak(how, small, tmp_path / "out-small")
@@ -60,5 +63,10 @@ def test_estimate_bounds_measured_peak_and_peak_is_flat(tmp_path: Path, how: str
              if how == "ties" else a + 0.5 * (b - a) - c / 4)
     estimate = estimate_peak_bytes(graph.node, torch.bfloat16)
     assert peak_large <= estimate < 3 * peak_large, (peak_small, peak_large, estimate)
-    # Reading 4x more per tensor (3 x 384 MB of inputs) adds well under one input tensor.
-    assert peak_large - peak_small < 128 * 1024 * 1024
+    # Reading 4x more per tensor (3 x 384 MB of inputs) adds well under one input tensor,
+    # besides TIES's whole reads.
+    held = 0
+    if how == "ties":
+        held = 3 * (32 - 8) * 1024 * 1024 * 4
+        assert shared_read_bytes(graph.node.reads("model.embed_tokens.weight")) == 3 * 128 << 20
+    assert peak_large - peak_small < held + 128 * 1024 * 1024

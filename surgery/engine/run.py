@@ -19,7 +19,9 @@ from surgery.checkpoint import Checkpoint, directio
 from surgery.checkpoint.hashing import Cancelled, cached_sha256
 from surgery.engine.stream import (
     DEFAULT_PREFETCH_BYTES,
+    READ_AHEAD,
     ROW_BLOCK_ELEMENTS,
+    SHARED_AHEAD_BYTES,
     Profile,
     ProgressFn,
     StreamOptions,
@@ -456,15 +458,16 @@ def estimate_peak_bytes(root: Node, dtype: torch.dtype | None = None,
     in_flight = max(prefetch_bytes, worst_read)
     staging = 2 * directio.STAGE_BYTES  # the shard writer's two staging buffers
     return (RUNTIME_BASE_BYTES + in_flight + prefetch_bytes + worst_job + staging
-            + _statistics_bytes(root, bool(by_rows)))
+            + _statistics_bytes(root, by_rows))
 
 
-def _statistics_bytes(root: Node, rowwise: bool) -> int:
+def _statistics_bytes(root: Node, by_rows: set[str]) -> int:
     """Whole-tensor statistics (see ``ElementwiseNode``): what computing the largest holds,
     and on each of the threads computing them (twice the compute threads, a tensor ahead,
     in a row-wise graph), a piece of every input it reads, as stored and as float32, and
     the comparison masks of a scan."""
-    worst = pieces = shared = 0
+    worst = pieces = 0
+    shared: list[int] = []
     for name in root.names():
         requests = statistic_requests(root, name)
         if not requests:
@@ -472,8 +475,12 @@ def _statistics_bytes(root: Node, rowwise: bool) -> int:
         worst = max(worst, sum(node.statistic_bytes(sub) for node, sub in requests))
         inputs = len(root.reads(name))
         pieces = max(pieces, inputs * PIECE_ELEMENTS * (8 + 4) + 2 * PIECE_ELEMENTS)
-        if rowwise:
-            shared = max(shared, shared_read_bytes(root.reads(name)))
-    # Tensors read whole for their statistics and blocks (see stream.Lookahead): the one
-    # being computed, the next one's statistics, the reads of the one after.
-    return worst + (2 * default_threads() if rowwise else 1) * pieces + 3 * shared
+        if name in by_rows:
+            shared.append(shared_read_bytes(root.reads(name)))
+    # Tensors read whole for their statistics and blocks (see stream.Lookahead), in the
+    # order they are computed: the one being computed and the next one's statistics, whatever
+    # their size, and the READ_AHEAD after those within SHARED_AHEAD_BYTES.
+    held = max((sum(shared[i:i + 2])
+                + min(SHARED_AHEAD_BYTES, sum(shared[i + 2:i + 2 + READ_AHEAD]))
+                for i in range(len(shared))), default=0)
+    return worst + (2 * default_threads() if by_rows else 1) * pieces + held

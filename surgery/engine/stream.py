@@ -38,13 +38,17 @@ ROW_BLOCK_ELEMENTS = 4 * 1024 * 1024
 CACHE_BLOCK_ELEMENTS = 256 * 1024
 # A row-wise tensor with whole-tensor statistics whose inputs take at most this many bytes as
 # stored is read once, whole, by the statistics, and its blocks compute from views of those
-# reads (about three such tensors are held at a time); a larger one is read twice, in pieces
-# for its statistics and in blocks for its values, so memory stays bounded by this.
-SHARED_READ_BYTES = 256 * 1024 * 1024
+# reads; a larger one is read twice, in pieces for its statistics and in blocks for its
+# values, so memory stays bounded by this. It covers the embeddings and output head of a 1B
+# model across four inputs (4 x 131 MB), which at 256 MB were read twice (1.05 GB of 9.88).
+SHARED_READ_BYTES = 640 * 1024 * 1024
 # Such a tensor is read once the statistics of the tensor this many before it are done (or
 # when its own are asked for): measured on 2 cores at 1B, Model Stock took 14.0 s with 2
 # against 16.0 s with 1 (the reads then wait for the statistics instead of overlapping them).
 READ_AHEAD = 2
+# ... and, unless its own statistics are asked for, while the whole reads held (not yet let go)
+# stay within this many bytes with it, or none are held.
+SHARED_AHEAD_BYTES = 768 * 1024 * 1024
 
 
 def shared_read_bytes(reads: Iterable[tuple[Checkpoint, str]]) -> int:
@@ -283,13 +287,15 @@ class Lookahead:
         self.order = list(self.requests)
         self.position = {n: i for i, n in enumerate(self.order)}
         self.reads = {job.name: job.reads for job in jobs}
-        self.shared = {n for n in self.order if shared_read_bytes(self.reads[n])}
+        self.shared = {n: b for n in self.order if (b := shared_read_bytes(self.reads[n]))}
         self.futures: dict[str, Future[tuple[dict, Fetched]]] = {}
         self.submitted = 0
         # The whole reads of shared tensors, on a thread of their own (see READ_AHEAD), so
-        # that reading overlaps computing, with about three such tensors held at a time.
+        # that reading overlaps computing.
         self.read_futures: dict[str, Future[Fetched]] = {}
         self.read_submitted = 0
+        self.held: dict[str, int] = {}  # the bytes of the whole reads started and not let go
+        self.last_ahead = -1  # the furthest position whose read was asked for
         self.reader = ThreadPoolExecutor(1, "surgery-shared-read") if self.shared else None
         self.lock = threading.Lock()  # submissions come from the compute and reader threads
         self.current: tuple[str | None, dict] = (None, {})
@@ -305,20 +311,29 @@ class Lookahead:
         assert self.pool is not None
         with self.lock:
             ahead = min(self.position[name] + ahead, len(self.order) - 1)
-            self._read_ahead(ahead)
+            self._read_ahead(ahead, force=True)
             while self.submitted <= ahead:
                 n = self.order[self.submitted]
                 self.futures[n] = self.pool.submit(self._compute, n)
                 self.submitted += 1
             return self.futures[name]
 
-    def _read_ahead(self, last: int) -> None:
-        """Start the whole reads of the shared tensors up to position ``last`` (under the
-        lock)."""
-        last = min(last, len(self.order) - 1)
-        while self.reader is not None and self.read_submitted <= last:
+    def _read_ahead(self, last: int, force: bool = False) -> None:
+        """Start the whole reads of the shared tensors up to position ``last``, in order:
+        with ``force`` whatever they hold, else while the bytes held stay within
+        SHARED_AHEAD_BYTES (see there); then those asked for before that this let wait.
+        Under the lock."""
+        forced = last if force else -1
+        self.last_ahead = max(self.last_ahead, last)
+        end = min(self.last_ahead, len(self.order) - 1)
+        while self.reader is not None and self.read_submitted <= end:
             n = self.order[self.read_submitted]
             if n in self.shared:
+                size = self.shared[n]
+                if (self.read_submitted > forced and self.held
+                        and sum(self.held.values()) + size > SHARED_AHEAD_BYTES):
+                    return
+                self.held[n] = size
                 self.read_futures[n] = self.reader.submit(self._read, n)
             self.read_submitted += 1
 
@@ -332,6 +347,8 @@ class Lookahead:
         with self.lock:  # the tensor before is computed: its reads go (before the wait)
             if self.current[0] is not None:
                 self.futures.pop(self.current[0], None)
+                if self.held.pop(self.current[0], None) is not None:
+                    self._read_ahead(self.last_ahead)
         self.current = (None, {})
         stats: dict = {}
         if self.pool is not None and name in self.requests:
