@@ -199,10 +199,13 @@ def _breadcrumbs(op: str, base: Weights, models: Sequence[Weights], density: Mod
         pieces: list = []
         if any(0 < k < n for pair in ks for k in pair):  # else nothing to select: no reads
             row = n // nodes[0].spec(name).shape[0]
-            pieces = [(rows[0] * row, lambda rows=rows: read(rows))
+            # Both cuts of every task vector from one read of each piece: the vectors are
+            # listed twice, once per cut.
+            pieces = [(rows[0] * row, lambda rows=rows: 2 * read(rows))
                       for rows in ctx.piece_rows(nodes, name)]
-        return [find_cuts(pieces, [pair[j] for pair in ks], n, width, ctx.map)
-                for j in range(2)]
+        found = find_cuts(pieces, [pair[0] for pair in ks] + [pair[1] for pair in ks], n,
+                          width, ctx.map)
+        return [found[:len(ks)], found[len(ks):]]
 
     def blockwise(name: str, ts: list[torch.Tensor], ctx: EvalContext,
                   stat: list[list[Cut]] | None) -> torch.Tensor:
