@@ -213,19 +213,16 @@ def _breadcrumbs(op: str, base: Weights, models: Sequence[Weights], density: Mod
         deltas = theta0.new_empty((len(ts) - 1, *theta0.shape))
         kept = counts(name)
         first = ctx.rows[0] * (theta0.numel() // max(ctx.rows[1], 1)) if ctx.rows else 0
-        scratch = torch.empty(theta0.numel(), dtype=theta0.dtype, device=theta0.device)
+        scratch = theta0.new_empty((2, theta0.numel()))
         for i, t in enumerate(ts[1:]):
-            tau = (t - theta0).reshape(-1)
+            top = torch.sub(t, theta0, out=deltas[i]).reshape(-1)  # τ, trimmed in place
             if kept[i] is None or stat is None:
-                deltas[i] = tau.reshape(theta0.shape)
                 continue
-            top = tau.clone()
-            stat[0][i].apply(top, first, scratch)
-            if kept[i][1] > 0:
-                dropped = tau.clone()
-                stat[1][i].apply(dropped, first, scratch)
+            dropped = scratch[1].copy_(top) if kept[i][1] > 0 else None
+            stat[0][i].apply(top, first, scratch[0])
+            if dropped is not None:
+                stat[1][i].apply(dropped, first, scratch[0])
                 top -= dropped  # dropped ⊂ top: the difference is exact
-            deltas[i] = top.reshape(theta0.shape)
         return combine_task_vectors(theta0, deltas, [w(name) for w in ws], ties, normalize,
                                     lam(name))
 
