@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -81,13 +82,21 @@ def _zero_below(tau: torch.Tensor, limit: int, scratch: torch.Tensor) -> None:
     if limit <= 0:
         return  # every magnitude's bits are at least 0
     ints = _INT_VIEW[tau.element_size()]
-    below = torch.tensor([limit - 1], dtype=ints).view(tau.dtype).item()
+    below = _float_of_bits(limit - 1, tau.dtype)
     if math.isfinite(below):
         torch.hardshrink(tau, below, out=tau)
         return
     mask = torch.abs(tau, out=scratch).view(ints)
     mask.neg_().add_(limit - 1).bitwise_right_shift_(8 * tau.element_size() - 1)
     tau.view(ints).bitwise_and_(mask)
+
+
+@functools.lru_cache(maxsize=256)
+def _float_of_bits(bits: int, dtype: torch.dtype) -> float:
+    """The float of ``dtype`` whose bit pattern is ``bits`` (cached: a cut's limits recur in
+    every block of its tensor, and a one-element tensor per block costs more than the
+    arithmetic on a small one)."""
+    return torch.tensor([bits], dtype=_INT_VIEW[dtype.itemsize]).view(dtype).item()
 
 
 def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
