@@ -17,7 +17,7 @@ from pydantic import Field
 
 from surgery.errors import UsageError
 from surgery.expr import ElementwiseNode, EvalContext, Weights
-from surgery.expr.node import PIECE_ELEMENTS, thread_buffer
+from surgery.expr.node import PIECE_ELEMENTS
 from surgery.methods.schedule import (
     Depth,
     ModelScheduled,
@@ -39,6 +39,7 @@ from surgery.methods.ties_dare import (
     _prepare,
     _TaskVectorMergeParams,
     find_cuts,
+    magnitude_pieces,
     model_labels,
 )
 
@@ -184,25 +185,14 @@ def _breadcrumbs(op: str, base: Weights, models: Sequence[Weights], density: Mod
         if all(c is None for c in kept):
             return None
         n = math.prod(nodes[0].spec(name).shape)
-        dtype = ctx.compute_dtype
-
-        def read(rows: tuple[int, int]) -> list[torch.Tensor]:
-            theta0, *thetas = ctx.piece(nodes, name, rows, reuse=True)
-            buf = thread_buffer("breadcrumbs-read", (len(nodes), theta0.numel()), dtype,
-                                theta0.device)
-            base_block = buf[0].copy_(theta0.reshape(-1))
-            return [buf[i].copy_(t.reshape(-1)).sub_(base_block).abs_().view(
-                _INT_VIEW[dtype.itemsize]) for i, t in enumerate(thetas, 1)]
-
         ks = [[n, 0] if c is None else list(c) for c in kept]
-        width = 8 * dtype.itemsize
+        width = 8 * ctx.compute_dtype.itemsize
         pieces: list = []
         if any(0 < k < n for pair in ks for k in pair):  # else nothing to select: no reads
-            row = n // nodes[0].spec(name).shape[0]
             # Both cuts of every task vector from one read of each piece: the vectors are
             # listed twice, once per cut.
-            pieces = [(rows[0] * row, lambda rows=rows: 2 * read(rows))
-                      for rows in ctx.piece_rows(nodes, name)]
+            pieces = [(start, lambda read=read: 2 * read())
+                      for start, read in magnitude_pieces(ctx, nodes, name)]
         found = find_cuts(pieces, [pair[0] for pair in ks] + [pair[1] for pair in ks], n,
                           width, ctx.map)
         return [found[:len(ks)], found[len(ks):]]

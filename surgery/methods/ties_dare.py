@@ -15,7 +15,7 @@ from pydantic import Field
 
 from surgery.errors import UsageError
 from surgery.expr import ElementwiseNode, EvalContext, Weights
-from surgery.expr.node import PIECE_ELEMENTS, thread_buffer
+from surgery.expr.node import PIECE_ELEMENTS, Node, thread_buffer
 from surgery.expr.weights import weights_label
 from surgery.methods.schedule import (
     Depth,
@@ -102,6 +102,25 @@ def _float_of_bits(bits: int, dtype: torch.dtype) -> float:
 def magnitude_bits(tau: torch.Tensor) -> torch.Tensor:
     """|τ| viewed as signed integers of its width: their order is the order of |τ|."""
     return tau.abs().view(_INT_VIEW[tau.element_size()])
+
+
+def magnitude_pieces(ctx: EvalContext, nodes: Sequence[Node], name: str) -> list[Piece]:
+    """:func:`find_cuts`'s pieces of the task vectors |θ_i − θ₀| (``nodes``: θ₀ first) of a
+    tensor that is not a scalar: each piece's rows read, converted to the compute dtype and
+    subtracted into a buffer of the calling thread (each piece is scanned before the next is
+    read), as the magnitudes' bits."""
+    dtype = ctx.compute_dtype
+
+    def read(rows: tuple[int, int]) -> list[torch.Tensor]:
+        theta0, *thetas = ctx.piece(nodes, name, rows, reuse=True)
+        buf = thread_buffer("magnitude-read", (len(nodes), theta0.numel()), dtype,
+                            theta0.device)
+        base_block = buf[0].copy_(theta0.reshape(-1))
+        return [buf[i].copy_(t.reshape(-1)).sub_(base_block).abs_().view(
+            _INT_VIEW[dtype.itemsize]) for i, t in enumerate(thetas, 1)]
+
+    row = math.prod(nodes[0].spec(name).shape) // nodes[0].spec(name).shape[0]
+    return [(rows[0] * row, lambda rows=rows: read(rows)) for rows in ctx.piece_rows(nodes, name)]
 
 
 def _serial_map(fn: Callable, xs: Sequence) -> list:
@@ -494,24 +513,10 @@ def ties(base: Weights, models: Sequence[Weights], density: ModelScheduled,
         ks = [int(d(name) * n) for d in dens]
         if all(k >= n for k in ks):
             return []
-        dtype = ctx.compute_dtype
-
-        def read(rows: tuple[int, int]) -> list[torch.Tensor]:
-            # Into this thread's buffers: each piece is scanned before the next is read.
-            theta0, *thetas = ctx.piece(nodes, name, rows, reuse=True)
-            size = theta0.numel()
-            buf = thread_buffer("ties-read", (len(nodes), size), dtype, theta0.device)
-            base_block = buf[0].copy_(theta0.reshape(-1))
-            return [buf[i].copy_(t.reshape(-1)).sub_(base_block).abs_().view(
-                _INT_VIEW[dtype.itemsize]) for i, t in enumerate(thetas, 1)]
-
-        width = 8 * dtype.itemsize
+        width = 8 * ctx.compute_dtype.itemsize
         if not any(0 < k < n for k in ks):  # nothing to select: no piece is read
             return find_cuts([], ks, n, width)
-        row = n // nodes[0].spec(name).shape[0]  # some k < n: not a scalar
-        pieces = [(rows[0] * row, lambda rows=rows: read(rows))
-                  for rows in ctx.piece_rows(nodes, name)]
-        return find_cuts(pieces, ks, n, width, ctx.map)
+        return find_cuts(magnitude_pieces(ctx, nodes, name), ks, n, width, ctx.map)
 
     def cut_bytes(name: str) -> int:
         # The sampled pieces, kept as float32, and what the scan collects: an int32 index
