@@ -52,7 +52,7 @@ def _peak(how: str, paths: list[str], out: Path) -> int:
 def test_estimate_bounds_measured_peak_and_peak_is_flat(tmp_path: Path, how: str) -> None:
     """Also for the Python operators (a + 0.5 * (b - a) - c / 4), which stream row pieces
     like the merge methods, and for TIES, whose trim thresholds are whole-tensor statistics
-    computed a tensor ahead: their inputs (3 x 384 MB, within SHARED_READ_BYTES) are read
+    computed a tensor ahead: their inputs (3 x 128 MB, within SHARED_READ_BYTES) are read
     once, whole, and held while the tensor computes."""
     small = _models(tmp_path, 8 * 1024)     # a 32 MB largest tensor per input
     large = _models(tmp_path, 32 * 1024)    # a 128 MB largest tensor per input
@@ -63,7 +63,7 @@ def test_estimate_bounds_measured_peak_and_peak_is_flat(tmp_path: Path, how: str
              if how == "ties" else a + 0.5 * (b - a) - c / 4)
     estimate = estimate_peak_bytes(graph.node, torch.bfloat16)
     assert peak_large <= estimate < 3 * peak_large, (peak_small, peak_large, estimate)
-    # Reading 4x more per tensor (3 x 384 MB of inputs) adds well under one input tensor,
+    # Reading 4x more per tensor (3 x 128 MB of inputs) adds well under one input tensor,
     # besides TIES's whole reads.
     held = 0
     if how == "ties":
